@@ -1,0 +1,116 @@
+"""The small contract every estimator follows: inputs, budget and the frozen result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from explainers.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from explainers.engine import Evaluator
+
+Array = np.ndarray
+ModelFn = Callable[[Array], Array]
+"""A model as estimators see it: (rows, features) float64 -> (rows, outputs) float64."""
+
+
+def _frozen(array: Array, dtype: type = np.float64) -> Array:
+    """A read-only float copy, so a result cannot be changed after it is returned."""
+    out: Array = np.array(array, dtype=dtype, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class Background:
+    """Reference rows with weights that sum to one, and the model's outputs on them.
+
+    `predictions` (rows, outputs) are computed once per model and background and reused by every
+    request, so E[f(background)] is never recomputed on the hot path.
+    """
+
+    data: Array  # (rows, features)
+    weights: Array  # (rows,)
+    predictions: Array  # (rows, outputs)
+
+    @staticmethod
+    def build(data: Array, predictions: Array, weights: Array | None = None) -> Background:
+        """Validate shapes and normalise the weights."""
+        rows = data.shape[0]
+        w = np.full(rows, 1.0 / rows) if weights is None else np.asarray(weights, np.float64)
+        if rows == 0 or w.shape != (rows,) or predictions.shape[0] != rows or np.any(w < 0):
+            raise InvalidArgument("background: needs at least one row and one weight per row")
+        return Background(_frozen(data), _frozen(w / w.sum()), _frozen(predictions))
+
+    @property
+    def rows(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def base_values(self) -> Array:
+        """E[f(background)] per output, weighted."""
+        return np.asarray(self.weights @ self.predictions)  # (outputs,)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When an estimator must stop: a monotonic deadline, an evaluation cap, an accuracy goal."""
+
+    deadline: float  # time.monotonic() seconds; math.inf = no time limit
+    max_evaluations: int | None = None
+    target_error: float | None = None
+
+    @staticmethod
+    def of_seconds(seconds: float, **kwargs: int | float | None) -> Budget:
+        return Budget(time.monotonic() + seconds, **kwargs)  # type: ignore[arg-type]
+
+    def remaining(self) -> float:
+        """Seconds left (negative once past the deadline)."""
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One row's attributions. Arrays are read-only; std_errors are 0 for exact methods."""
+
+    method: str
+    values: Array  # (outputs, features)
+    std_errors: Array  # (outputs, features)
+    base_values: Array  # (outputs,)
+    prediction: Array  # (outputs,)
+    evaluations: int
+    converged: bool
+    budget_exhausted: bool
+    samples: int = 0  # independent sampling units used (permutation pairs, coalition pairs)
+    notes: tuple[str, ...] = field(default=())
+
+    @staticmethod
+    def build(method: str, values: Array, std_errors: Array, base: Array, pred: Array,
+              **meta: int | bool | tuple[str, ...]) -> Explanation:
+        """Freeze the arrays; every estimator returns through here."""
+        return Explanation(method, _frozen(values), _frozen(std_errors), _frozen(base),
+                           _frozen(pred), **meta)  # type: ignore[arg-type]
+
+    @property
+    def additivity_gap(self) -> Array:
+        """prediction - base - sum(attributions) per output: 0 for additive methods."""
+        return np.asarray(self.prediction - self.base_values - self.values.sum(axis=1))
+
+
+class Estimator(Protocol):
+    """An attribution method: validates in `explain`, computes in a private `_explain`."""
+
+    name: str
+
+    def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
+                rng: np.random.Generator) -> Explanation: ...
+
+    def expected_evaluations(self, n_features: int, background: Background) -> int | None:
+        """Evaluations an exact answer needs, or None for anytime samplers."""
+        ...
+

@@ -1,0 +1,46 @@
+"""The one error hierarchy. Each class carries the name of its gRPC status code; the servicer maps
+them in one place, so the algorithms and the data plane never import gRPC."""
+
+from __future__ import annotations
+
+
+class SidelightError(Exception):
+    """Base class: an error whose message is safe to show to the caller."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(SidelightError):
+    """The request is malformed: the message names the field."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(SidelightError):
+    """A model, version or background that does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(SidelightError):
+    """The request is well formed but the system is not in a state to serve it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(SidelightError):
+    """The request needs more than its budget or a configured limit allows."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(SidelightError):
+    """A dependency (Redis, a model session) cannot be reached right now; retrying may help."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(SidelightError):
+    """The caller's deadline passed before an answer could be produced."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -1,0 +1,35 @@
+"""Name -> estimator. Model-independent methods only: the tree and linear explainers are built
+from a model's graph by the service, which adds them per model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from explainers.auto import AutoShapley
+from explainers.base import Estimator
+from explainers.errors import InvalidArgument
+from explainers.exact import ExactShapley
+from explainers.kernel import KernelShap
+from explainers.permutation import PermutationShapley
+
+
+def build_registry() -> Mapping[str, Estimator]:
+    """A read-only mapping of the generic estimators; estimators hold no per-request state."""
+    exact, permutation = ExactShapley(), PermutationShapley()
+    methods: dict[str, Estimator] = {
+        "exact": exact,
+        "permutation": permutation,
+        "kernel": KernelShap(),
+        "auto": AutoShapley(exact, permutation),
+    }
+    return MappingProxyType(methods)
+
+
+def lookup(registry: Mapping[str, Estimator], name: str) -> Estimator:
+    """The estimator called `name` ("" means auto), or INVALID_ARGUMENT naming the choices."""
+    key = name.strip().lower() or "auto"
+    if key not in registry:
+        known = ", ".join(sorted(registry))
+        raise InvalidArgument(f"method: unknown method {name!r}; known: {known}")
+    return registry[key]

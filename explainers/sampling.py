@@ -1,0 +1,89 @@
+"""What the samplers share: the anytime loop that plans rounds against the budget, and the
+bookkeeping of independent sampling units from which standard errors come."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainers.base import Array, Background, Budget, Explanation
+from explainers.engine import SAFETY, Evaluator
+from explainers.errors import InvalidArgument
+
+MIN_UNITS = 8  # never report a standard error from fewer independent units than this
+MAX_ROUND_CELLS = 2**19  # cells in one round's batch: bigger rounds fall out of cache
+ROUND_OVERHEAD = 2.0  # before any round is measured, assume building a batch costs as much again
+MAX_UNITS = 2**20  # a hard stop for budgets given only as an accuracy goal
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why sampling stopped: the accuracy goal was met, or time/evaluations ran out."""
+
+    converged: bool
+    budget_exhausted: bool
+
+
+def require_stop_rule(budget: Budget) -> None:
+    """A sampler without a deadline, an evaluation cap or an accuracy goal would never stop."""
+    if not np.isfinite(budget.deadline) and budget.max_evaluations is None \
+            and budget.target_error is None:
+        raise InvalidArgument("budget: a sampler needs budget_ms, max_evaluations or target_error")
+
+
+def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features: int,
+               sample: Callable[[int], None], max_se: Callable[[], float],
+               min_units: int = MIN_UNITS) -> tuple[int, StopReason]:
+    """Draw units in growing rounds until the goal is met or the next round would not fit.
+
+    Rounds double (from min_units) so per-round overhead stays small while the clock is still
+    checked often. A round starts only if it is predicted to finish in time: the prediction uses
+    the measured wall time per unit of earlier rounds (model calls plus building the batch), and
+    the evaluator's rows/second before the first round.
+    """
+    units, size = 0, min_units
+    cap = max(1, MAX_ROUND_CELLS // max(1, rows_per_unit * n_features))
+    per_unit = ROUND_OVERHEAD * model.seconds_for(rows_per_unit)
+    while True:
+        n = min(size, cap, _affordable_units(model, budget, rows_per_unit, per_unit))
+        if units >= min_units and (n < 1 or units >= MAX_UNITS or _goal_met(budget, max_se)):
+            break
+        n = max(n, 1 if units >= min_units else min_units - units)
+        start = time.perf_counter()
+        sample(n)
+        per_unit = (time.perf_counter() - start) / n
+        units, size = units + n, size * 2
+    met = _goal_met(budget, max_se)
+    return units, StopReason(converged=met, budget_exhausted=not met)
+
+
+def _affordable_units(model: Evaluator, budget: Budget, rows_per_unit: int,
+                      per_unit: float) -> int:
+    """Units the remaining time (at the measured cost per unit) and evaluation cap allow."""
+    by_rows = model.affordable_rows(Budget(np.inf, budget.max_evaluations)) // max(1, rows_per_unit)
+    by_time = budget.remaining() * SAFETY / max(per_unit, 1e-9)
+    return int(min(by_rows, by_time)) if np.isfinite(by_time) else int(by_rows)
+
+
+def _goal_met(budget: Budget, max_se: Callable[[], float]) -> bool:
+    return budget.target_error is not None and max_se() <= budget.target_error
+
+
+def standard_error(samples: Array) -> Array:
+    """Standard error of the mean over axis 0 (independent units)."""
+    n = samples.shape[0]
+    if n < 2:
+        return np.full(samples.shape[1:], np.inf)
+    return np.asarray(samples.std(axis=0, ddof=1) / np.sqrt(n))
+
+
+def single_feature(method: str, model: Evaluator, x: Array, background: Background) -> Explanation:
+    """With one feature there is nothing to sample: phi = f(x) - E[f(background)] exactly."""
+    fx = model(x[None])[0]  # (outputs,)
+    phi = (fx - background.base_values)[:, None]  # (outputs, 1)
+    return Explanation.build(method, phi, np.zeros_like(phi), background.base_values, fx,
+                             evaluations=model.evaluations, converged=True,
+                             budget_exhausted=False)

@@ -1,0 +1,144 @@
+"""`sidelight serve` runs the sidecar; `sidelight explain` and `sidelight models` call one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+
+from service.config import Settings
+from service.server import Sidelight, start
+from service.tensors import from_array
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `sidelight` command."""
+    args = parser().parse_args(argv)
+    args.run(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidelight", description=__doc__)
+    sub = p.add_subparsers(required=True)
+    serve = sub.add_parser("serve", help="serve a model repository")
+    serve.add_argument("--models", type=Path, help="model repository (SIDELIGHT_MODELS_DIR)")
+    serve.add_argument("--port", type=int, help="gRPC port (SIDELIGHT_PORT, default 50051)")
+    serve.add_argument("--metrics-port", type=int, help="metrics port (default 9090, -1 off)")
+    serve.set_defaults(run=run_serve)
+    explain = sub.add_parser("explain", help="explain rows with a running server")
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--row", action="append", required=True,
+                         help="comma-separated feature values; repeat for more rows")
+    explain.add_argument("--method", default="")
+    explain.add_argument("--budget-ms", type=float, default=0.0)
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--target-error", type=float, default=0.0)
+    explain.add_argument("--classes", default="", help="comma-separated output columns")
+    explain.add_argument("--json", action="store_true", help="print the response as JSON")
+    explain.add_argument("--address", default="localhost:50051")
+    explain.set_defaults(run=run_explain)
+    models = sub.add_parser("models", help="list the models of a running server")
+    models.add_argument("--address", default="localhost:50051")
+    models.set_defaults(run=run_models)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Build the settings once (flags override SIDELIGHT_* variables) and serve until killed."""
+    flags = {"models_dir": args.models, "port": args.port, "metrics_port": args.metrics_port}
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = start(settings)
+    print(banner(app), flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    app.stop(grace=5.0)
+
+
+def banner(app: Sidelight) -> str:
+    """What is being served and a one-line example call."""
+    plane = app.data_plane()
+    ready = plane.repo.ready()
+    lines = [f"sidelight: serving {len(ready)} model version(s) on {app.settings.host}:{app.port}"
+             f" (metrics on :{app.metrics_port}/metrics)"]
+    example = next((m for m in ready if m.background is not None), None)
+    if example is not None and example.background is not None:
+        row = ",".join(f"{v:.6g}" for v in example.background[0])
+        cmd = Path(sys.argv[0]).name if sys.argv[0] else "sidelight"
+        lines.append(f"try: {cmd} explain --address localhost:{app.port} --model "
+                     f"{shlex.quote(example.name)} --row {row}")
+    return "\n".join(lines)
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        try:
+            info = stub.GetModel(pb.GetModelRequest(model=args.model))
+            response = stub.Explain(build_request(args, info))
+        except grpc.RpcError as err:
+            sys.exit(f"{err.code().name}: {err.details()}")
+    print(json.dumps(MessageToDict(response), indent=2) if args.json else render(response))
+
+
+def build_request(args: argparse.Namespace, info: pb.ModelInfo) -> pb.ExplainRequest:
+    """Split each --row across the model's inputs by their column counts."""
+    try:
+        rows = np.array([[float(v) for v in r.split(",")] for r in args.row])  # (rows, feats)
+    except ValueError as err:
+        sys.exit(f"--row: {err}")
+    widths = [s.shape[1] if len(s.shape) > 1 else 1 for s in info.inputs]
+    if rows.shape[1] != sum(widths):
+        sys.exit(f"--row: {rows.shape[1]} values; model {info.name} takes {sum(widths)}")
+    edges = np.cumsum([0, *widths])
+    inputs = [from_array(s.name, rows[:, a:b] if len(s.shape) > 1 else rows[:, a])
+              for s, a, b in zip(info.inputs, edges[:-1], edges[1:], strict=True)]
+    classes = [int(c) for c in args.classes.split(",") if c.strip()]
+    return pb.ExplainRequest(model=args.model, inputs=inputs, method=args.method,
+                             budget_ms=args.budget_ms, seed=args.seed,
+                             target_error=args.target_error,
+                             target=pb.Target(classes=classes))
+
+
+def render(r: pb.ExplainResponse) -> str:
+    """A readable table per row and output, features by decreasing |attribution|."""
+    c = r.cost
+    out = [f"{r.model} v{r.version}: {r.method}, {c.model_evaluations} evaluations, "
+           f"{c.elapsed_ms:.1f} ms of {c.budget_ms:.0f} ms ({c.budget_source}), "
+           f"background {r.background} ({r.background_rows} rows), scale {r.scale}"]
+    d = len(r.feature_names)
+    for i, row in enumerate(r.rows):
+        for k, name in enumerate(r.output_names):
+            phi = np.array(row.attributions[k * d:(k + 1) * d])
+            se = np.array(row.std_errors[k * d:(k + 1) * d])
+            out.append(f"row {i} · {name}: prediction {row.predictions[k]:.4g} = base "
+                       f"{row.base_values[k]:.4g} + sum of attributions")
+            out.extend(f"  {r.feature_names[j]:<28} {phi[j]:+.4g} ± {1.96 * se[j]:.2g}"
+                       for j in np.argsort(-np.abs(phi)))
+    return "\n".join(out)
+
+
+def run_models(args: argparse.Namespace) -> None:
+    with grpc.insecure_channel(args.address) as channel:
+        response = pb_grpc.ExplainerStub(channel).ListModels(pb.ListModelsRequest())
+    for m in response.models:
+        detail = m.error or f"{len(m.feature_names)} features, output {m.output}"
+        print(f"{m.name} v{m.version} {m.state}: {detail}")
+
+
+if __name__ == "__main__":
+    main()

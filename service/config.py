@@ -1,0 +1,53 @@
+"""Settings (environment variables with the SIDELIGHT_ prefix) and the explain.yaml schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Built once in `main` and passed down; every field can be set as SIDELIGHT_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="SIDELIGHT_")
+
+    models_dir: Path = Field(Path("models"), description="Model repository (Triton layout).")
+    host: str = Field("0.0.0.0", description="gRPC listen address.")
+    port: int = Field(50051, description="gRPC port (0 = any free port).")
+    metrics_port: int = Field(9090, description="Prometheus /metrics port (0 = any, -1 = off).")
+    workers: int = Field(4, ge=1, description="gRPC worker threads (concurrent explanations).")
+    ort_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
+    default_budget_ms: float = Field(200.0, gt=0, description="Budget when neither the request, "
+                                     "its deadline nor explain.yaml sets one.")
+    max_budget_ms: float = Field(30000.0, gt=0, description="Upper bound on any budget.")
+    deadline_margin_ms: float = Field(25.0, ge=0, description="Kept free before the client's "
+                                      "deadline for serialisation and transport.")
+    max_rows_per_request: int = Field(256, ge=1, description="Rows one Explain call may carry.")
+    max_background_rows: int = Field(10000, ge=1, description="Rows a background may have.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class BackgroundConfig(BaseModel):
+    """Where a model's default background comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    max_rows: int | None = Field(None, ge=1)
+
+
+class ModelConfig(BaseModel):
+    """explain.yaml: what ONNX cannot say about a model. Every key is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+    features: list[str] | None = None
+    output: str | None = None
+    classes: list[int] | None = None
+    class_names: list[str] | None = None
+    scale: Literal["identity", "logit"] = "identity"
+    method: str = "auto"
+    budget_ms: float | None = Field(None, gt=0)
+    background: BackgroundConfig | None = None
+    allow_missing: bool = False

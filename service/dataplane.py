@@ -1,0 +1,376 @@
+"""The data plane: decides everything about a request (model, inputs, target, background, budget,
+method) and runs the estimators. Domain types in and out; no gRPC here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainers.base import Array, Background, Budget, Estimator, Explanation, ModelFn
+from explainers.engine import Evaluator
+from explainers.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    SidelightError,
+)
+from explainers.registry import build_registry, lookup
+from service.config import Settings
+from service.metrics import UNKNOWN, Metrics
+from service.onnx_model import OIP_TO_NUMPY
+from service.repository import LoadedModel, ModelRepository
+from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_meta
+
+log = logging.getLogger(__name__)
+LOGIT_EPS = 1e-7
+BACKGROUND_CACHE_SIZE = 64
+USAGE = {"permutation": "one row sampled per permutation pair (control variate on f(row))",
+         "exact": "all rows for every coalition", "kernel": "all rows for every coalition"}
+
+
+@dataclass(frozen=True)
+class ExplainQuery:
+    """An Explain request in domain terms. `deadline_s` is the time left on the caller's clock."""
+
+    model: str
+    inputs: tuple[tuple[str, Array], ...]
+    version: str = ""
+    method: str = ""
+    output: str = ""
+    classes: tuple[int, ...] = ()
+    scale: str = ""
+    budget_ms: float = 0.0
+    deadline_s: float | None = None
+    seed: int = 0
+    background: str = ""
+    target_error: float = 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """The explained function: which output, which columns, on which scale."""
+
+    output: str
+    columns: tuple[int, ...]
+    scale: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    model: str
+    version: str
+    feature_names: tuple[str, ...]
+    target: Target
+    rows: tuple[Explanation, ...]
+    elapsed_ms: float
+    budget_ms: float
+    budget_source: str
+    background: BackgroundMeta
+
+    @property
+    def method(self) -> str:
+        return "+".join(dict.fromkeys(r.method for r in self.rows))
+
+    @property
+    def evaluations(self) -> int:
+        return sum(r.evaluations for r in self.rows)
+
+    @property
+    def background_usage(self) -> str:
+        methods = dict.fromkeys(r.method for r in self.rows)
+        return "; ".join(f"{m}: {USAGE.get(m, 'not sampled')}" for m in methods)
+
+
+class DataPlane:
+    """Explains requests against the repository's models and the store's backgrounds."""
+
+    def __init__(self, repo: ModelRepository, store: BackgroundStore, settings: Settings,
+                 metrics: Metrics, registry: Mapping[str, Estimator] | None = None) -> None:
+        self.repo, self.store, self.settings, self.metrics = repo, store, settings, metrics
+        self.registry = registry or build_registry()
+        self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- start-up -------------------------------------------------------------------------
+    def seed_backgrounds(self) -> None:
+        """Store each model's explain.yaml background as 'default' unless one is stored."""
+        for model in self.repo.ready():
+            self.metrics.model_ready.labels(model.name, model.version).set(1)
+            if model.background is None or self._has_default(model):
+                continue
+            meta = make_meta(model.name, model.version, DEFAULT_NAME, model.background,
+                             "explain.yaml", model.sha256, model.feature_names)
+            self.store.put(meta, model.background)
+        for entry in self.repo.entries.values():
+            for version in entry.failures:
+                self.metrics.model_ready.labels(entry.name, version).set(0)
+
+    def _has_default(self, model: LoadedModel) -> bool:
+        return any(m.name == DEFAULT_NAME and m.version == model.version
+                   for m in self.store.list(model.name))
+
+    def warm(self) -> None:
+        """Compute f(background) for every model's default target before traffic arrives."""
+        for model in self.repo.ready():
+            try:
+                self.background(model, DEFAULT_NAME, self.target(model, "", (), ""))
+            except SidelightError as err:
+                log.warning("model %s: no default background yet (%s)", model.name, err)
+
+    # --- Explain --------------------------------------------------------------------------
+    def explain(self, q: ExplainQuery) -> ExplainResult:
+        """Explain every row of the request within its budget; records the outcome metrics."""
+        start = time.monotonic()
+        labels = (q.model if q.model in self.repo.entries else UNKNOWN,
+                  q.method if q.method in self.registry or not q.method else UNKNOWN)
+        code = "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            result = self._explain(q, start)
+            code = "OK"
+            self._record(result)
+            return result
+        except SidelightError as err:
+            code = err.code
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(labels[0], labels[1] or "auto", code).inc()
+            self.metrics.duration.labels(labels[0], labels[1] or "auto").observe(
+                time.monotonic() - start)
+
+    def _explain(self, q: ExplainQuery, start: float) -> ExplainResult:
+        budget_s, source = self.resolve_budget(q, start)
+        model = self.repo.get(q.model, q.version)
+        X = self.assemble(model, q.inputs)
+        target = self.target(model, q.output, q.classes, q.scale)
+        meta, background = self.background(model, q.background or DEFAULT_NAME, target)
+        estimator = lookup(self.registry, q.method or model.config.method)
+        if q.target_error < 0:
+            raise InvalidArgument("target_error: must be >= 0")
+        rows = self._explain_rows(model, X, target, background, estimator, q, start + budget_s)
+        elapsed = 1e3 * (time.monotonic() - start)
+        return ExplainResult(model.name, model.version, model.feature_names, target, rows,
+                             elapsed, 1e3 * budget_s, source, meta)
+
+    def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
+                      background: Background, estimator: Estimator, q: ExplainQuery,
+                      deadline: float) -> tuple[Explanation, ...]:
+        """Rows one after the other, each given an equal share of the time that is left."""
+        rng = np.random.default_rng(q.seed)
+        fn = self.target_fn(model, target)
+        rate, out = model.onnx.rows_per_second, []
+        for i, x in enumerate(X):
+            now = time.monotonic()
+            share = max(deadline - now, 0.0) / (X.shape[0] - i)
+            budget = Budget(now + share, None, q.target_error or None)
+            ev = Evaluator(fn, model.onnx.chunk_rows, rate)
+            out.append(estimator.explain(ev, x, background, budget, rng))
+            rate = ev.rows_per_second
+        return tuple(out)
+
+    def _record(self, result: ExplainResult) -> None:
+        for row in result.rows:
+            labels = (result.model, row.method)
+            self.metrics.evaluations.labels(*labels).observe(row.evaluations)
+            if row.budget_exhausted:
+                self.metrics.budget_exhausted.labels(*labels).inc()
+            if row.converged:
+                self.metrics.converged.labels(*labels).inc()
+
+    # --- decisions ------------------------------------------------------------------------
+    def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:
+        """Seconds for the request: budget_ms, else the deadline minus a margin, else the
+        model's default; never past the caller's deadline. Returns (seconds, source)."""
+        if q.budget_ms < 0 or not np.isfinite(q.budget_ms):
+            raise InvalidArgument("budget_ms: must be a finite number >= 0")
+        s = self.settings
+        by_deadline = None
+        if q.deadline_s is not None:
+            margin = max(s.deadline_margin_ms / 1e3, 0.05 * q.deadline_s)
+            by_deadline = q.deadline_s - margin - (time.monotonic() - start)
+        if q.budget_ms > 0:
+            budget, source = q.budget_ms / 1e3, "request"
+        elif by_deadline is not None:
+            budget, source = by_deadline, "deadline"
+        else:
+            budget, source = self._model_default_ms(q) / 1e3, "model_default"
+        if by_deadline is not None and by_deadline < budget:
+            budget, source = by_deadline, "deadline"
+        if budget <= 0:
+            raise DeadlineExceeded("deadline: the request's deadline leaves no time to explain")
+        return min(budget, s.max_budget_ms / 1e3), source
+
+    def _model_default_ms(self, q: ExplainQuery) -> float:
+        entry = self.repo.entries.get(q.model)
+        version = entry.versions.get(q.version or entry.newest() or "") if entry else None
+        configured = version.config.budget_ms if version else None
+        return configured or self.settings.default_budget_ms
+
+    def assemble(self, model: LoadedModel, inputs: tuple[tuple[str, Array], ...]) -> Array:
+        """The request's tensors as one (rows, features) float64 matrix, or INVALID_ARGUMENT."""
+        specs = model.onnx.inputs
+        if len(inputs) != len(specs):
+            names = ", ".join(s.name for s in specs)
+            raise InvalidArgument(f"inputs: model {model.name!r} takes {len(specs)} input(s) "
+                                  f"({names}); got {len(inputs)}")
+        ordered = _order_inputs(inputs, [s.name for s in specs])
+        parts = [_check_input(i, arr, spec.shape, spec.datatype) for i, arr, spec in
+                 ((i, arr, specs[k]) for k, (i, arr) in enumerate(ordered))]
+        rows = {p.shape[0] for p in parts}
+        if len(rows) != 1:
+            raise InvalidArgument(f"inputs: every input needs the same batch size; got {rows}")
+        if rows == {0}:
+            raise InvalidArgument("inputs[0].shape: empty batch: send at least one row")
+        if parts[0].shape[0] > self.settings.max_rows_per_request:
+            raise InvalidArgument(f"inputs[0].shape: {parts[0].shape[0]} rows; at most "
+                                  f"{self.settings.max_rows_per_request} per request")
+        X = np.concatenate(parts, axis=1)  # (rows, features)
+        _check_finite(X, model.config.allow_missing)
+        return X
+
+    def target(self, model: LoadedModel, output: str, classes: tuple[int, ...],
+               scale: str) -> Target:
+        """Resolve the request's target against the model's config and output shape."""
+        output = output or model.output
+        model.onnx.output_info(output)
+        names = model.column_names(output)
+        default = model.config.classes if output == model.output and model.config.classes else None
+        columns = tuple(classes) or tuple(default or range(len(names)))
+        bad = [c for c in columns if not 0 <= c < len(names)]
+        if bad:
+            raise InvalidArgument(f"target.classes: {bad} out of range; output {output!r} has "
+                                  f"{len(names)} column(s)")
+        scale = scale or model.config.scale
+        if scale not in ("identity", "logit"):
+            raise InvalidArgument(f"target.scale: {scale!r}; use 'identity' or 'logit'")
+        return Target(output, columns, scale, tuple(names[c] for c in columns))
+
+    def target_fn(self, model: LoadedModel, target: Target) -> ModelFn:
+        """The explained function: selected columns of an output, on the target's scale."""
+        columns = list(target.columns)
+
+        def f(X: Array) -> Array:
+            return apply_scale(model.onnx.predict(X, target.output)[:, columns], target.scale)
+
+        return f
+
+    def background(self, model: LoadedModel, name: str,
+                   target: Target) -> tuple[BackgroundMeta, Background]:
+        """The named background with f(background) for this target, cached per content."""
+        meta, data = self.store.get(model.name, model.version, name)
+        if meta.model_sha256 and meta.model_sha256 != model.sha256:
+            raise FailedPrecondition(f"background: {name!r} was stored for another file of model "
+                                     f"{model.name!r} version {model.version}; upload it again")
+        if meta.features != model.onnx.n_features:
+            raise FailedPrecondition(f"background: {name!r} has {meta.features} features; the "
+                                     f"model has {model.onnx.n_features}")
+        key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
+        return meta, self._cached(key, lambda: self._build_background(model, data, target))
+
+    def _build_background(self, model: LoadedModel, data: Array, target: Target) -> Background:
+        X = np.asarray(data, np.float64)
+        raw = model.onnx.predict(X, target.output)[:, list(target.columns)]  # (rows, outputs)
+        if target.scale == "logit" and np.any((raw < 0) | (raw > 1)):
+            raise InvalidArgument(f"target.scale: logit needs probabilities; output "
+                                  f"{target.output!r} is not in [0, 1]")
+        return Background.build(X, apply_scale(raw, target.scale))
+
+    def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
+        with self._lock:
+            hit = self._backgrounds.get(key)
+            if hit is not None:
+                self._backgrounds.move_to_end(key)
+                return hit
+        value = build()
+        with self._lock:
+            self._backgrounds[key] = value
+            while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
+                self._backgrounds.popitem(last=False)
+        return value
+
+
+def apply_scale(y: Array, scale: str) -> Array:
+    """identity, or logit = log(p / (1 - p)) with p clipped away from 0 and 1."""
+    if scale != "logit":
+        return y
+    p = np.clip(y, LOGIT_EPS, 1 - LOGIT_EPS)
+    return np.asarray(np.log(p) - np.log1p(-p))
+
+
+def _order_inputs(inputs: tuple[tuple[str, Array], ...],
+                  names: list[str]) -> list[tuple[int, Array]]:
+    """Match tensors to model inputs by name, or by position when no tensor is named."""
+    if not any(n for n, _ in inputs):
+        return list(enumerate(a for _, a in inputs))
+    index = {n: i for i, (n, _) in enumerate(inputs)}
+    for i, (n, _) in enumerate(inputs):
+        if n not in names:
+            raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
+                                  f"{', '.join(names)}")
+    return [(index[n], inputs[index[n]][1]) for n in names]
+
+
+def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> Array:
+    """One tensor against its model input: rank, feature count, dtype. Returns (rows, cols)."""
+    field = f"inputs[{i}]"
+    if arr.ndim != len(shape) or (len(shape) == 2 and shape[1] >= 0 and arr.shape[1] != shape[1]):
+        raise InvalidArgument(f"{field}.shape: got {list(arr.shape)}, model input takes "
+                              f"{['N', *shape[1:]]}")
+    if arr.dtype.kind not in "biuf":
+        raise InvalidArgument(f"{field}.datatype: {arr.dtype} is not numeric; model takes "
+                              f"{datatype}")
+    X = arr.reshape(arr.shape[0], -1).astype(np.float64)
+    if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and np.any(np.mod(X[np.isfinite(X)], 1)):
+        raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole numbers")
+    return X
+
+
+def _check_finite(X: Array, allow_missing: bool) -> None:
+    """Reject infinities always, NaN unless the model declares it accepts missing values."""
+    bad = np.isinf(X) if allow_missing else ~np.isfinite(X)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise InvalidArgument(f"inputs: non-finite value at row {row}, feature {col} (NaN is "
+                              "accepted only by models whose explain.yaml sets allow_missing)")
+
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model version as ListModels / GetModel report it: ready (with its model) or failed."""
+
+    name: str
+    version: str
+    versions: tuple[str, ...]
+    error: str = ""
+    model: LoadedModel | None = None
+    background_rows: int = 0
+
+
+def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
+    """One version of a model (newest by default); a failed version carries its reason."""
+    entry = plane.repo.entries.get(name)
+    if entry is None:
+        plane.repo.get(name)  # raises NOT_FOUND naming the known models
+        raise AssertionError("unreachable")
+    versions = tuple(sorted({*entry.versions, *entry.failures}))
+    version = version or entry.newest() or next(iter(entry.failures), "")
+    if version in entry.failures:
+        return ModelSummary(name, version, versions, entry.failures[version])
+    model = plane.repo.get(name, version)
+    rows = next((m.rows for m in plane.store.list(name)
+                 if m.version == model.version and m.name == DEFAULT_NAME), 0)
+    return ModelSummary(name, version, versions, model=model, background_rows=rows)
+
+
+def summarize_all(plane: DataPlane) -> list[ModelSummary]:
+    """Every model's newest version (or its failure)."""
+    return [summarize(plane, name) for name in sorted(plane.repo.entries)]

@@ -1,0 +1,155 @@
+"""The model adapter: one onnxruntime session per model version, seen as a flat function of a
+(rows, features) matrix. Handles dtypes, several inputs, ZipMap outputs and bounded chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from explainers.base import Array
+from explainers.errors import FailedPrecondition, InvalidArgument
+
+ONNX_TO_OIP = {
+    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
+OIP_TO_NUMPY: dict[str, type] = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
+    "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
+    "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_,
+}
+PROBE_BATCHES = (64, 256, 1024, 4096, 16384)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: name, OIP datatype and shape (-1 = dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def columns(self) -> int:
+        """Feature columns of a tabular tensor: [batch] has 1, [batch, k] has k."""
+        return 1 if len(self.shape) == 1 else self.shape[1]
+
+
+def _info(arg: ort.NodeArg) -> TensorInfo:
+    dims = tuple(d if isinstance(d, int) else -1 for d in (arg.shape or []))
+    return TensorInfo(arg.name, ONNX_TO_OIP.get(arg.type, arg.type), dims)
+
+
+def strip_zipmap(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """Replace each ZipMap (a list of dicts per row) by an Identity on its float input.
+
+    The output keeps its name, so configs written for the converted model still apply, and
+    onnxruntime returns a [rows, classes] tensor instead of Python dicts. Returns the class
+    labels per output.
+    """
+    labels: dict[str, list[str]] = {}
+    graph = model.graph
+    for i, node in enumerate(graph.node):
+        if node.op_type != "ZipMap":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        names = attrs.get("classlabels_strings") or attrs.get("classlabels_int64s") or []
+        labels[node.output[0]] = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        graph.node[i].CopyFrom(helper.make_node("Identity", [node.input[0]], [node.output[0]]))
+        for out in graph.output:
+            if out.name == node.output[0]:
+                out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT,
+                                                           ["N", len(names)]))
+    return model, labels
+
+
+class OnnxModel:
+    """A loaded ONNX model: tabular inputs concatenated into one feature axis."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        raw = path.read_bytes()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.proto, self.class_labels = strip_zipmap(onnx.load_from_string(raw))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(self.proto.SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [_info(a) for a in self.session.get_inputs()]
+        self.outputs = [_info(a) for a in self.session.get_outputs()]
+        self._check_tabular()
+        self.offsets = np.cumsum([0] + [i.columns for i in self.inputs])  # (inputs + 1,)
+        self.chunk_rows = 4096
+        self.rows_per_second = 1e5
+        self._columns: dict[str, int] = {}
+
+    @property
+    def n_features(self) -> int:
+        return int(self.offsets[-1])
+
+    def _check_tabular(self) -> None:
+        for i in self.inputs:
+            if len(i.shape) not in (1, 2) or i.columns < 1 or i.datatype not in OIP_TO_NUMPY:
+                raise FailedPrecondition(
+                    f"input {i.name!r} is {i.datatype}{list(i.shape)}: tabular explainers need "
+                    "numeric [batch] or [batch, features] inputs with a fixed feature count")
+
+    def main_output(self) -> str:
+        """The first floating-point output (probabilities for converted classifiers)."""
+        for o in self.outputs:
+            if o.datatype in ("FP32", "FP64", "FP16"):
+                return o.name
+        raise FailedPrecondition("model has no floating-point output to explain")
+
+    def output_info(self, name: str) -> TensorInfo:
+        for o in self.outputs:
+            if o.name == name:
+                return o
+        known = ", ".join(o.name for o in self.outputs)
+        raise InvalidArgument(f"target.output: model has no output {name!r}; outputs: {known}")
+
+    def output_columns(self, output: str) -> int:
+        """Number of columns of an output, from a one-row probe (shapes are often dynamic)."""
+        if output not in self._columns:
+            self._columns[output] = self._run(np.zeros((1, self.n_features)), output).shape[1]
+        return self._columns[output]
+
+    def predict(self, X: Array, output: str) -> Array:
+        """Output `output` for X (rows, features) as float64 (rows, columns), chunked."""
+        step = self.chunk_rows
+        parts = [self._run(X[i:i + step], output) for i in range(0, X.shape[0], step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _run(self, X: Array, output: str) -> Array:
+        feeds = {}
+        for k, info in enumerate(self.inputs):
+            cols = X[:, self.offsets[k]:self.offsets[k + 1]]  # (rows, columns of this input)
+            cols = cols.astype(OIP_TO_NUMPY[info.datatype], copy=False)
+            feeds[info.name] = cols[:, 0] if len(info.shape) == 1 else cols
+        y = np.asarray(self.session.run([output], feeds)[0], dtype=np.float64)
+        return y.reshape(X.shape[0], -1)  # (rows, columns)
+
+    def measure(self, probe: Array, output: str, seconds: float = 0.3) -> None:
+        """Find the batch size with the best rows/second here; remember both."""
+        best = (0.0, PROBE_BATCHES[0])
+        deadline = time.monotonic() + seconds
+        for batch in PROBE_BATCHES:
+            X = probe[np.arange(batch) % probe.shape[0]]  # (batch, features)
+            self._run(X, output)  # warm-up
+            start = time.perf_counter()
+            self._run(X, output)
+            best = max(best, (batch / max(time.perf_counter() - start, 1e-9), batch))
+            if time.monotonic() > deadline:
+                break
+        self.rows_per_second, self.chunk_rows = best

@@ -1,0 +1,98 @@
+"""Wires the process together: settings -> repository, store, metrics, data plane -> gRPC server
+with health checking and reflection, plus the Prometheus HTTP endpoint."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+
+from explainers.errors import Unavailable
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.servicer import ExplainerServicer
+from service.store import MemoryStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Sidelight:
+    """A running sidecar: its ports, its data plane once models are loaded, and a stop()."""
+
+    settings: Settings
+    server: grpc.Server
+    health: health.HealthServicer
+    metrics: Metrics
+    port: int
+    metrics_port: int = -1
+    plane: DataPlane | None = None
+    _http: list[Any] = field(default_factory=list)
+
+    def data_plane(self) -> DataPlane:
+        if self.plane is None:
+            raise Unavailable("models are still loading; retry shortly")
+        return self.plane
+
+    def load(self) -> None:
+        """Load the repository, seed and warm backgrounds, then report SERVING."""
+        repo = ModelRepository.load(self.settings.models_dir, self.settings)
+        plane = DataPlane(repo, MemoryStore(), self.settings, self.metrics)
+        plane.seed_backgrounds()
+        plane.warm()
+        self.plane = plane
+        status = health_pb2.HealthCheckResponse.SERVING if repo.ready() \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+        log.info("loaded %d model version(s); %s", len(repo.ready()),
+                 "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+        for server in self._http:
+            server.shutdown()
+
+
+def start(settings: Settings, registry: CollectorRegistry | None = None,
+          load: bool = True) -> Sidelight:
+    """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
+    metrics = Metrics(registry or CollectorRegistry())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    app = Sidelight(settings, server, health_servicer, metrics, port)
+    pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(app.data_plane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    server.start()
+    _start_metrics(app)
+    if load:
+        app.load()
+    return app
+
+
+def _start_metrics(app: Sidelight) -> None:
+    if app.settings.metrics_port < 0:
+        return
+    http, _ = start_http_server(app.settings.metrics_port, addr=app.settings.host,
+                                registry=app.metrics.registry)
+    app._http.append(http)
+    app.metrics_port = int(http.server_port)

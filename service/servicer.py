@@ -1,0 +1,118 @@
+"""The gRPC servicer: converts protos to domain types and back, and maps errors in one place."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+
+from explainers.errors import SidelightError
+from service.dataplane import (
+    DataPlane,
+    ExplainQuery,
+    ExplainResult,
+    ModelSummary,
+    summarize,
+    summarize_all,
+)
+from service.tensors import to_array
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+NO_DEADLINE_S = 1e9
+
+
+def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
+    """Run fn; a SidelightError becomes its status code, anything else INTERNAL + one log line."""
+    try:
+        return fn()
+    except SidelightError as err:
+        context.abort(grpc.StatusCode[err.code], str(err))
+    except Exception as err:  # the one place unknown errors are turned into INTERNAL
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        log.error("internal error in %s: %s: %s at %s:%d", rpc, type(err).__name__, err,
+                  where.filename, where.lineno)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    raise AssertionError("unreachable: abort raises")
+
+
+class ExplainerServicer(pb_grpc.ExplainerServicer):
+    """Explainer service over a data plane that may still be loading (then UNAVAILABLE)."""
+
+    def __init__(self, plane: Callable[[], DataPlane]) -> None:
+        self._plane = plane
+
+    def Explain(self, request: pb.ExplainRequest,
+                context: grpc.ServicerContext) -> pb.ExplainResponse:
+        return call(context, "Explain",
+                    lambda: to_response(self._plane().explain(to_query(request, context))))
+
+    def ListModels(self, request: pb.ListModelsRequest,
+                   context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return call(context, "ListModels", lambda: pb.ListModelsResponse(
+            models=[to_model_info(s) for s in summarize_all(self._plane())]))
+
+    def GetModel(self, request: pb.GetModelRequest,
+                 context: grpc.ServicerContext) -> pb.ModelInfo:
+        return call(context, "GetModel", lambda: to_model_info(
+            summarize(self._plane(), request.model, request.version)))
+
+
+def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext) -> ExplainQuery:
+    """The request in domain terms; tensors decoded, the deadline read off the context."""
+    inputs = tuple((t.name, to_array(t, f"inputs[{i}]")) for i, t in enumerate(r.inputs))
+    return ExplainQuery(
+        model=r.model, version=r.version, inputs=inputs, method=r.method,
+        output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
+        budget_ms=r.budget_ms, deadline_s=_deadline(context), seed=r.seed,
+        background=r.background, target_error=r.target_error)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """Seconds left on the caller's deadline; None when it set none (gRPC reports ~2^63)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE_S else float(remaining)
+
+
+def to_response(res: ExplainResult) -> pb.ExplainResponse:
+    rows = [pb.RowExplanation(
+        attributions=e.values.ravel(), std_errors=e.std_errors.ravel(),
+        base_values=e.base_values, predictions=e.prediction, model_evaluations=e.evaluations,
+        converged=e.converged, budget_exhausted=e.budget_exhausted, method=e.method)
+        for e in res.rows]
+    cost = pb.Cost(model_evaluations=res.evaluations, elapsed_ms=res.elapsed_ms,
+                   budget_exhausted=any(e.budget_exhausted for e in res.rows),
+                   converged=all(e.converged for e in res.rows), budget_ms=res.budget_ms,
+                   budget_source=res.budget_source)
+    bg = res.background
+    return pb.ExplainResponse(
+        model=res.model, version=res.version, method=res.method,
+        feature_names=res.feature_names, output_names=res.target.names, rows=rows, cost=cost,
+        scale=res.target.scale, background=bg.name, background_rows=bg.rows,
+        background_sha256=bg.sha256, background_usage=res.background_usage)
+
+
+def to_model_info(s: ModelSummary) -> pb.ModelInfo:
+    info = pb.ModelInfo(name=s.name, version=s.version, versions=s.versions,
+                        state="FAILED" if s.model is None else "READY", error=s.error)
+    m = s.model
+    if m is None:
+        return info
+    info.inputs.extend(pb.TensorSpec(name=i.name, datatype=i.datatype, shape=i.shape)
+                       for i in m.onnx.inputs)
+    info.outputs.extend(pb.TensorSpec(name=o.name, datatype=o.datatype, shape=o.shape)
+                        for o in m.onnx.outputs)
+    info.feature_names.extend(m.feature_names)
+    info.output = m.output
+    columns = m.config.classes or range(len(m.column_names(m.output)))
+    info.output_names.extend(m.column_names(m.output)[c] for c in columns)
+    info.scale, info.default_method = m.config.scale, m.config.method
+    info.default_budget_ms = m.config.budget_ms or 0.0
+    info.sha256, info.background_rows = m.sha256, s.background_rows
+    info.rows_per_second, info.batch_rows = m.onnx.rows_per_second, m.onnx.chunk_rows
+    return info

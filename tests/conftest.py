@@ -1,0 +1,50 @@
+"""Shared fixtures: the bundled models and one real sidecar on free ports for the session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from service.config import Settings  # noqa: E402
+from service.server import Sidelight, start  # noqa: E402
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "examples" / "models"
+
+
+def settings_for(models: Path, **overrides: object) -> Settings:
+    """Settings for a test server: free ports, loopback only."""
+    values: dict[str, object] = {"models_dir": models, "port": 0, "metrics_port": 0,
+                                 "host": "127.0.0.1", "workers": 4}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def app() -> Iterator[Sidelight]:
+    running = start(settings_for(MODELS))
+    yield running
+    running.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+def channel(app: Sidelight) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> pb_grpc.ExplainerStub:
+    return pb_grpc.ExplainerStub(channel)
+
+
+def background_of(name: str) -> np.ndarray:
+    return np.load(MODELS / name / "background.npy").astype(np.float64)
