@@ -19,7 +19,8 @@ PACKAGE_DIR = Path("sidelight") / "v1"
 
 def proto_files() -> list[str]:
     """The .proto files, relative to the include root, in a stable order."""
-    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    protos = (PROTO_ROOT / PACKAGE_DIR).glob("*.proto")
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in protos)
 
 
 def plugin(name: str) -> str:

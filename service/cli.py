@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
-from sidelight.v1 import explainer_pb2 as pb
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 from service.config import Settings
 from service.server import Sidelight, start
 from service.tensors import from_array
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +80,7 @@ def banner(app: Sidelight) -> str:
         row = ",".join(f"{v:.6g}" for v in example.background[0])
         cmd = Path(sys.argv[0]).name if sys.argv[0] else "sidelight"
         lines.append(f"try: {cmd} explain --address localhost:{app.port} --model "
-                     f"{shlex.quote(example.name)} --row {row}")
+                     f"{shlex.quote(example.name)} --row={row}")
     return "\n".join(lines)
 
 

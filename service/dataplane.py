@@ -155,7 +155,8 @@ class DataPlane:
         estimator = lookup(self.registry, q.method or model.config.method)
         if q.target_error < 0:
             raise InvalidArgument("target_error: must be >= 0")
-        rows = self._explain_rows(model, X, target, background, estimator, q, start + budget_s)
+        deadline = start + budget_s - reserve_s(budget_s, X.shape[0])
+        rows = self._explain_rows(model, X, target, background, estimator, q, deadline)
         elapsed = 1e3 * (time.monotonic() - start)
         return ExplainResult(model.name, model.version, model.feature_names, target, rows,
                              elapsed, 1e3 * budget_s, source, meta)
@@ -297,6 +298,11 @@ class DataPlane:
         return value
 
 
+def reserve_s(budget_s: float, rows: int) -> float:
+    """Time kept back from the estimators for each row's final solve and the response."""
+    return min(0.25 * budget_s, 0.002 + 0.03 * budget_s + 0.0002 * rows)
+
+
 def apply_scale(y: Array, scale: str) -> Array:
     """identity, or logit = log(p / (1 - p)) with p clipped away from 0 and 1."""
     if scale != "logit":
@@ -327,7 +333,7 @@ def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> A
     if arr.dtype.kind not in "biuf":
         raise InvalidArgument(f"{field}.datatype: {arr.dtype} is not numeric; model takes "
                               f"{datatype}")
-    X = arr.reshape(arr.shape[0], -1).astype(np.float64)
+    X = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))).astype(np.float64)
     if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and np.any(np.mod(X[np.isfinite(X)], 1)):
         raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole numbers")
     return X

@@ -82,7 +82,7 @@ class ModelRepository:
         entry = self.entries.get(name)
         if entry is None:
             raise NotFound(f"model: no model {name!r}; known: {', '.join(sorted(self.entries))}")
-        version = version or entry.newest() or ""
+        version = version or entry.newest() or max(entry.failures, key=_version_key, default="")
         if version in entry.failures:
             raise FailedPrecondition(f"model: {name!r} version {version} failed to load: "
                                      f"{entry.failures[version]}")

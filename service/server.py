@@ -12,8 +12,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from sidelight.v1 import explainer_pb2 as pb
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 from explainers.errors import Unavailable
 from service.config import Settings
@@ -22,6 +20,8 @@ from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.servicer import ExplainerServicer
 from service.store import MemoryStore
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name

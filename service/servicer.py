@@ -8,8 +8,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
-from sidelight.v1 import explainer_pb2 as pb
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 from explainers.errors import SidelightError
 from service.dataplane import (
@@ -21,6 +19,8 @@ from service.dataplane import (
     summarize_all,
 )
 from service.tensors import to_array
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from sidelight.v1 import explainer_pb2 as pb
 
 from explainers.base import Array
 from explainers.errors import InvalidArgument
 from service.onnx_model import OIP_TO_NUMPY
+from sidelight.v1 import explainer_pb2 as pb
 
 CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",

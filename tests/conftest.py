@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-from service.config import Settings  # noqa: E402
-from service.server import Sidelight, start  # noqa: E402
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
+from service.config import Settings
+from service.server import Sidelight, start
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"

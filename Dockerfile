@@ -1,0 +1,10 @@
+# The same install steps as the README's `make serve` / `make test` (Makefile target `install`).
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY . .
+RUN make install
+ENV SIDELIGHT_MODELS_DIR=/models SIDELIGHT_PORT=50051 SIDELIGHT_METRICS_PORT=9090
+EXPOSE 50051 9090
+USER 65534
+ENTRYPOINT [".venv/bin/sidelight", "serve"]
