@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+from scipy import stats
 
 from explainers.errors import InvalidArgument
 
@@ -24,6 +26,12 @@ def _frozen(array: Array, dtype: type = np.float64) -> Array:
     out: Array = np.array(array, dtype=dtype, copy=True)
     out.setflags(write=False)
     return out
+
+
+def t_quantile(level: float, dof: float) -> float:
+    """Student-t quantile for a two-sided interval (normal when dof is infinite)."""
+    q = 0.5 + level / 2
+    return float(stats.norm.ppf(q) if not math.isfinite(dof) else stats.t.ppf(q, max(dof, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class Explanation:
     converged: bool
     budget_exhausted: bool
     samples: int = 0  # independent sampling units used (permutation pairs, coalition pairs)
+    dof: float = math.inf  # degrees of freedom of the standard errors (for t intervals)
     notes: tuple[str, ...] = field(default=())
 
     @staticmethod
@@ -95,6 +104,11 @@ class Explanation:
         """Freeze the arrays; every estimator returns through here."""
         return Explanation(method, _frozen(values), _frozen(std_errors), _frozen(base),
                            _frozen(pred), **meta)  # type: ignore[arg-type]
+
+    def interval(self, level: float = 0.95) -> tuple[Array, Array]:
+        """Two-sided t interval per attribution; zero width for exact methods."""
+        half = t_quantile(level, self.dof) * self.std_errors  # (outputs, features)
+        return self.values - half, self.values + half
 
     @property
     def additivity_gap(self) -> Array:

@@ -22,8 +22,9 @@ class Evaluator:
     """
 
     def __init__(self, fn: ModelFn, chunk_rows: int = 4096, rows_per_second: float = 1e5,
-                 call_overhead_s: float = 5e-5) -> None:
+                 call_overhead_s: float = 5e-5, dtype: type = np.float64) -> None:
         self._fn = fn
+        self.dtype = dtype  # masked batches are built in the model's input type: no extra cast
         self.chunk_rows = max(1, int(chunk_rows))
         self.rows_per_second = float(rows_per_second)
         self.call_overhead_s = call_overhead_s
@@ -72,18 +73,21 @@ def coalition_values(ev: Evaluator, masks: Array, x: Array, background: Backgrou
     out = []
     for start in range(0, masks.shape[0], block):
         m = masks[start:start + block]  # (block, features)
-        X = np.where(m[:, None, :], x, background.data[None])  # (block, rows, features)
+        X = np.where(m[:, None, :], x.astype(ev.dtype),
+                     background.data.astype(ev.dtype)[None])  # (block, rows, features)
         y = ev(X.reshape(-1, x.size)).reshape(m.shape[0], rows, -1)  # (block, rows, outputs)
         out.append(np.einsum("cbk,b->ck", y, background.weights))
     return np.concatenate(out)  # (coalitions, outputs)
 
 
 def hybrid_values(ev: Evaluator, masks: Array, x: Array, z: Array) -> Array:
-    """f(x_S, z_S) with one reference row per coalition: masks and z are (coalitions, features).
+    """f(x_S, z_S) with one reference row per coalition: masks (..., features), z broadcastable
+    to it (e.g. (paths, 1, features)). Returns (coalitions, outputs), coalitions flattened.
 
     The stochastic game: unbiased for v(S) when z is drawn from the background's weights.
     """
-    return ev(np.where(masks, x, z))  # (coalitions, outputs)
+    X = np.where(masks, x.astype(ev.dtype), z.astype(ev.dtype))  # (..., features), one pass
+    return ev(X.reshape(-1, x.size))
 
 
 def sample_rows(background: Background, n: int, rng: np.random.Generator) -> Array:

@@ -75,7 +75,7 @@ class KernelShap:
         phi, se = sums.estimate()
         return Explanation.build(self.name, phi, se, base, fx, evaluations=model.evaluations,
                                  converged=stop.converged, budget_exhausted=stop.budget_exhausted,
-                                 samples=units)
+                                 samples=units, dof=sums.groups() - 1)
 
 
 class KernelSums:
@@ -99,6 +99,10 @@ class KernelSums:
             self.b[g] += 0.5 * (z[sel].T @ v[sel, 0] + (1 - z[sel]).T @ v[sel, 1])
             self.count[g] += sel.sum()
         self.n += masks.shape[0]
+
+    def groups(self) -> int:
+        """Groups holding at least one pair: the jackknife's sample size."""
+        return int(np.count_nonzero(self.count))
 
     def estimate(self) -> tuple[Array, Array]:
         """The constrained fit on all pairs and its delete-a-group jackknife standard error."""

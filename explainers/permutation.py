@@ -107,7 +107,8 @@ class PermutationShapley:
         phi, se = sums.estimate()
         return Explanation.build(self.name, phi, se, background.base_values, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
-                                 budget_exhausted=stop.budget_exhausted, samples=units)
+                                 budget_exhausted=stop.budget_exhausted, samples=units,
+                                 dof=max(units - 2, 1))
 
     @staticmethod
     def _pairs(model: Evaluator, x: Array, fx: Array, background: Background, n: int,
@@ -117,8 +118,8 @@ class PermutationShapley:
         ranks = pair_orders(d, n, rng)  # (2n, features)
         zi = np.tile(sample_rows(background, n, rng), 2)  # (2n,) same row for both directions
         inner = ranks[:, None, :] < np.arange(1, d)[None, :, None]  # (2n, d-1, features)
-        z = np.broadcast_to(background.data[zi][:, None, :], inner.shape)  # (2n, d-1, features)
-        y = hybrid_values(model, inner.reshape(-1, d), x, z.reshape(-1, d))  # (2n*(d-1), outputs)
+        z = background.data[zi][:, None, :]  # (2n, 1, features), one row per path
+        y = hybrid_values(model, inner, x, z)  # (2n * (d-1), outputs)
         fz = background.predictions[zi]  # (2n, outputs)
         path = np.concatenate([fz[:, None], y.reshape(2 * n, d - 1, -1),
                                np.broadcast_to(fx, (2 * n, 1, fx.size))], axis=1)

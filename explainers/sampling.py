@@ -72,14 +72,6 @@ def _goal_met(budget: Budget, max_se: Callable[[], float]) -> bool:
     return budget.target_error is not None and max_se() <= budget.target_error
 
 
-def standard_error(samples: Array) -> Array:
-    """Standard error of the mean over axis 0 (independent units)."""
-    n = samples.shape[0]
-    if n < 2:
-        return np.full(samples.shape[1:], np.inf)
-    return np.asarray(samples.std(axis=0, ddof=1) / np.sqrt(n))
-
-
 def single_feature(method: str, model: Evaluator, x: Array, background: Background) -> Explanation:
     """With one feature there is nothing to sample: phi = f(x) - E[f(background)] exactly."""
     fx = model(x[None])[0]  # (outputs,)

@@ -50,6 +50,7 @@ class ExplainQuery:
     seed: int = 0
     background: str = ""
     target_error: float = 0.0
+    max_evaluations: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,9 @@ class DataPlane:
         target = self.target(model, q.output, q.classes, q.scale)
         meta, background = self.background(model, q.background or DEFAULT_NAME, target)
         estimator = lookup(self.registry, q.method or model.config.method)
-        if q.target_error < 0:
-            raise InvalidArgument("target_error: must be >= 0")
+        if q.target_error < 0 or q.max_evaluations < 0:
+            field = "target_error" if q.target_error < 0 else "max_evaluations"
+            raise InvalidArgument(f"{field}: must be >= 0")
         deadline = start + budget_s - reserve_s(budget_s, X.shape[0])
         rows = self._explain_rows(model, X, target, background, estimator, q, deadline)
         elapsed = 1e3 * (time.monotonic() - start)
@@ -171,8 +173,8 @@ class DataPlane:
         for i, x in enumerate(X):
             now = time.monotonic()
             share = max(deadline - now, 0.0) / (X.shape[0] - i)
-            budget = Budget(now + share, None, q.target_error or None)
-            ev = Evaluator(fn, model.onnx.chunk_rows, rate)
+            budget = Budget(now + share, q.max_evaluations or None, q.target_error or None)
+            ev = Evaluator(fn, model.onnx.chunk_rows, rate, dtype=model.onnx.batch_dtype)
             out.append(estimator.explain(ev, x, background, budget, rng))
             rate = ev.rows_per_second
         return tuple(out)

@@ -95,6 +95,11 @@ class OnnxModel:
         self._columns: dict[str, int] = {}
 
     @property
+    def batch_dtype(self) -> type:
+        """float32 when every input is FP32 (masked batches are then built without a cast)."""
+        return np.float32 if all(i.datatype == "FP32" for i in self.inputs) else np.float64
+
+    @property
     def n_features(self) -> int:
         return int(self.offsets[-1])
 

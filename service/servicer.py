@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import grpc
 
+from explainers.base import Explanation
 from explainers.errors import SidelightError
 from service.dataplane import (
     DataPlane,
@@ -70,7 +71,8 @@ def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext) -> ExplainQuer
         model=r.model, version=r.version, inputs=inputs, method=r.method,
         output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
         budget_ms=r.budget_ms, deadline_s=_deadline(context), seed=r.seed,
-        background=r.background, target_error=r.target_error)
+        background=r.background, target_error=r.target_error,
+        max_evaluations=r.max_evaluations)
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -80,11 +82,7 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 def to_response(res: ExplainResult) -> pb.ExplainResponse:
-    rows = [pb.RowExplanation(
-        attributions=e.values.ravel(), std_errors=e.std_errors.ravel(),
-        base_values=e.base_values, predictions=e.prediction, model_evaluations=e.evaluations,
-        converged=e.converged, budget_exhausted=e.budget_exhausted, method=e.method)
-        for e in res.rows]
+    rows = [to_row(e) for e in res.rows]
     cost = pb.Cost(model_evaluations=res.evaluations, elapsed_ms=res.elapsed_ms,
                    budget_exhausted=any(e.budget_exhausted for e in res.rows),
                    converged=all(e.converged for e in res.rows), budget_ms=res.budget_ms,
@@ -95,6 +93,15 @@ def to_response(res: ExplainResult) -> pb.ExplainResponse:
         feature_names=res.feature_names, output_names=res.target.names, rows=rows, cost=cost,
         scale=res.target.scale, background=bg.name, background_rows=bg.rows,
         background_sha256=bg.sha256, background_usage=res.background_usage)
+
+
+def to_row(e: Explanation) -> pb.RowExplanation:
+    low, high = e.interval(0.95)
+    return pb.RowExplanation(
+        attributions=e.values.ravel(), std_errors=e.std_errors.ravel(),
+        base_values=e.base_values, predictions=e.prediction, model_evaluations=e.evaluations,
+        converged=e.converged, budget_exhausted=e.budget_exhausted, method=e.method,
+        ci_low=low.ravel(), ci_high=high.ravel(), samples=e.samples)
 
 
 def to_model_info(s: ModelSummary) -> pb.ModelInfo:

@@ -44,6 +44,10 @@ def test_explain_returns_attributions_errors_base_and_prediction(
         phi, se = np.array(row.attributions), np.array(row.std_errors)
         assert phi.shape == se.shape == (30,) and np.all(se > 0) and np.all(np.isfinite(se))
         assert row.predictions[0] - row.base_values[0] == pytest.approx(phi.sum(), abs=1e-9)
+        low, high = np.array(row.ci_low), np.array(row.ci_high)
+        np.testing.assert_allclose(high - phi, phi - low, rtol=1e-9)
+        np.testing.assert_allclose((high - low) / (2 * se), 1.96, rtol=0.01)  # many pairs: ~z
+        assert row.samples >= 8
     assert r.cost.model_evaluations == sum(row.model_evaluations for row in r.rows) > 0
     # budget adherence is measured in benchmarks; here only a loose sanity bound
     assert 0 < r.cost.elapsed_ms <= 1.1 * 150 and r.cost.budget_source == "request"
@@ -147,6 +151,17 @@ def test_bad_requests_get_invalid_argument_naming_the_field(stub: pb_grpc.Explai
     assert "budget_ms" in invalid(stub, request("breast_cancer_mlp", row, budget_ms=-1))
     assert "inputs[0].name" in invalid(stub, pb.ExplainRequest(
         model="breast_cancer_mlp", inputs=[from_array("nope", row)]))
+
+
+def test_seed_and_evaluation_cap_reproduce_the_answer(stub: pb_grpc.ExplainerStub) -> None:
+    X = background_of("breast_cancer_mlp")[5:6]
+    a, b = (stub.Explain(request("breast_cancer_mlp", X, budget_ms=2000, seed=4,
+                                 max_evaluations=20_000)) for _ in range(2))
+    assert list(a.rows[0].attributions) == list(b.rows[0].attributions)
+    assert a.rows[0].model_evaluations <= 20_000 and not a.cost.converged
+    c = stub.Explain(request("breast_cancer_mlp", X, budget_ms=2000, seed=5,
+                             max_evaluations=20_000))
+    assert list(a.rows[0].attributions) != list(c.rows[0].attributions)
 
 
 def test_typed_contents_work_like_raw_bytes(stub: pb_grpc.ExplainerStub) -> None:

@@ -151,6 +151,7 @@ class ExplainRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     BACKGROUND_FIELD_NUMBER: _builtins.int
     TARGET_ERROR_FIELD_NUMBER: _builtins.int
+    MAX_EVALUATIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     """"" = newest version."""
@@ -167,6 +168,10 @@ class ExplainRequest(_message.Message):
     target_error: _builtins.float
     """Largest standard error allowed (output units); sampling stops once every attribution is
     below it. 0 = use the whole budget.
+    """
+    max_evaluations: _builtins.int
+    """Cap on model evaluations per row (0 = none). With a seed and a cap that binds before the
+    budget, the answer is reproducible bit for bit.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
@@ -186,10 +191,11 @@ class ExplainRequest(_message.Message):
         seed: _builtins.int = ...,
         background: _builtins.str = ...,
         target_error: _builtins.float = ...,
+        max_evaluations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "budget_ms", b"budget_ms", "inputs", b"inputs", "method", b"method", "model", b"model", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "budget_ms", b"budget_ms", "inputs", b"inputs", "max_evaluations", b"max_evaluations", "method", b"method", "model", b"model", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -209,11 +215,16 @@ class RowExplanation(_message.Message):
     CONVERGED_FIELD_NUMBER: _builtins.int
     BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    CI_LOW_FIELD_NUMBER: _builtins.int
+    CI_HIGH_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     model_evaluations: _builtins.int
     converged: _builtins.bool
     budget_exhausted: _builtins.bool
     method: _builtins.str
     """The method used for this row (auto may pick differently per row as time runs out)."""
+    samples: _builtins.int
+    """Independent sampling units behind the standard errors (permutation or coalition pairs)."""
     @_builtins.property
     def attributions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """[outputs x features], row-major."""
@@ -230,6 +241,14 @@ class RowExplanation(_message.Message):
     def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """f(x) per output."""
 
+    @_builtins.property
+    def ci_low(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """95% confidence interval per attribution, [outputs x features] row-major (Student t with the
+        estimator's degrees of freedom); equal to the attributions for exact methods.
+        """
+
+    @_builtins.property
+    def ci_high(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -241,10 +260,13 @@ class RowExplanation(_message.Message):
         converged: _builtins.bool = ...,
         budget_exhausted: _builtins.bool = ...,
         method: _builtins.str = ...,
+        ci_low: _abc.Iterable[_builtins.float] | None = ...,
+        ci_high: _abc.Iterable[_builtins.float] | None = ...,
+        samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "converged", b"converged", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "std_errors", b"std_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "ci_high", b"ci_high", "ci_low", b"ci_low", "converged", b"converged", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "samples", b"samples", "std_errors", b"std_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
