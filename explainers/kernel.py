@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import Evaluator, coalition_values
+from explainers.engine import Evaluator, coalition_values, hybrid_values, sample_rows
 from explainers.sampling import MIN_UNITS, require_stop_rule, run_rounds, single_feature
 
 JACKKNIFE_GROUPS = 16
@@ -41,9 +41,19 @@ def constrained_solve(A: Array, b: Array, total: Array) -> Array:
 
 
 class KernelShap:
-    """Anytime paired KernelSHAP against every background row."""
+    """Anytime paired KernelSHAP.
+
+    By default every background row is used for every coalition (exact for additive models).
+    With `sample_background` each pair (S, complement) is evaluated against one background row z
+    drawn by weight, with targets f(x_S, z) - f(z): the regression's population solution is
+    still the Shapley value and a pair costs 2 model rows instead of 2 x background rows.
+    Measured (docs/benchmarks.md): 3x less error per evaluation on the MLP, 3x more on the GBDT.
+    """
 
     name = "kernel"
+
+    def __init__(self, sample_background: bool = False) -> None:
+        self.sample_background = sample_background
 
     def expected_evaluations(self, n_features: int, background: Background) -> int | None:
         return None
@@ -64,18 +74,28 @@ class KernelShap:
 
         def sample(n: int) -> None:
             masks = kernel_masks(x.size, n, rng)  # (n, features)
-            v = coalition_values(model, np.concatenate([masks, ~masks]), x, background) - base
+            v = self._values(model, np.concatenate([masks, ~masks]), x, background, rng)
             sums.add(masks, np.stack([v[:n], v[n:]], axis=1))  # v: (2n, outputs)
 
         def max_se() -> float:
             return float(sums.estimate()[1].max())
 
-        units, stop = run_rounds(model, budget, 2 * background.rows, x.size, sample, max_se,
+        rows_per_pair = 2 if self.sample_background else 2 * background.rows
+        units, stop = run_rounds(model, budget, rows_per_pair, x.size, sample, max_se,
                                  min_units=max(MIN_UNITS, x.size))
         phi, se = sums.estimate()
         return Explanation.build(self.name, phi, se, base, fx, evaluations=model.evaluations,
                                  converged=stop.converged, budget_exhausted=stop.budget_exhausted,
                                  samples=units, dof=sums.groups() - 1)
+
+    def _values(self, model: Evaluator, masks: Array, x: Array, background: Background,
+                rng: np.random.Generator) -> Array:
+        """v(S) - v(empty) per coalition: (2n, outputs); pairs share one background row."""
+        if not self.sample_background:
+            return coalition_values(model, masks, x, background) - background.base_values
+        zi = np.tile(sample_rows(background, masks.shape[0] // 2, rng), 2)  # (2n,)
+        y = hybrid_values(model, masks, x, background.data[zi])  # (2n, outputs)
+        return np.asarray(y - background.predictions[zi])
 
 
 class KernelSums:
@@ -88,17 +108,23 @@ class KernelSums:
         self.count = np.zeros(JACKKNIFE_GROUPS)
         self.total = total  # f(x) - E[f(background)] per output
         self.n = 0
+        self.rounds = 0
 
     def add(self, masks: Array, v: Array) -> None:
-        """masks: (pairs, features) bool; v: (pairs, 2, outputs) for S and its complement."""
-        groups = (self.n + np.arange(masks.shape[0])) % JACKKNIFE_GROUPS
+        """masks: (pairs, features) bool; v: (pairs, 2, outputs) for S and its complement.
+
+        The batch is cut into contiguous blocks dealt to groups in turn, one matmul per block:
+        (1-z)^T (1-z) = n 11^T - 1 s^T - s 1^T + z^T z with s the column sums of z.
+        """
         z = masks.astype(np.float64)
-        for g in np.unique(groups):
-            sel = groups == g
-            self.A[g] += 0.5 * (z[sel].T @ z[sel] + (1 - z[sel]).T @ (1 - z[sel]))
-            self.b[g] += 0.5 * (z[sel].T @ v[sel, 0] + (1 - z[sel]).T @ v[sel, 1])
-            self.count[g] += sel.sum()
-        self.n += masks.shape[0]
+        blocks = np.array_split(np.arange(z.shape[0]), min(JACKKNIFE_GROUPS, z.shape[0]))
+        for i, idx in enumerate(blocks):
+            g = (self.rounds + i) % JACKKNIFE_GROUPS
+            self.A[g] += _pair_gram(z[idx[0]:idx[-1] + 1])
+            self.b[g] += _pair_moment(z[idx[0]:idx[-1] + 1], v[idx[0]:idx[-1] + 1])
+            self.count[g] += len(idx)
+        self.rounds += len(blocks)
+        self.n += z.shape[0]
 
     def groups(self) -> int:
         """Groups holding at least one pair: the jackknife's sample size."""
@@ -114,3 +140,14 @@ class KernelSums:
                         for g in used])  # (groups, outputs, features)
         k = len(used)
         return phi, np.sqrt((k - 1) / k * ((loo - loo.mean(0)) ** 2).sum(0))
+
+
+def _pair_gram(z: Array) -> Array:
+    """Sum over pairs of (z z^T + (1-z)(1-z)^T) / 2: (features, features)."""
+    s = z.sum(axis=0)  # (features,)
+    return np.asarray(z.T @ z + 0.5 * (z.shape[0] - s[:, None] - s[None, :]))
+
+
+def _pair_moment(z: Array, v: Array) -> Array:
+    """Sum over pairs of (z v(S) + (1-z) v(~S)) / 2: (features, outputs)."""
+    return np.asarray(0.5 * (z.T @ (v[:, 0] - v[:, 1]) + v[:, 1].sum(axis=0)[None, :]))
