@@ -92,7 +92,8 @@ class KernelShap:
                 rng: np.random.Generator) -> Array:
         """v(S) - v(empty) per coalition: (2n, outputs); pairs share one background row."""
         if not self.sample_background:
-            return coalition_values(model, masks, x, background) - background.base_values
+            v = coalition_values(model, masks, x, background)  # (2n, outputs)
+            return np.asarray(v - background.base_values)
         zi = np.tile(sample_rows(background, masks.shape[0] // 2, rng), 2)  # (2n,)
         y = hybrid_values(model, masks, x, background.data[zi])  # (2n, outputs)
         return np.asarray(y - background.predictions[zi])
