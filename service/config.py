@@ -27,6 +27,16 @@ class Settings(BaseSettings):
                                       "deadline for serialisation and transport.")
     max_rows_per_request: int = Field(256, ge=1, description="Rows one Explain call may carry.")
     max_background_rows: int = Field(10000, ge=1, description="Rows a background may have.")
+    max_in_flight: int = Field(16, ge=1, description="Explain calls served at once; more are "
+                               "shed with RESOURCE_EXHAUSTED.")
+    drift_enabled: bool = Field(True, description="Track input, prediction and attribution "
+                                "drift and export it as metrics.")
+    drift_window_seconds: float = Field(300.0, gt=0, description="Sliding window of recent "
+                                        "requests that drift is computed over.")
+    drift_reference_rows: int = Field(16, ge=0, description="Background rows explained at "
+                                      "start-up as the attribution-drift reference (0 = off).")
+    drift_max_features: int = Field(64, ge=1, description="Feature labels per model on drift "
+                                    "metrics (the most important ones).")
     log_level: str = Field("INFO", description="Python logging level.")
 
 

@@ -18,11 +18,13 @@ from explainers.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     SidelightError,
 )
 from explainers.registry import build_registry, lookup
 from service.config import Settings
 from service.metrics import UNKNOWN, Metrics
+from service.monitoring import DriftMonitors, DriftSettings
 from service.onnx_model import OIP_TO_NUMPY
 from service.repository import LoadedModel, ModelRepository
 from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_meta
@@ -30,6 +32,7 @@ from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_me
 log = logging.getLogger(__name__)
 LOGIT_EPS = 1e-7
 BACKGROUND_CACHE_SIZE = 64
+REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
 USAGE = {"permutation": "one row sampled per permutation pair (control variate on f(row))",
          "exact": "all rows for every coalition", "kernel": "all rows for every coalition"}
 
@@ -74,6 +77,8 @@ class ExplainResult:
     budget_ms: float
     budget_source: str
     background: BackgroundMeta
+    spread: Array  # (outputs,) standard deviation of f(background): the scale of errors
+    X: Array  # (rows, features) the explained inputs
 
     @property
     def method(self) -> str:
@@ -98,6 +103,12 @@ class DataPlane:
         self.registry = registry or build_registry()
         self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
+                                                 settings.drift_max_features)) \
+            if settings.drift_enabled else None
+        if self.drift is not None:
+            metrics.watch_drift(self.drift.sources)
 
     # --- start-up -------------------------------------------------------------------------
     def seed_backgrounds(self) -> None:
@@ -118,34 +129,74 @@ class DataPlane:
                    for m in self.store.list(model.name))
 
     def warm(self) -> None:
-        """Compute f(background) for every model's default target before traffic arrives."""
+        """Compute f(background) for every model's default target before traffic arrives, and
+        start drift monitoring against it."""
         for model in self.repo.ready():
             try:
-                self.background(model, DEFAULT_NAME, self.target(model, "", (), ""))
+                target = self.target(model, "", (), "")
+                _, background = self.background(model, DEFAULT_NAME, target)
             except SidelightError as err:
                 log.warning("model %s: no default background yet (%s)", model.name, err)
+                continue
+            if self.drift is not None:
+                reference = self._reference_attributions(model, target, background)
+                self.drift.add(model.name, model.version, model.feature_names, target.names,
+                               background, reference)
+
+    def _reference_attributions(self, model: LoadedModel, target: Target,
+                                background: Background) -> Array | None:
+        """Mean-|phi| reference for attribution drift: a few background rows explained with the
+        model's default method at a small fixed budget. (rows, features) or None."""
+        rows = background.data[:self.settings.drift_reference_rows]
+        if rows.shape[0] == 0:
+            return None
+        estimator = lookup(self.registry, model.config.method)
+        fn = self.target_fn(model, target)
+        rng = np.random.default_rng(0)
+        phis = [estimator.explain(Evaluator(fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
+                                            dtype=model.onnx.batch_dtype), x, background,
+                                  Budget.of_seconds(REFERENCE_BUDGET_S), rng).values
+                for x in rows]
+        return np.asarray(np.abs(np.stack(phis)).mean(axis=1))  # (rows, features)
 
     # --- Explain --------------------------------------------------------------------------
     def explain(self, q: ExplainQuery) -> ExplainResult:
         """Explain every row of the request within its budget; records the outcome metrics."""
-        start = time.monotonic()
-        labels = (q.model if q.model in self.repo.entries else UNKNOWN,
-                  q.method if q.method in self.registry or not q.method else UNKNOWN)
+        start, cpu = time.monotonic(), time.thread_time()
+        model_label = q.model if q.model in self.repo.entries else UNKNOWN
+        method_label = (q.method or "auto") if q.method in self.registry or not q.method \
+            else UNKNOWN
         code = "INTERNAL"
-        self.metrics.in_flight.inc()
+        self._admit()
         try:
             result = self._explain(q, start)
             code = "OK"
-            self._record(result)
+            self._record(result, result.X)
             return result
         except SidelightError as err:
             code = err.code
             raise
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(labels[0], labels[1] or "auto", code).inc()
-            self.metrics.duration.labels(labels[0], labels[1] or "auto").observe(
+            self._leave()
+            self.metrics.requests.labels(model_label, method_label, code).inc()
+            self.metrics.duration.labels(model_label, method_label).observe(
                 time.monotonic() - start)
+            self.metrics.cpu_seconds.labels(model_label).inc(time.thread_time() - cpu)
+
+    def _admit(self) -> None:
+        """Shed load beyond max_in_flight before doing any work."""
+        with self._lock:
+            if self._in_flight >= self.settings.max_in_flight:
+                self.metrics.rejected.labels("overload").inc()
+                raise ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
+                                        f"(max_in_flight); retry with backoff")
+            self._in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        self.metrics.in_flight.dec()
 
     def _explain(self, q: ExplainQuery, start: float) -> ExplainResult:
         budget_s, source = self.resolve_budget(q, start)
@@ -161,7 +212,7 @@ class DataPlane:
         rows = self._explain_rows(model, X, target, background, estimator, q, deadline)
         elapsed = 1e3 * (time.monotonic() - start)
         return ExplainResult(model.name, model.version, model.feature_names, target, rows,
-                             elapsed, 1e3 * budget_s, source, meta)
+                             elapsed, 1e3 * budget_s, source, meta, spread_of(background), X)
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
@@ -179,14 +230,36 @@ class DataPlane:
             rate = ev.rows_per_second
         return tuple(out)
 
-    def _record(self, result: ExplainResult) -> None:
+    def _record(self, result: ExplainResult, X: Array) -> None:
+        """Cost and quality metrics per row, then drift (default target only: comparable)."""
+        m = self.metrics
+        m.budget.labels(result.model).observe(result.budget_ms / 1e3)
+        spread = result.spread
         for row in result.rows:
             labels = (result.model, row.method)
-            self.metrics.evaluations.labels(*labels).observe(row.evaluations)
+            m.rows.labels(*labels).inc()
+            m.evaluations.labels(*labels).observe(row.evaluations)
+            m.relative_error.labels(*labels).observe(
+                float(np.max(row.std_errors.max(axis=1) / spread)))
+            for gap in np.abs(row.additivity_gap):
+                m.additivity_gap.labels(*labels).observe(float(gap))
             if row.budget_exhausted:
-                self.metrics.budget_exhausted.labels(*labels).inc()
+                m.budget_exhausted.labels(*labels).inc()
             if row.converged:
-                self.metrics.converged.labels(*labels).inc()
+                m.converged.labels(*labels).inc()
+        if self.drift is not None:
+            self._observe_drift(result, X)
+
+    def _observe_drift(self, result: ExplainResult, X: Array) -> None:
+        assert self.drift is not None
+        model = self.repo.get(result.model, result.version)
+        default = self.target(model, "", (), "")
+        if result.target != default:
+            self.drift.observe(result.model, result.version, X, None, None)
+            return
+        predictions = np.stack([r.prediction for r in result.rows])  # (rows, outputs)
+        phi = np.stack([np.abs(r.values).mean(axis=0) for r in result.rows])  # (rows, features)
+        self.drift.observe(result.model, result.version, X, predictions, phi)
 
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:
@@ -298,6 +371,13 @@ class DataPlane:
             while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
                 self._backgrounds.popitem(last=False)
         return value
+
+
+def spread_of(background: Background) -> Array:
+    """Weighted standard deviation of f(background) per output; 1 where it is 0."""
+    dev = background.predictions - background.base_values  # (rows, outputs)
+    std = np.sqrt(background.weights @ dev**2)
+    return np.where(std > 0, std, 1.0)
 
 
 def reserve_s(budget_s: float, rows: int) -> float:

@@ -1,0 +1,65 @@
+"""Drift monitors per model version: built from the default background at start-up, fed by the
+data plane after each explanation, read by the metrics collector at scrape time."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainers.base import Array, Background
+from service.drift import DriftMonitor, Reference
+from service.metrics import DriftSource
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    window_seconds: float = 300.0
+    max_features: int = 64
+    top_k: int = 5
+
+
+class DriftMonitors:
+    """The monitored model versions; observe() is cheap and thread-safe."""
+
+    def __init__(self, settings: DriftSettings) -> None:
+        self.settings = settings
+        self._sources: dict[tuple[str, str], DriftSource] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, version: str, features: tuple[str, ...], outputs: tuple[str, ...],
+            background: Background, reference_phi: Array | None) -> None:
+        """Monitor a model against its background; reference_phi: (rows, features) or None."""
+        s = self.settings
+        reference_abs = None if reference_phi is None else np.abs(reference_phi).mean(axis=0)
+        monitor = DriftMonitor(
+            Reference.build(background.data, weights=background.weights),
+            Reference.build(background.predictions, weights=background.weights),
+            reference_abs, top_k=s.top_k, window_seconds=s.window_seconds)
+        index = exported_features(len(features), reference_abs, s.max_features)
+        source = DriftSource(model, version, tuple(features[j] for j in index), index, outputs,
+                             monitor)
+        with self._lock:
+            self._sources[(model, version)] = source
+
+    def observe(self, model: str, version: str, X: Array, predictions: Array | None,
+                attributions: Array | None) -> None:
+        """X (rows, features); predictions (rows, outputs); attributions (rows, features)."""
+        source = self._sources.get((model, version))
+        if source is not None:
+            source.monitor.observe(X, predictions, attributions)
+
+    def sources(self) -> list[DriftSource]:
+        with self._lock:
+            return list(self._sources.values())
+
+
+def exported_features(d: int, importance: Array | None, cap: int) -> tuple[int, ...]:
+    """Which features get drift labels: all when d <= cap, else the most important ones (by
+    reference mean |attribution|), else the first `cap`."""
+    if d <= cap:
+        return tuple(range(d))
+    if importance is None:
+        return tuple(range(cap))
+    return tuple(sorted(int(j) for j in np.argsort(-importance)[:cap]))
