@@ -11,7 +11,7 @@ import numpy as np
 
 from explainers.base import Array, Background, Budget, Explanation
 from explainers.engine import SAFETY, Evaluator
-from explainers.errors import InvalidArgument
+from explainers.errors import InvalidArgument, ResourceExhausted
 
 MIN_UNITS = 8  # never report a standard error from fewer independent units than this
 MAX_ROUND_CELLS = 2**19  # cells in one round's batch: bigger rounds fall out of cache
@@ -42,22 +42,35 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
     Rounds double (from min_units) so per-round overhead stays small while the clock is still
     checked often. A round starts only if it is predicted to finish in time: the prediction uses
     the measured wall time per unit of earlier rounds (model calls plus building the batch), and
-    the evaluator's rows/second before the first round.
+    the evaluator's rows/second before the first round. On a model too slow for even
+    `min_units` in the budget, fewer units are drawn (wider intervals, honest dof); fewer than two
+    (no standard error possible) is RESOURCE_EXHAUSTED before any sampling.
     """
     units, size = 0, min_units
     cap = max(1, MAX_ROUND_CELLS // max(1, rows_per_unit * n_features))
     per_unit = ROUND_OVERHEAD * model.seconds_for(rows_per_unit)
+    _require_two_units(model, budget, rows_per_unit, per_unit)
     while True:
         n = min(size, cap, _affordable_units(model, budget, rows_per_unit, per_unit))
-        if units >= min_units and (n < 1 or units >= MAX_UNITS or _goal_met(budget, max_se)):
+        enough = units >= min_units and _goal_met(budget, max_se)
+        if units >= 2 and (n < 1 or units >= MAX_UNITS or enough):
             break
-        n = max(n, 1 if units >= min_units else min_units - units)
+        n = max(n, 2 - units)
         start = time.perf_counter()
         sample(n)
         per_unit = (time.perf_counter() - start) / n
         units, size = units + n, size * 2
     met = _goal_met(budget, max_se)
     return units, StopReason(converged=met, budget_exhausted=not met)
+
+
+def _require_two_units(model: Evaluator, budget: Budget, rows_per_unit: int,
+                       per_unit: float) -> None:
+    """Refuse up front when not even two units (the least a standard error needs) fit."""
+    if _affordable_units(model, budget, rows_per_unit, per_unit) < 2:
+        needed = 2e3 * per_unit / SAFETY
+        raise ResourceExhausted(f"budget_ms: too small for this model and background: two "
+                                f"sampling units need about {needed:.1f} ms here")
 
 
 def _affordable_units(model: Evaluator, budget: Budget, rows_per_unit: int,

@@ -1,0 +1,101 @@
+"""Budgets on a deliberately slow model: answers arrive inside the budget and the deadline, or
+the request is refused up front; never a late answer or a DEADLINE_EXCEEDED."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.server import Sidelight, start
+from service.tensors import from_array
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from tests.conftest import settings_for
+
+D, WIDTH = 20, 1024
+
+
+def slow_mlp() -> onnx.ModelProto:
+    """20 -> 1024 -> 1024 -> 1 tanh MLP: about a million multiply-adds per row."""
+    rng = np.random.default_rng(0)
+    shapes = [(D, WIDTH), (WIDTH, WIDTH), (WIDTH, 1)]
+    inits = [numpy_helper.from_array((rng.normal(size=s) / np.sqrt(s[0])).astype(np.float32),
+                                     f"W{i}") for i, s in enumerate(shapes)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"]),
+             helper.make_node("Tanh", ["h0"], ["a0"]),
+             helper.make_node("MatMul", ["a0", "W1"], ["h1"]),
+             helper.make_node("Tanh", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", D])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def slow_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidelight]:
+    root = tmp_path_factory.mktemp("slow")
+    for name, rows in (("slow", 50), ("slow_big_bg", 2000)):
+        (root / name / "1").mkdir(parents=True)
+        onnx.save(slow_mlp(), root / name / "1" / "model.onnx")
+        np.save(root / name / "bg.npy", np.random.default_rng(1).normal(size=(rows, D)))
+        (root / name / "explain.yaml").write_text("background: {path: bg.npy}\n")
+    app = start(settings_for(root, metrics_port=-1, drift_reference_rows=0))
+    yield app
+    app.stop(grace=0)
+
+
+def explain(app: Sidelight, model: str, timeout: float | None = None,
+            **kw: object) -> pb.ExplainResponse:
+    x = np.random.default_rng(2).normal(size=(1, D))
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        return pb_grpc.ExplainerStub(ch).Explain(pb.ExplainRequest(  # type: ignore[arg-type]
+            model=model, inputs=[from_array("x", x)], **kw), timeout=timeout)
+
+
+@pytest.mark.parametrize("method", ["permutation", "kernel", "auto"])
+@pytest.mark.parametrize("budget_ms", [25.0, 80.0])
+def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method: str,
+                                                    budget_ms: float) -> None:
+    start = time.monotonic()
+    r = explain(slow_app, "slow", method=method, budget_ms=budget_ms, seed=1)  # ~90k rows/s
+    wall_ms = 1e3 * (time.monotonic() - start)
+    # the precise p99 is a benchmark (docs/benchmarks.md); here a loose bound that still fails
+    # if rounds were started without regard to the clock
+    assert r.cost.elapsed_ms <= 1.15 * budget_ms, (r.cost.elapsed_ms, budget_ms)
+    assert wall_ms <= 1.5 * budget_ms + 20
+    assert r.cost.budget_exhausted and not r.cost.converged
+    se = np.array(r.rows[0].std_errors)
+    assert np.all(np.isfinite(se)) and r.rows[0].samples >= 2
+    assert r.rows[0].predictions[0] - r.rows[0].base_values[0] == pytest.approx(
+        sum(r.rows[0].attributions), abs=1e-6)
+
+
+def test_a_background_too_big_for_the_budget_is_refused_not_late(slow_app: Sidelight) -> None:
+    """Kernel against every one of 2000 rows needs 4000 rows per pair: far beyond 5 ms."""
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        explain(slow_app, "slow_big_bg", method="kernel", budget_ms=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "budget_ms" in err.value.details()
+    assert time.monotonic() - start < 0.5
+
+
+def test_the_deadline_alone_sets_the_budget_and_is_met(slow_app: Sidelight) -> None:
+    for timeout in (0.15, 0.4):
+        r = explain(slow_app, "slow", timeout=timeout)
+        assert r.cost.budget_source == "deadline" and r.cost.budget_ms < 1e3 * timeout
+        assert r.cost.elapsed_ms < 1e3 * timeout
+
+
+def test_target_error_stops_early_and_reports_converged(slow_app: Sidelight) -> None:
+    loose = explain(slow_app, "slow", method="permutation", budget_ms=3000, target_error=0.05)
+    assert loose.cost.converged and not loose.cost.budget_exhausted
+    assert max(loose.rows[0].std_errors) <= 0.05
+    assert loose.cost.elapsed_ms < 3000
