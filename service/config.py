@@ -27,6 +27,10 @@ class Settings(BaseSettings):
                                       "deadline for serialisation and transport.")
     max_rows_per_request: int = Field(256, ge=1, description="Rows one Explain call may carry.")
     max_background_rows: int = Field(10000, ge=1, description="Rows a background may have.")
+    max_background_cells: int = Field(5_000_000, ge=1, description="rows x features a "
+                                      "background may have.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest "
+                                  "PutBackground tensor, in bytes.")
     max_in_flight: int = Field(16, ge=1, description="Explain calls served at once; more are "
                                "shed with RESOURCE_EXHAUSTED.")
     drift_enabled: bool = Field(True, description="Track input, prediction and attribution "

@@ -4,6 +4,7 @@ method) and runs the estimators. Domain types in and out; no gRPC here."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_me
 
 log = logging.getLogger(__name__)
 LOGIT_EPS = 1e-7
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
 USAGE = {"permutation": "one row sampled per permutation pair (control variate on f(row))",
@@ -57,6 +59,17 @@ class ExplainQuery:
 
 
 @dataclass(frozen=True)
+class BackgroundUpload:
+    """A PutBackground request in domain terms."""
+
+    model: str
+    data: Array  # (rows, features)
+    version: str = ""
+    name: str = ""
+    feature_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Target:
     """The explained function: which output, which columns, on which scale."""
 
@@ -79,6 +92,8 @@ class ExplainResult:
     background: BackgroundMeta
     spread: Array  # (outputs,) standard deviation of f(background): the scale of errors
     X: Array  # (rows, features) the explained inputs
+    notes: tuple[str, ...] = ()
+    cached: bool = False
 
     @property
     def method(self) -> str:
@@ -261,6 +276,50 @@ class DataPlane:
         phi = np.stack([np.abs(r.values).mean(axis=0) for r in result.rows])  # (rows, features)
         self.drift.observe(result.model, result.version, X, predictions, phi)
 
+    # --- backgrounds ----------------------------------------------------------------------
+    def put_background(self, q: BackgroundUpload) -> BackgroundMeta:
+        """Validate an upload against the model and the limits, then store it."""
+        model = self.repo.get(q.model, q.version)
+        name = check_name(q.name or DEFAULT_NAME)
+        data = self._check_upload(model, q.data)
+        if q.feature_names and len(q.feature_names) != model.onnx.n_features:
+            raise InvalidArgument(f"feature_names: {len(q.feature_names)} names for "
+                                  f"{model.onnx.n_features} model features")
+        meta = make_meta(model.name, model.version, name, data, "upload", model.sha256,
+                         tuple(q.feature_names) or model.feature_names)
+        return self.store.put(meta, data)
+
+    def _check_upload(self, model: LoadedModel, data: Array) -> Array:
+        s, d = self.settings, model.onnx.n_features
+        if data.dtype not in (np.float32, np.float64):
+            raise InvalidArgument(f"data.datatype: {data.dtype}; backgrounds are FP32 or FP64")
+        if data.ndim != 2 or data.shape[1] != d or data.shape[0] == 0:
+            raise InvalidArgument(f"data.shape: {list(data.shape)}; model needs [rows >= 1, {d}]")
+        if data.shape[0] > s.max_background_rows or data.size > s.max_background_cells:
+            raise InvalidArgument(f"data.shape: {list(data.shape)} exceeds the limits "
+                                  f"max_background_rows={s.max_background_rows}, "
+                                  f"max_background_cells={s.max_background_cells}")
+        _check_finite(data, model.config.allow_missing, "data")
+        return data
+
+    def background_meta(self, model: str, version: str, name: str) -> BackgroundMeta:
+        loaded = self.repo.get(model, version)
+        return self.store.head(loaded.name, loaded.version, check_name(name or DEFAULT_NAME))
+
+    def list_backgrounds(self, model: str) -> list[BackgroundMeta]:
+        if model:
+            self.repo.get(model)  # NOT_FOUND for unknown models
+        return self.store.list(model)
+
+    def delete_background(self, model: str, version: str, name: str) -> bool:
+        loaded = self.repo.get(model, version)
+        return self.store.delete(loaded.name, loaded.version, check_name(name or DEFAULT_NAME))
+
+    def persisted(self, meta: BackgroundMeta) -> bool:
+        """Whether the store has written it durably (a store may hold uploads while offline)."""
+        pending = getattr(self.store, "pending", None)
+        return not callable(pending) or pending() == 0
+
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:
         """Seconds for the request: budget_ms, else the deadline minus a margin, else the
@@ -421,13 +480,20 @@ def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> A
     return X
 
 
-def _check_finite(X: Array, allow_missing: bool) -> None:
+def _check_finite(X: Array, allow_missing: bool, field: str = "inputs") -> None:
     """Reject infinities always, NaN unless the model declares it accepts missing values."""
     bad = np.isinf(X) if allow_missing else ~np.isfinite(X)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise InvalidArgument(f"inputs: non-finite value at row {row}, feature {col} (NaN is "
+        raise InvalidArgument(f"{field}: non-finite value at row {row}, feature {col} (NaN is "
                               "accepted only by models whose explain.yaml sets allow_missing)")
+
+
+def check_name(name: str) -> str:
+    """Background names: 1-64 of letters, digits, '.', '_' and '-' (they become Redis keys)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
+    return name
 
 
 

@@ -26,6 +26,7 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 
 
 @dataclass
@@ -71,7 +72,8 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
     metrics = Metrics(registry or CollectorRegistry())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                         options=[("grpc.max_receive_message_length",
+                                   settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                          maximum_concurrent_rpcs=4 * settings.max_in_flight)
     health_servicer = health.HealthServicer()

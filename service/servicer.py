@@ -10,8 +10,9 @@ from typing import TypeVar
 import grpc
 
 from explainers.base import Explanation
-from explainers.errors import SidelightError
+from explainers.errors import InvalidArgument, SidelightError
 from service.dataplane import (
+    BackgroundUpload,
     DataPlane,
     ExplainQuery,
     ExplainResult,
@@ -19,6 +20,7 @@ from service.dataplane import (
     summarize,
     summarize_all,
 )
+from service.store import BackgroundMeta
 from service.tensors import to_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -63,6 +65,33 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return call(context, "GetModel", lambda: to_model_info(
             summarize(self._plane(), request.model, request.version)))
 
+    def PutBackground(self, request: pb.PutBackgroundRequest,
+                      context: grpc.ServicerContext) -> pb.PutBackgroundResponse:
+        def put() -> pb.PutBackgroundResponse:
+            plane = self._plane()
+            upload = to_upload(request, plane.settings.max_upload_bytes)
+            meta = plane.put_background(upload)
+            return pb.PutBackgroundResponse(background=to_background_info(meta),
+                                            persisted=plane.persisted(meta))
+        return call(context, "PutBackground", put)
+
+    def GetBackground(self, request: pb.GetBackgroundRequest,
+                      context: grpc.ServicerContext) -> pb.BackgroundInfo:
+        return call(context, "GetBackground", lambda: to_background_info(
+            self._plane().background_meta(request.model, request.version, request.name)))
+
+    def ListBackgrounds(self, request: pb.ListBackgroundsRequest,
+                        context: grpc.ServicerContext) -> pb.ListBackgroundsResponse:
+        return call(context, "ListBackgrounds", lambda: pb.ListBackgroundsResponse(
+            backgrounds=[to_background_info(m)
+                         for m in self._plane().list_backgrounds(request.model)]))
+
+    def DeleteBackground(self, request: pb.DeleteBackgroundRequest,
+                         context: grpc.ServicerContext) -> pb.DeleteBackgroundResponse:
+        return call(context, "DeleteBackground", lambda: pb.DeleteBackgroundResponse(
+            deleted=self._plane().delete_background(request.model, request.version,
+                                                    request.name)))
+
 
 def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext) -> ExplainQuery:
     """The request in domain terms; tensors decoded, the deadline read off the context."""
@@ -81,6 +110,24 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > NO_DEADLINE_S else float(remaining)
 
 
+def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
+    """Decode an upload after checking its size against max_upload_bytes."""
+    size = len(r.data.raw) or 8 * len(r.data.contents.fp64_contents) + 4 * len(
+        r.data.contents.fp32_contents)
+    if size > max_bytes:
+        raise InvalidArgument(f"data: {size} bytes exceeds max_upload_bytes {max_bytes}")
+    return BackgroundUpload(model=r.model, version=r.version, name=r.name,
+                            data=to_array(r.data, "data"), feature_names=tuple(r.feature_names))
+
+
+def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:
+    return pb.BackgroundInfo(
+        model=m.model, version=m.version, name=m.name, rows=m.rows, features=m.features,
+        datatype={"float32": "FP32", "float64": "FP64"}.get(m.dtype, m.dtype), sha256=m.sha256,
+        created=m.created, source=m.source, feature_names=m.feature_names,
+        model_sha256=m.model_sha256)
+
+
 def to_response(res: ExplainResult) -> pb.ExplainResponse:
     rows = [to_row(e) for e in res.rows]
     cost = pb.Cost(model_evaluations=res.evaluations, elapsed_ms=res.elapsed_ms,
@@ -92,7 +139,8 @@ def to_response(res: ExplainResult) -> pb.ExplainResponse:
         model=res.model, version=res.version, method=res.method,
         feature_names=res.feature_names, output_names=res.target.names, rows=rows, cost=cost,
         scale=res.target.scale, background=bg.name, background_rows=bg.rows,
-        background_sha256=bg.sha256, background_usage=res.background_usage)
+        background_sha256=bg.sha256, background_usage=res.background_usage,
+        cached=res.cached, notes=res.notes)
 
 
 def to_row(e: Explanation) -> pb.RowExplanation:

@@ -328,6 +328,8 @@ class ExplainResponse(_message.Message):
     BACKGROUND_ROWS_FIELD_NUMBER: _builtins.int
     BACKGROUND_SHA256_FIELD_NUMBER: _builtins.int
     BACKGROUND_USAGE_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     method: _builtins.str
@@ -341,6 +343,10 @@ class ExplainResponse(_message.Message):
     background_rows: _builtins.int
     background_sha256: _builtins.str
     background_usage: _builtins.str
+    cached: _builtins.bool
+    """True when this exact request (model file, inputs, method, target, background, seed, budget
+    class) was answered before and the stored explanation is returned.
+    """
     @_builtins.property
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -349,6 +355,10 @@ class ExplainResponse(_message.Message):
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowExplanation]: ...
     @_builtins.property
     def cost(self) -> Global___Cost: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Decisions the caller should know about, e.g. a requested method that fell back to another."""
+
     def __init__(
         self,
         *,
@@ -364,14 +374,243 @@ class ExplainResponse(_message.Message):
         background_rows: _builtins.int = ...,
         background_sha256: _builtins.str = ...,
         background_usage: _builtins.str = ...,
+        cached: _builtins.bool = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "background_rows", b"background_rows", "background_sha256", b"background_sha256", "background_usage", b"background_usage", "cost", b"cost", "feature_names", b"feature_names", "method", b"method", "model", b"model", "output_names", b"output_names", "rows", b"rows", "scale", b"scale", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "background_rows", b"background_rows", "background_sha256", b"background_sha256", "background_usage", b"background_usage", "cached", b"cached", "cost", b"cost", "feature_names", b"feature_names", "method", b"method", "model", b"model", "notes", b"notes", "output_names", b"output_names", "rows", b"rows", "scale", b"scale", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
+
+@_typing.final
+class PutBackgroundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """"" = newest version."""
+    name: _builtins.str
+    """"" = "default"."""
+    @_builtins.property
+    def data(self) -> Global___Tensor:
+        """FP32 or FP64, shape [rows, features]."""
+
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional; must match the model's feature count."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        name: _builtins.str = ...,
+        data: Global___Tensor | None = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "feature_names", b"feature_names", "model", b"model", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutBackgroundRequest: _TypeAlias = PutBackgroundRequest  # noqa: Y015
+
+@_typing.final
+class PutBackgroundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    PERSISTED_FIELD_NUMBER: _builtins.int
+    persisted: _builtins.bool
+    """False when the store could not reach Redis: the background is in use on this replica and
+    is written to Redis when it returns.
+    """
+    @_builtins.property
+    def background(self) -> Global___BackgroundInfo: ...
+    def __init__(
+        self,
+        *,
+        background: Global___BackgroundInfo | None = ...,
+        persisted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["background", b"background"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "persisted", b"persisted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutBackgroundResponse: _TypeAlias = PutBackgroundResponse  # noqa: Y015
+
+@_typing.final
+class GetBackgroundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBackgroundRequest: _TypeAlias = GetBackgroundRequest  # noqa: Y015
+
+@_typing.final
+class ListBackgroundsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """"" = every model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackgroundsRequest: _TypeAlias = ListBackgroundsRequest  # noqa: Y015
+
+@_typing.final
+class ListBackgroundsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKGROUNDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def backgrounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackgroundInfo]: ...
+    def __init__(
+        self,
+        *,
+        backgrounds: _abc.Iterable[Global___BackgroundInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backgrounds", b"backgrounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackgroundsResponse: _TypeAlias = ListBackgroundsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteBackgroundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBackgroundRequest: _TypeAlias = DeleteBackgroundRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBackgroundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBackgroundResponse: _TypeAlias = DeleteBackgroundResponse  # noqa: Y015
+
+@_typing.final
+class BackgroundInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    DATATYPE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    name: _builtins.str
+    rows: _builtins.int
+    features: _builtins.int
+    datatype: _builtins.str
+    sha256: _builtins.str
+    created: _builtins.float
+    """Seconds since the Unix epoch."""
+    source: _builtins.str
+    """"explain.yaml" or "upload"."""
+    model_sha256: _builtins.str
+    """sha256 of the ONNX file the background was stored for."""
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        name: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        features: _builtins.int = ...,
+        datatype: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        created: _builtins.float = ...,
+        source: _builtins.str = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        model_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "datatype", b"datatype", "feature_names", b"feature_names", "features", b"features", "model", b"model", "model_sha256", b"model_sha256", "name", b"name", "rows", b"rows", "sha256", b"sha256", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackgroundInfo: _TypeAlias = BackgroundInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

@@ -50,6 +50,26 @@ class ExplainerStub:
                 request_serializer=sidelight_dot_v1_dot_explainer__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=sidelight_dot_v1_dot_explainer__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.PutBackground = channel.unary_unary(
+                '/sidelight.v1.Explainer/PutBackground',
+                request_serializer=sidelight_dot_v1_dot_explainer__pb2.PutBackgroundRequest.SerializeToString,
+                response_deserializer=sidelight_dot_v1_dot_explainer__pb2.PutBackgroundResponse.FromString,
+                _registered_method=True)
+        self.GetBackground = channel.unary_unary(
+                '/sidelight.v1.Explainer/GetBackground',
+                request_serializer=sidelight_dot_v1_dot_explainer__pb2.GetBackgroundRequest.SerializeToString,
+                response_deserializer=sidelight_dot_v1_dot_explainer__pb2.BackgroundInfo.FromString,
+                _registered_method=True)
+        self.ListBackgrounds = channel.unary_unary(
+                '/sidelight.v1.Explainer/ListBackgrounds',
+                request_serializer=sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsRequest.SerializeToString,
+                response_deserializer=sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsResponse.FromString,
+                _registered_method=True)
+        self.DeleteBackground = channel.unary_unary(
+                '/sidelight.v1.Explainer/DeleteBackground',
+                request_serializer=sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundRequest.SerializeToString,
+                response_deserializer=sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainerServicer:
@@ -77,6 +97,32 @@ class ExplainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutBackground(self, request, context):
+        """Store a named background (reference) matrix for a model version, shared by all replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBackground(self, request, context):
+        """Metadata of one background (no rows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackgrounds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBackground(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +140,26 @@ def add_ExplainerServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=sidelight_dot_v1_dot_explainer__pb2.GetModelRequest.FromString,
                     response_serializer=sidelight_dot_v1_dot_explainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'PutBackground': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBackground,
+                    request_deserializer=sidelight_dot_v1_dot_explainer__pb2.PutBackgroundRequest.FromString,
+                    response_serializer=sidelight_dot_v1_dot_explainer__pb2.PutBackgroundResponse.SerializeToString,
+            ),
+            'GetBackground': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBackground,
+                    request_deserializer=sidelight_dot_v1_dot_explainer__pb2.GetBackgroundRequest.FromString,
+                    response_serializer=sidelight_dot_v1_dot_explainer__pb2.BackgroundInfo.SerializeToString,
+            ),
+            'ListBackgrounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackgrounds,
+                    request_deserializer=sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsRequest.FromString,
+                    response_serializer=sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsResponse.SerializeToString,
+            ),
+            'DeleteBackground': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBackground,
+                    request_deserializer=sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundRequest.FromString,
+                    response_serializer=sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +244,114 @@ class Explainer:
             '/sidelight.v1.Explainer/GetModel',
             sidelight_dot_v1_dot_explainer__pb2.GetModelRequest.SerializeToString,
             sidelight_dot_v1_dot_explainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBackground(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidelight.v1.Explainer/PutBackground',
+            sidelight_dot_v1_dot_explainer__pb2.PutBackgroundRequest.SerializeToString,
+            sidelight_dot_v1_dot_explainer__pb2.PutBackgroundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBackground(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidelight.v1.Explainer/GetBackground',
+            sidelight_dot_v1_dot_explainer__pb2.GetBackgroundRequest.SerializeToString,
+            sidelight_dot_v1_dot_explainer__pb2.BackgroundInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackgrounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidelight.v1.Explainer/ListBackgrounds',
+            sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsRequest.SerializeToString,
+            sidelight_dot_v1_dot_explainer__pb2.ListBackgroundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBackground(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidelight.v1.Explainer/DeleteBackground',
+            sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundRequest.SerializeToString,
+            sidelight_dot_v1_dot_explainer__pb2.DeleteBackgroundResponse.FromString,
             options,
             channel_credentials,
             insecure,

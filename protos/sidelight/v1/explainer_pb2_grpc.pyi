@@ -41,6 +41,12 @@ class ExplainerStub:
     """Every model in the repository, including the ones that failed to load (state FAILED)."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_explainer_pb2.GetModelRequest, _explainer_pb2.ModelInfo]
     """One model version ("" = newest)."""
+    PutBackground: _grpc.UnaryUnaryMultiCallable[_explainer_pb2.PutBackgroundRequest, _explainer_pb2.PutBackgroundResponse]
+    """Store a named background (reference) matrix for a model version, shared by all replicas."""
+    GetBackground: _grpc.UnaryUnaryMultiCallable[_explainer_pb2.GetBackgroundRequest, _explainer_pb2.BackgroundInfo]
+    """Metadata of one background (no rows)."""
+    ListBackgrounds: _grpc.UnaryUnaryMultiCallable[_explainer_pb2.ListBackgroundsRequest, _explainer_pb2.ListBackgroundsResponse]
+    DeleteBackground: _grpc.UnaryUnaryMultiCallable[_explainer_pb2.DeleteBackgroundRequest, _explainer_pb2.DeleteBackgroundResponse]
 
 @_typing.type_check_only
 class ExplainerAsyncStub(ExplainerStub):
@@ -53,6 +59,12 @@ class ExplainerAsyncStub(ExplainerStub):
     """Every model in the repository, including the ones that failed to load (state FAILED)."""
     GetModel: _aio.UnaryUnaryMultiCallable[_explainer_pb2.GetModelRequest, _explainer_pb2.ModelInfo]  # type: ignore[assignment]
     """One model version ("" = newest)."""
+    PutBackground: _aio.UnaryUnaryMultiCallable[_explainer_pb2.PutBackgroundRequest, _explainer_pb2.PutBackgroundResponse]  # type: ignore[assignment]
+    """Store a named background (reference) matrix for a model version, shared by all replicas."""
+    GetBackground: _aio.UnaryUnaryMultiCallable[_explainer_pb2.GetBackgroundRequest, _explainer_pb2.BackgroundInfo]  # type: ignore[assignment]
+    """Metadata of one background (no rows)."""
+    ListBackgrounds: _aio.UnaryUnaryMultiCallable[_explainer_pb2.ListBackgroundsRequest, _explainer_pb2.ListBackgroundsResponse]  # type: ignore[assignment]
+    DeleteBackground: _aio.UnaryUnaryMultiCallable[_explainer_pb2.DeleteBackgroundRequest, _explainer_pb2.DeleteBackgroundResponse]  # type: ignore[assignment]
 
 class ExplainerServicer(metaclass=_abc_1.ABCMeta):
     """Explains predictions of the ONNX models in a model repository."""
@@ -80,5 +92,35 @@ class ExplainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_explainer_pb2.ModelInfo, _abc.Awaitable[_explainer_pb2.ModelInfo]]:
         """One model version ("" = newest)."""
+
+    @_abc_1.abstractmethod
+    def PutBackground(
+        self,
+        request: _explainer_pb2.PutBackgroundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_explainer_pb2.PutBackgroundResponse, _abc.Awaitable[_explainer_pb2.PutBackgroundResponse]]:
+        """Store a named background (reference) matrix for a model version, shared by all replicas."""
+
+    @_abc_1.abstractmethod
+    def GetBackground(
+        self,
+        request: _explainer_pb2.GetBackgroundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_explainer_pb2.BackgroundInfo, _abc.Awaitable[_explainer_pb2.BackgroundInfo]]:
+        """Metadata of one background (no rows)."""
+
+    @_abc_1.abstractmethod
+    def ListBackgrounds(
+        self,
+        request: _explainer_pb2.ListBackgroundsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_explainer_pb2.ListBackgroundsResponse, _abc.Awaitable[_explainer_pb2.ListBackgroundsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteBackground(
+        self,
+        request: _explainer_pb2.DeleteBackgroundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_explainer_pb2.DeleteBackgroundResponse, _abc.Awaitable[_explainer_pb2.DeleteBackgroundResponse]]: ...
 
 def add_ExplainerServicer_to_server(servicer: ExplainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
