@@ -1,0 +1,182 @@
+"""`tree`: exact interventional TreeSHAP for ONNX tree ensembles, with no model evaluations.
+
+The ensemble is read from the graph once (explainers.onnx_trees) and shap's C implementation
+computes the attributions against the background. Everything is on the margin scale: the raw
+tree sums before the op's post_transform (for a LOGISTIC classifier, the log-odds), so the
+values add up exactly to the margin, and the result's notes say which transform the model
+applies after it.
+
+Weighted backgrounds are handled exactly: interventional Shapley values are linear in the
+background distribution, so rows are grouped by weight, shap (which only knows uniform
+backgrounds) runs once per group, and the groups are combined with their total weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import shap
+
+from explainers.base import Array, Background, Budget, Explanation
+from explainers.engine import Evaluator
+from explainers.errors import InvalidArgument
+from explainers.onnx_trees import ParsedTrees, parse_onnx_trees, shap_model
+
+MAX_WEIGHT_GROUPS = 64  # distinct background weights; each costs one shap pass per request
+CACHE_SIZE = 4  # backgrounds whose shap explainers are kept per model
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """shap explainers for one background: (share of the total weight, explainer) per group.
+
+    Holds the background itself, so its id cannot be reused while the entry is cached.
+    """
+
+    background: Background
+    parts: tuple[tuple[float, Any], ...]
+
+
+class TreeShap:
+    """Exact TreeSHAP on the trees of one ONNX model; explains the selected score columns."""
+
+    name = "tree"
+
+    def __init__(self, parsed: ParsedTrees, output_columns: Sequence[int] | None = None,
+                 cache_size: int = CACHE_SIZE) -> None:
+        outputs = parsed["output_map"].shape[0]
+        cols = list(range(outputs)) if output_columns is None else [int(c) for c in output_columns]
+        if not cols or min(cols) < 0 or max(cols) >= outputs:
+            raise InvalidArgument(f"output_columns: {cols} outside the model's {outputs} columns")
+        picked = parsed["output_map"][cols]  # (columns, targets)
+        self._targets = [t for t in range(picked.shape[1]) if np.any(picked[:, t])] or [0]
+        self._map = picked[:, self._targets]  # (columns, used targets)
+        self._offset = parsed["output_offset"][cols]  # (columns,)
+        self._parsed = parsed
+        self.columns = tuple(cols)
+        self.n_features = parsed["n_features"]
+        self.post_transform = parsed["post_transform"]
+        self._cache: OrderedDict[bytes, _Fitted] = OrderedDict()
+        self._cache_size = max(1, cache_size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto,
+                  output_columns: Sequence[int] | None = None) -> TreeShap:
+        """Parse the model's tree ensemble; raises onnx_trees.UnsupportedTrees if it cannot."""
+        return cls(parse_onnx_trees(model), output_columns)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the caller must say about the scale of the values."""
+        if self.post_transform == "NONE":
+            return ()
+        return (f"margin scale: the model outputs {self.post_transform}(base_values + "
+                "sum(values)); values are exact on the margin, before that transform",)
+
+    def expected_evaluations(self, n_features: int, background: Background) -> int | None:
+        """0: the trees are read, the model is never evaluated."""
+        return 0
+
+    def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
+                rng: np.random.Generator) -> Explanation:
+        """Check x and the background; exact, so the budget and rng are not consulted."""
+        row = np.asarray(x, np.float64)
+        if row.ndim != 1:
+            raise InvalidArgument(f"x: one row of {self.n_features} features, got shape "
+                                  f"{row.shape}")
+        self._check(row[None], background)
+        return self._explain(row[None], background, model.evaluations)[0]
+
+    def explain_rows(self, X: Array, background: Background) -> list[Explanation]:
+        """Explain every row of X (rows, features) in one vectorised shap call per group."""
+        rows = np.asarray(X, np.float64)
+        self._check(rows, background)
+        return self._explain(rows, background, 0)
+
+    def _check(self, X: Array, background: Background) -> None:
+        """Feature counts must match the model; the weights must fit MAX_WEIGHT_GROUPS."""
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise InvalidArgument(f"x: rows of {self.n_features} features, got shape {X.shape}")
+        if background.data.shape[1] != self.n_features:
+            raise InvalidArgument(f"background: {background.data.shape[1]} features, the model "
+                                  f"has {self.n_features}")
+        w = background.weights
+        groups = 1 if w.min() == w.max() else np.unique(w[w > 0]).size
+        if groups > MAX_WEIGHT_GROUPS:
+            raise InvalidArgument(f"background.weights: {groups} distinct weights; tree explains "
+                                  f"weighted backgrounds with at most {MAX_WEIGHT_GROUPS}: use "
+                                  "uniform weights or the permutation method")
+
+    def _explain(self, X: Array, background: Background, evaluations: int) -> list[Explanation]:
+        phi, base, raw = self._shap(X, self._fitted(background))
+        values = np.einsum("kt,rft->rkf", self._map, phi)  # (rows, columns, features)
+        base_out = self._map @ base + self._offset  # (columns,)
+        pred = raw @ self._map.T + self._offset  # (rows, columns)
+        return [Explanation.build(self.name, v, np.zeros_like(v), base_out, p,
+                                  evaluations=evaluations, converged=True,
+                                  budget_exhausted=False, notes=self.notes)
+                for v, p in zip(values, pred, strict=True)]
+
+    def _shap(self, X: Array, fitted: _Fitted) -> tuple[Array, Array, Array]:
+        """Weighted attributions (rows, features, targets), E[margin] (targets,) and the margin
+        of each row (rows, targets), all on the used targets."""
+        phi = np.zeros((X.shape[0], X.shape[1], len(self._targets)))
+        base = np.zeros(len(self._targets))
+        for share, explainer in fitted.parts:
+            sv = np.asarray(explainer.shap_values(X, check_additivity=False))
+            phi += share * sv.reshape(phi.shape)  # shap drops the last axis for one target
+            base += share * np.atleast_1d(np.asarray(explainer.expected_value, np.float64))
+        raw = np.asarray(fitted.parts[0][1].model.predict(X), np.float64).reshape(X.shape[0], -1)
+        return phi, base, raw
+
+    def _fitted(self, background: Background) -> _Fitted:
+        """The cached explainers for this background (same object or same bytes), or new ones."""
+        with self._lock:
+            for key, entry in self._cache.items():
+                if entry.background is background:
+                    self._cache.move_to_end(key)
+                    return entry
+        key = _digest(background)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        fitted = _Fitted(background, self._fit(background))
+        with self._lock:
+            self._cache[key] = fitted
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return fitted
+
+    def _fit(self, background: Background) -> tuple[tuple[float, Any], ...]:
+        """One shap explainer per distinct positive weight, with that group's total weight."""
+        weights = background.weights
+        data = background.data.astype(self._parsed["input_dtype"]).astype(np.float64)
+        parts: list[tuple[float, Any]] = []
+        for w in np.unique(weights[weights > 0]):
+            rows = np.ascontiguousarray(data[weights == w])  # (group rows, features)
+            parts.append((float(w) * rows.shape[0], self._explainer(rows)))
+        return tuple(parts)
+
+    def _explainer(self, rows: Array) -> Any:
+        """shap's TreeExplainer on every one of `rows` (the masker would otherwise keep 100)."""
+        masker = shap.maskers.Independent(rows, max_samples=rows.shape[0])
+        return shap.TreeExplainer(shap_model(self._parsed, self._targets), data=masker,
+                                  feature_perturbation="interventional")
+
+
+def _digest(background: Background) -> bytes:
+    """Content key of a background: data, weights and shape."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(background.data.shape).encode())
+    h.update(np.ascontiguousarray(background.data).tobytes())
+    h.update(np.ascontiguousarray(background.weights).tobytes())
+    return h.digest()
