@@ -73,6 +73,21 @@ class LinearShap:
                                      f"row has {x.size}")
         return self._explain(model, x, background)
 
+    def explain_rows(self, X: Array, background: Background,
+                     model: Evaluator | None = None) -> list[Explanation]:
+        """Every row of X (rows, features); predictions from one batched model call (from the
+        fit when no model is given)."""
+        if self.fit.weights.shape[1] != X.shape[1]:
+            raise FailedPrecondition(f"linear: fit has {self.fit.weights.shape[1]} features, "
+                                     f"rows have {X.shape[1]}")
+        mean = background.weights @ background.data  # (features,)
+        phi = self.fit.weights[None] * (X - mean)[:, None, :]  # (rows, outputs, features)
+        fx = model(X) if model else X @ self.fit.weights.T + self.fit.intercept  # (rows, outputs)
+        return [Explanation.build(self.name, p, np.zeros_like(p), background.base_values, f,
+                                  evaluations=int(model is not None), converged=True,
+                                  budget_exhausted=False)
+                for p, f in zip(phi, fx, strict=True)]
+
     def _explain(self, model: Evaluator, x: Array, background: Background) -> Explanation:
         mean = background.weights @ background.data  # (features,)
         phi = self.fit.weights * (x - mean)[None, :]  # (outputs, features)

@@ -138,7 +138,7 @@ def parse_onnx_trees(model: onnx.ModelProto) -> ParsedTrees:
                        output_map=_frozen(head.output_map),
                        output_offset=_frozen(head.output_offset),
                        post_transform=head.post_transform, n_features=n_features,
-                       score_outputs=_score_outputs(graph, _score_tensor(node)))
+                       score_outputs=reachable_outputs(graph, _score_tensor(node)))
 
 
 def shap_model(parsed: ParsedTrees, targets: list[int] | None = None) -> dict[str, Any]:
@@ -260,8 +260,8 @@ def _score_tensor(node: NodeProto) -> str:
     return node.output[1] if node.op_type == "TreeEnsembleClassifier" else node.output[0]
 
 
-def _score_outputs(graph: GraphProto, scores: str) -> tuple[str, ...]:
-    """Graph outputs reached from the scores through Identity, ZipMap or Cast nodes only."""
+def reachable_outputs(graph: GraphProto, scores: str) -> tuple[str, ...]:
+    """Graph outputs reached from the tensor `scores` through Identity, ZipMap or Cast only."""
     consumers: dict[str, list[NodeProto]] = {}
     for n in graph.node:
         for name in n.input:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class TreeShap:
         self._cache: OrderedDict[bytes, _Fitted] = OrderedDict()
         self._cache_size = max(1, cache_size)
         self._lock = threading.Lock()
+        self._seconds_per_cell: float | None = None  # measured shap time per (row, bg row)
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto,
@@ -95,8 +97,10 @@ class TreeShap:
         self._check(row[None], background)
         return self._explain(row[None], background, model.evaluations)[0]
 
-    def explain_rows(self, X: Array, background: Background) -> list[Explanation]:
-        """Explain every row of X (rows, features) in one vectorised shap call per group."""
+    def explain_rows(self, X: Array, background: Background,
+                     model: Evaluator | None = None) -> list[Explanation]:
+        """Explain every row of X (rows, features) in one vectorised shap call per group; the
+        model is never evaluated (`model` is accepted for the common batch signature)."""
         rows = np.asarray(X, np.float64)
         self._check(rows, background)
         return self._explain(rows, background, 0)
@@ -115,8 +119,16 @@ class TreeShap:
                                   f"weighted backgrounds with at most {MAX_WEIGHT_GROUPS}: use "
                                   "uniform weights or the permutation method")
 
+    def seconds_for(self, rows: int, background: Background) -> float | None:
+        """Predicted time to explain `rows` rows against `background`; None until measured."""
+        per_cell = self._seconds_per_cell
+        return None if per_cell is None else per_cell * rows * background.rows
+
     def _explain(self, X: Array, background: Background, evaluations: int) -> list[Explanation]:
-        phi, base, raw = self._shap(X, self._fitted(background))
+        fitted = self._fitted(background)
+        start = time.perf_counter()
+        phi, base, raw = self._shap(X, fitted)
+        self._learn((time.perf_counter() - start) / (X.shape[0] * background.rows))
         values = np.einsum("kt,rft->rkf", self._map, phi)  # (rows, columns, features)
         base_out = self._map @ base + self._offset  # (columns,)
         pred = raw @ self._map.T + self._offset  # (rows, columns)
@@ -124,6 +136,11 @@ class TreeShap:
                                   evaluations=evaluations, converged=True,
                                   budget_exhausted=False, notes=self.notes)
                 for v, p in zip(values, pred, strict=True)]
+
+    def _learn(self, per_cell: float) -> None:
+        """Fold one measurement into the running estimate (the first one sets it)."""
+        old = self._seconds_per_cell
+        self._seconds_per_cell = per_cell if old is None else 0.7 * old + 0.3 * per_cell
 
     def _shap(self, X: Array, fitted: _Fitted) -> tuple[Array, Array, Array]:
         """Weighted attributions (rows, features, targets), E[margin] (targets,) and the margin

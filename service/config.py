@@ -42,6 +42,27 @@ class Settings(BaseSettings):
     drift_max_features: int = Field(64, ge=1, description="Feature labels per model on drift "
                                     "metrics (the most important ones).")
     log_level: str = Field("INFO", description="Python logging level.")
+    redis_url: str | None = Field(None, description="Redis holding backgrounds and results for "
+                                  "every replica: redis://[:password@]host:port/db, rediss:// "
+                                  "for TLS. Unset = the in-memory store (one replica).")
+    redis_tls_ca: Path | None = Field(None, description="CA bundle that signs the Redis server's "
+                                      "certificate (rediss:// only; default: the system's).")
+    redis_key_prefix: str = Field("sidelight:v1:", description="Prefix of every Redis key.")
+    redis_timeout_ms: float = Field(1000.0, gt=0, description="Redis socket timeout per "
+                                    "command; a slower Redis counts as down.")
+    redis_connect_timeout_ms: float = Field(250.0, gt=0, description="Redis connect timeout.")
+    redis_max_connections: int = Field(32, ge=1, description="Redis connection pool size.")
+    redis_check_ms: float = Field(500.0, ge=0, description="Staleness bound: a local copy of a "
+                                  "background is re-validated against Redis's sha256 at most "
+                                  "this long after its last check, so a replaced background "
+                                  "is used everywhere within this time.")
+    background_local_cache: int = Field(64, ge=1, description="Decoded backgrounds each "
+                                        "replica keeps in memory (LRU; uploads waiting for "
+                                        "Redis are never evicted).")
+    result_cache_size: int = Field(1024, ge=0, description="Explanations kept for identical "
+                                   "requests (LRU, per replica, and shared in Redis); 0 = off.")
+    result_cache_ttl_seconds: float = Field(600.0, gt=0, description="How long a cached "
+                                            "explanation is served.")
 
 
 class BackgroundConfig(BaseModel):
@@ -65,3 +86,5 @@ class ModelConfig(BaseModel):
     budget_ms: float | None = Field(None, gt=0)
     background: BackgroundConfig | None = None
     allow_missing: bool = False
+    drift_reference: BackgroundConfig | None = Field(None, description="Rows that drift is "
+                                                     "measured against; default: the background.")

@@ -22,16 +22,18 @@ from explainers.errors import (
     ResourceExhausted,
     SidelightError,
 )
-from explainers.registry import build_registry, lookup
+from explainers.registry import build_registry
 from service.config import Settings
+from service.methods import Choice, MethodResolver, RowsEstimator
 from service.metrics import UNKNOWN, Metrics
-from service.monitoring import DriftMonitors, DriftSettings
+from service.monitoring import DriftMonitors, DriftSettings, drift_reference
 from service.onnx_model import OIP_TO_NUMPY
 from service.repository import LoadedModel, ModelRepository
 from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_meta
 
 log = logging.getLogger(__name__)
 LOGIT_EPS = 1e-7
+SCALES = ("identity", "logit", "margin")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
@@ -116,6 +118,7 @@ class DataPlane:
                  metrics: Metrics, registry: Mapping[str, Estimator] | None = None) -> None:
         self.repo, self.store, self.settings, self.metrics = repo, store, settings, metrics
         self.registry = registry or build_registry()
+        self.methods = MethodResolver(self.registry)
         self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -149,37 +152,39 @@ class DataPlane:
         for model in self.repo.ready():
             try:
                 target = self.target(model, "", (), "")
-                _, background = self.background(model, DEFAULT_NAME, target)
+                meta, background = self.background(model, DEFAULT_NAME, target)
             except SidelightError as err:
                 log.warning("model %s: no default background yet (%s)", model.name, err)
                 continue
             if self.drift is not None:
-                reference = self._reference_attributions(model, target, background)
+                rows = drift_reference(model, self.settings, self.target_fn(model, target),
+                                       background)
+                reference = self._reference_attributions(model, target, background, rows.data,
+                                                         meta.sha256)
                 self.drift.add(model.name, model.version, model.feature_names, target.names,
-                               background, reference)
+                               rows, reference)
 
     def _reference_attributions(self, model: LoadedModel, target: Target,
-                                background: Background) -> Array | None:
-        """Mean-|phi| reference for attribution drift: a few background rows explained with the
+                                background: Background, reference: Array,
+                                background_sha: str) -> Array | None:
+        """Mean-|phi| reference for attribution drift: a few reference rows explained with the
         model's default method at a small fixed budget. (rows, features) or None."""
-        rows = background.data[:self.settings.drift_reference_rows]
+        rows = reference[:self.settings.drift_reference_rows]
         if rows.shape[0] == 0:
             return None
-        estimator = lookup(self.registry, model.config.method)
-        fn = self.target_fn(model, target)
-        rng = np.random.default_rng(0)
-        phis = [estimator.explain(Evaluator(fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
-                                            dtype=model.onnx.batch_dtype), x, background,
-                                  Budget.of_seconds(REFERENCE_BUDGET_S), rng).values
-                for x in rows]
-        return np.asarray(np.abs(np.stack(phis)).mean(axis=1))  # (rows, features)
+        seconds = REFERENCE_BUDGET_S * rows.shape[0]
+        choice = self.choose(model.config.method, model, target, background, background_sha,
+                             rows.shape[0], seconds)
+        out = self._explain_rows(model, rows, choice.target, background, choice.estimator,
+                                 ExplainQuery(model.name, ()), time.monotonic() + seconds)
+        return np.asarray(np.abs(np.stack([e.values for e in out])).mean(axis=1))  # (rows, feat.)
 
     # --- Explain --------------------------------------------------------------------------
     def explain(self, q: ExplainQuery) -> ExplainResult:
         """Explain every row of the request within its budget; records the outcome metrics."""
         start, cpu = time.monotonic(), time.thread_time()
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
-        method_label = (q.method or "auto") if q.method in self.registry or not q.method \
+        method_label = (q.method or "auto") if q.method in self.methods.known() or not q.method \
             else UNKNOWN
         code = "INTERNAL"
         self._admit()
@@ -219,15 +224,27 @@ class DataPlane:
         X = self.assemble(model, q.inputs)
         target = self.target(model, q.output, q.classes, q.scale)
         meta, background = self.background(model, q.background or DEFAULT_NAME, target)
-        estimator = lookup(self.registry, q.method or model.config.method)
         if q.target_error < 0 or q.max_evaluations < 0:
             field = "target_error" if q.target_error < 0 else "max_evaluations"
             raise InvalidArgument(f"{field}: must be >= 0")
         deadline = start + budget_s - reserve_s(budget_s, X.shape[0])
-        rows = self._explain_rows(model, X, target, background, estimator, q, deadline)
+        choice = self.choose(q.method or model.config.method, model, target, background,
+                             meta.sha256, X.shape[0], deadline - time.monotonic())
+        rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
+                                  deadline)
         elapsed = 1e3 * (time.monotonic() - start)
-        return ExplainResult(model.name, model.version, model.feature_names, target, rows,
-                             elapsed, 1e3 * budget_s, source, meta, spread_of(background), X)
+        return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
+                             elapsed, 1e3 * budget_s, source, meta, spread_of(background), X,
+                             notes=notes_of(choice, rows))
+
+    def choose(self, method: str, model: LoadedModel, target: Target, background: Background,
+               background_sha: str, rows: int, seconds: float) -> Choice:
+        """The estimator (and the target it explains) for `rows` rows in `seconds`."""
+        def fn(t: Target) -> ModelFn:
+            return self.target_fn(model, t)
+
+        return self.methods.choose(method, model, target, background, fn, background_sha,
+                                   rows, seconds)
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
@@ -235,6 +252,10 @@ class DataPlane:
         """Rows one after the other, each given an equal share of the time that is left."""
         rng = np.random.default_rng(q.seed)
         fn = self.target_fn(model, target)
+        if isinstance(estimator, RowsEstimator):  # exact and batched: no per-row budget
+            ev = Evaluator(fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
+                           dtype=model.onnx.batch_dtype)
+            return tuple(estimator.explain_rows(X, background, ev))
         rate, out = model.onnx.rows_per_second, []
         for i, x in enumerate(X):
             now = time.monotonic()
@@ -384,16 +405,27 @@ class DataPlane:
             raise InvalidArgument(f"target.classes: {bad} out of range; output {output!r} has "
                                   f"{len(names)} column(s)")
         scale = scale or model.config.scale
-        if scale not in ("identity", "logit"):
-            raise InvalidArgument(f"target.scale: {scale!r}; use 'identity' or 'logit'")
+        if scale not in SCALES:
+            raise InvalidArgument(f"target.scale: {scale!r}; use one of {', '.join(SCALES)}")
+        if scale == "margin" and output not in model.onnx.margin_outputs:
+            raise InvalidArgument(f"target.scale: output {output!r} has no margin (no "
+                                  "post_transform to remove); use 'identity' or 'logit'")
         return Target(output, columns, scale, tuple(names[c] for c in columns))
 
     def target_fn(self, model: LoadedModel, target: Target) -> ModelFn:
-        """The explained function: selected columns of an output, on the target's scale."""
+        """The explained function: selected columns of an output, on the target's scale.
+
+        The margin scale, and the logit of a LOGISTIC output, come from the margin session:
+        exact where log(p / (1 - p)) of a float32 probability saturates.
+        """
         columns = list(target.columns)
+        from_margin = target.scale == "margin" or (
+            target.scale == "logit" and target.output in model.onnx.logit_is_margin)
+        scale = "identity" if from_margin else target.scale
 
         def f(X: Array) -> Array:
-            return apply_scale(model.onnx.predict(X, target.output)[:, columns], target.scale)
+            y = model.onnx.predict(X, target.output, margin=from_margin)  # (rows, columns)
+            return apply_scale(y[:, columns], scale)
 
         return f
 
@@ -412,11 +444,12 @@ class DataPlane:
 
     def _build_background(self, model: LoadedModel, data: Array, target: Target) -> Background:
         X = np.asarray(data, np.float64)
-        raw = model.onnx.predict(X, target.output)[:, list(target.columns)]  # (rows, outputs)
-        if target.scale == "logit" and np.any((raw < 0) | (raw > 1)):
-            raise InvalidArgument(f"target.scale: logit needs probabilities; output "
-                                  f"{target.output!r} is not in [0, 1]")
-        return Background.build(X, apply_scale(raw, target.scale))
+        if target.scale == "logit" and target.output not in model.onnx.logit_is_margin:
+            raw = model.onnx.predict(X, target.output)[:, list(target.columns)]  # (rows, outputs)
+            if np.any((raw < 0) | (raw > 1)):
+                raise InvalidArgument(f"target.scale: logit needs probabilities; output "
+                                      f"{target.output!r} is not in [0, 1]")
+        return Background.build(X, self.target_fn(model, target)(X))
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
         with self._lock:
@@ -430,6 +463,11 @@ class DataPlane:
             while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
                 self._backgrounds.popitem(last=False)
         return value
+
+
+def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
+    """The method choice's notes, then each distinct note of the rows."""
+    return tuple(dict.fromkeys([*choice.notes, *(n for r in rows for n in r.notes)]))
 
 
 def spread_of(background: Background) -> Array:

@@ -1,16 +1,23 @@
-"""Drift monitors per model version: built from the default background at start-up, fed by the
-data plane after each explanation, read by the metrics collector at scrape time."""
+"""Drift monitors per model version: built at start-up against a reference (explain.yaml's
+`drift_reference` rows, else the default background), fed by the data plane after each
+explanation, read by the metrics collector at scrape time."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.base import Array, Background
+from explainers.base import Array, Background, ModelFn
+from explainers.errors import SidelightError
+from service.config import ModelConfig, Settings
 from service.drift import DriftMonitor, Reference
 from service.metrics import DriftSource
+from service.repository import LoadedModel, read_background
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,3 +70,21 @@ def exported_features(d: int, importance: Array | None, cap: int) -> tuple[int, 
     if importance is None:
         return tuple(range(cap))
     return tuple(sorted(int(j) for j in np.argsort(-importance)[:cap]))
+
+
+def drift_reference(model: LoadedModel, settings: Settings, fn: ModelFn,
+                    background: Background) -> Background:
+    """The rows drift is measured against, with f on them: explain.yaml's `drift_reference` file
+    (a window of traffic the model is known to serve well), else the default background."""
+    configured = model.config.drift_reference
+    if configured is None:
+        return background
+    try:
+        rows = read_background(settings.models_dir / model.name,
+                               ModelConfig(background=configured), model.onnx.n_features, settings)
+        assert rows is not None
+        return Background.build(rows, fn(rows))  # (rows, features), (rows, outputs)
+    except (OSError, ValueError, SidelightError) as err:
+        log.error("model %s: drift_reference %s unusable (%s); measuring drift against the "
+                  "background instead", model.name, configured.path, err)
+        return background

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument
+from service.margins import margin_graph
 
 ONNX_TO_OIP = {
     "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
@@ -73,6 +74,25 @@ def strip_zipmap(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
     return model, labels
 
 
+def _session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """A CPU session with `threads` intra-op threads and quiet logging."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _logit_matches(p: Array, margin: Array, tol: float = 1e-2) -> bool:
+    """logit(p) == margin wherever p is far enough from 0 and 1 to invert in float32."""
+    ok = (p > 1e-4) & (p < 1 - 1e-4)  # (rows, columns)
+    if p.shape != margin.shape or not ok.any():
+        return False
+    logit = np.log(p[ok]) - np.log1p(-p[ok])
+    return bool(np.all(np.abs(logit - margin[ok]) <= tol * np.maximum(1.0, np.abs(logit))))
+
+
 class OnnxModel:
     """A loaded ONNX model: tabular inputs concatenated into one feature axis."""
 
@@ -80,12 +100,11 @@ class OnnxModel:
         raw = path.read_bytes()
         self.sha256 = hashlib.sha256(raw).hexdigest()
         self.proto, self.class_labels = strip_zipmap(onnx.load_from_string(raw))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(self.proto.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = _session(self.proto, threads)
+        margin = margin_graph(self.proto)
+        self.margin_outputs = margin.outputs if margin else {}  # output -> its post_transform
+        self._margin_session = _session(margin.proto, threads) if margin else None
+        self.logit_is_margin: frozenset[str] = frozenset()  # set by check_margins
         self.inputs = [_info(a) for a in self.session.get_inputs()]
         self.outputs = [_info(a) for a in self.session.get_outputs()]
         self._check_tabular()
@@ -130,19 +149,31 @@ class OnnxModel:
             self._columns[output] = self._run(np.zeros((1, self.n_features)), output).shape[1]
         return self._columns[output]
 
-    def predict(self, X: Array, output: str) -> Array:
-        """Output `output` for X (rows, features) as float64 (rows, columns), chunked."""
+    def predict(self, X: Array, output: str, margin: bool = False) -> Array:
+        """Output `output` for X (rows, features) as float64 (rows, columns), chunked; with
+        `margin`, the scores before the link op's post_transform (see service.margins)."""
         step = self.chunk_rows
-        parts = [self._run(X[i:i + step], output) for i in range(0, X.shape[0], step)]
+        parts = [self._run(X[i:i + step], output, margin) for i in range(0, X.shape[0], step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _run(self, X: Array, output: str) -> Array:
+    def check_margins(self, probe: Array) -> None:
+        """Record the LOGISTIC outputs whose margin equals logit(output) on unsaturated probe
+        values, so the logit scale can be read off the margin exactly."""
+        verified = set()
+        for output, transform in self.margin_outputs.items():
+            if transform == "LOGISTIC" and _logit_matches(self.predict(probe, output),
+                                                          self.predict(probe, output, True)):
+                verified.add(output)
+        self.logit_is_margin = frozenset(verified)
+
+    def _run(self, X: Array, output: str, margin: bool = False) -> Array:
         feeds = {}
         for k, info in enumerate(self.inputs):
             cols = X[:, self.offsets[k]:self.offsets[k + 1]]  # (rows, columns of this input)
             cols = cols.astype(OIP_TO_NUMPY[info.datatype], copy=False)
             feeds[info.name] = cols[:, 0] if len(info.shape) == 1 else cols
-        y = np.asarray(self.session.run([output], feeds)[0], dtype=np.float64)
+        session = self._margin_session if margin and self._margin_session else self.session
+        y = np.asarray(session.run([output], feeds)[0], dtype=np.float64)
         return y.reshape(X.shape[0], -1)  # (rows, columns)
 
     def measure(self, probe: Array, output: str, seconds: float = 0.3) -> None:

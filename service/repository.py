@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, NotFound, SidelightError
+from explainers.onnx_trees import ParsedTrees, UnsupportedTrees, parse_onnx_trees
 from service.config import ModelConfig, Settings
 from service.onnx_model import OnnxModel
 
@@ -30,6 +31,8 @@ class LoadedModel:
     feature_names: tuple[str, ...]
     output: str
     background: Array | None  # (rows, features) from explain.yaml's file, if any
+    trees: ParsedTrees | None = None  # the tree ensemble read from the graph, if TreeSHAP can
+    tree_error: str = "no tree ensemble"  # why not, when trees is None
 
     @property
     def sha256(self) -> str:
@@ -132,8 +135,25 @@ def load_version(name: str, vdir: Path, config: ModelConfig, settings: Settings)
     background = read_background(vdir.parent, config, model.n_features, settings)
     probe = background if background is not None else np.zeros((1, model.n_features))
     model.measure(probe, output)
+    model.check_margins(probe)
+    trees, why = read_trees(model)
     return LoadedModel(name, vdir.name, model, config, feature_names(config, model), output,
-                       background)
+                       background, trees, why)
+
+
+def read_trees(model: OnnxModel) -> tuple[ParsedTrees | None, str]:
+    """The graph's tree ensemble in shap's format, or None and the reason it cannot be used."""
+    try:
+        parsed = parse_onnx_trees(model.proto)
+    except UnsupportedTrees as err:
+        return None, str(err)
+    except Exception as err:  # a graph the parser did not foresee: fall back, never fail load
+        log.warning("tree parser failed on %s: %s: %s", model.sha256[:12], type(err).__name__,
+                    err)
+        return None, f"the tree parser failed ({type(err).__name__})"
+    if parsed["n_features"] != model.n_features:
+        return None, f"the trees read {parsed['n_features']} of {model.n_features} features"
+    return parsed, ""
 
 
 def feature_names(config: ModelConfig, model: OnnxModel) -> tuple[str, ...]:

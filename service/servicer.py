@@ -170,4 +170,7 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     info.default_budget_ms = m.config.budget_ms or 0.0
     info.sha256, info.background_rows = m.sha256, s.background_rows
     info.rows_per_second, info.batch_rows = m.onnx.rows_per_second, m.onnx.chunk_rows
+    info.tree_unsupported = "" if m.trees is not None else m.tree_error
+    margin = ["margin"] if m.output in m.onnx.margin_outputs else []
+    info.scales.extend(["identity", "logit", *margin])
     return info

@@ -17,7 +17,7 @@ def test_explain_prints_a_table_and_json(app: Sidelight,
     address = f"127.0.0.1:{app.port}"
     main(["explain", "--address", address, "--model", "diabetes_linear", f"--row={row}"])
     text = capsys.readouterr().out
-    assert "diabetes_linear v1: exact" in text and "bmi" in text
+    assert "diabetes_linear v1: linear" in text and "bmi" in text
     main(["explain", "--address", address, "--model", "diabetes_linear", f"--row={row}",
           f"--row={row}", "--method", "permutation", "--budget-ms", "50", "--json"])
     response = json.loads(capsys.readouterr().out)

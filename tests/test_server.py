@@ -90,10 +90,11 @@ def test_linear_model_attributions_are_w_times_deviation(stub: pb_grpc.Explainer
     intercept = model.onnx.predict(np.zeros((1, 10)), "variable")[0, 0]
     w = model.onnx.predict(np.eye(10), "variable")[:, 0] - intercept  # (features,)
     x = bg[:1] + 0.01
-    r = stub.Explain(request("diabetes_linear", x, budget_ms=500))
-    assert r.method == "exact"
-    np.testing.assert_allclose(r.rows[0].attributions, w * (x[0] - bg.mean(axis=0)),
-                               rtol=1e-4, atol=1e-3)
+    for method, used in (("", "linear"), ("linear", "linear"), ("exact", "exact")):
+        r = stub.Explain(request("diabetes_linear", x, budget_ms=500, method=method))
+        assert r.method == used
+        np.testing.assert_allclose(r.rows[0].attributions, w * (x[0] - bg.mean(axis=0)),
+                                   rtol=1e-4, atol=1e-3)
 
 
 def test_list_and_get_models(stub: pb_grpc.ExplainerStub) -> None:
@@ -267,11 +268,11 @@ def test_unknown_exceptions_become_internal_with_one_log_line(
     app = start(settings_for(MODELS, metrics_port=-1))
     try:
         plane = app.data_plane()
-        plane.registry = {**build_registry(), "auto": Exploding()}  # type: ignore[dict-item]
+        plane.methods.registry = {**build_registry(), "auto": Exploding()}  # type: ignore
         with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch, caplog.at_level(logging.ERROR):
             stub = pb_grpc.ExplainerStub(ch)
             code, details = code_of(lambda: stub.Explain(
-                request("diabetes_linear", background_of("diabetes_linear")[:1])))
+                request("breast_cancer_mlp", background_of("breast_cancer_mlp")[:1])))
             assert code == grpc.StatusCode.INTERNAL and "secret" not in details
             assert stub.ListModels(pb.ListModelsRequest()).models  # still serving
         lines = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -116,8 +116,9 @@ class Target(_message.Message):
     output: _builtins.str
     """Model output name; "" = the model's main output (probabilities for classifiers)."""
     scale: _builtins.str
-    """"identity" (the output as it is) or "logit" (log(p / (1 - p)) of a probability);
-    "" = the model's configured scale.
+    """"identity" (the output as it is), "logit" (log(p / (1 - p)) of a probability; read off the
+    margin exactly when the model's last op is LOGISTIC) or "margin" (the scores before the
+    last op's post_transform); "" = the model's configured scale.
     """
     @_builtins.property
     def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -156,7 +157,10 @@ class ExplainRequest(_message.Message):
     version: _builtins.str
     """"" = newest version."""
     method: _builtins.str
-    """"" or "auto", "exact", "permutation", "kernel"."""
+    """"" or "auto", "exact", "permutation", "kernel", "tree" (tree ensembles, read from the
+    graph), "linear" (affine models). A method that cannot serve the request falls back to auto
+    and the response's notes say why.
+    """
     budget_ms: _builtins.float
     """Latency budget for the whole request. 0 = the gRPC deadline minus a safety margin, else the
     model's configured default.
@@ -333,9 +337,13 @@ class ExplainResponse(_message.Message):
     model: _builtins.str
     version: _builtins.str
     method: _builtins.str
-    """The method actually used ("exact", "permutation", "kernel"; several joined by "+")."""
+    """The method actually used ("exact", "permutation", "kernel", "tree", "linear"; several
+    joined by "+").
+    """
     scale: _builtins.str
-    """Scale the attributions are on ("identity" or "logit")."""
+    """Scale the attributions are on ("identity", "logit" or "margin"; method tree may move a
+    request to "margin", and says so in notes).
+    """
     background: _builtins.str
     """Background set used, its rows and how it was used ("all rows per coalition" or
     "one row sampled per permutation/coalition").
@@ -718,6 +726,8 @@ class ModelInfo(_message.Message):
     BACKGROUND_ROWS_FIELD_NUMBER: _builtins.int
     ROWS_PER_SECOND_FIELD_NUMBER: _builtins.int
     BATCH_ROWS_FIELD_NUMBER: _builtins.int
+    TREE_UNSUPPORTED_FIELD_NUMBER: _builtins.int
+    SCALES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     state: _builtins.str
@@ -734,6 +744,8 @@ class ModelInfo(_message.Message):
     rows_per_second: _builtins.float
     """Measured throughput of the model here, rows per second, and the batch size that gave it."""
     batch_rows: _builtins.int
+    tree_unsupported: _builtins.str
+    """"" when exact TreeSHAP can be read from the graph (method "tree"), else why it cannot."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -744,6 +756,12 @@ class ModelInfo(_message.Message):
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Scales the main output can be explained on: "identity", "logit" and, for models whose last
+        op applies a post_transform (LOGISTIC, SOFTMAX, ...), "margin" (the scores before it).
+        """
+
     def __init__(
         self,
         *,
@@ -764,10 +782,12 @@ class ModelInfo(_message.Message):
         background_rows: _builtins.int = ...,
         rows_per_second: _builtins.float = ...,
         batch_rows: _builtins.int = ...,
+        tree_unsupported: _builtins.str = ...,
+        scales: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "error", b"error", "feature_names", b"feature_names", "inputs", b"inputs", "name", b"name", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "sha256", b"sha256", "state", b"state", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "error", b"error", "feature_names", b"feature_names", "inputs", b"inputs", "name", b"name", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,209 @@
+"""Which estimator explains a request: the generic registry, plus each model's exact methods read
+off its graph (TreeSHAP for tree ensembles, closed form for affine models). A requested method
+that cannot serve the request falls back to a sampler, and the notes say why: never a wrong
+answer, never a silent switch."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+from explainers.base import Array, Background, Estimator, Explanation, ModelFn
+from explainers.engine import Evaluator
+from explainers.errors import InvalidArgument, ResourceExhausted
+from explainers.linear import AffineFit, LinearShap, fit_affine
+from explainers.onnx_trees import predict_margin
+from explainers.tree import TreeShap
+
+if TYPE_CHECKING:
+    from service.dataplane import Target
+    from service.repository import LoadedModel
+
+MODEL_METHODS = ("tree", "linear")
+AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread
+CACHE_SIZE = 256
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@runtime_checkable
+class RowsEstimator(Protocol):
+    """An exact estimator that explains a whole batch at once, without a per-row budget."""
+
+    name: str
+
+    def explain_rows(self, X: Array, background: Background,
+                     model: Evaluator | None = None) -> list[Explanation]: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The estimator for a request, the target it explains (tree may move it to the margin)
+    and what the caller should be told."""
+
+    estimator: Estimator
+    target: Target
+    notes: tuple[str, ...] = ()
+
+
+class MethodResolver:
+    """Resolves method names per request; caches TreeShap objects and affine fits per model."""
+
+    def __init__(self, registry: Mapping[str, Estimator]) -> None:
+        self.registry = registry
+        self._trees: _Lru[tuple[object, ...], TreeShap | str] = _Lru(CACHE_SIZE)
+        self._affine: _Lru[tuple[object, ...], AffineFit | None] = _Lru(CACHE_SIZE)
+
+    def known(self) -> tuple[str, ...]:
+        return tuple(sorted({*self.registry, *MODEL_METHODS}))
+
+    def choose(self, name: str, model: LoadedModel, target: Target, background: Background,
+               fn: Callable[[Target], ModelFn], background_key: str, rows: int,
+               seconds: float) -> Choice:
+        """The estimator for method `name` ("" = auto) on this model, target and background,
+        for `rows` rows in `seconds`."""
+        key = name.strip().lower() or "auto"
+        if key == "tree":
+            return self._in_time(self._tree(model, target, background, fn), rows, background,
+                                 seconds, explicit=True)
+        if key == "linear":
+            return self._linear(model, target, background, fn, background_key, explicit=True)
+        if key == "auto":
+            auto = self._auto(model, target, background, fn, background_key)
+            return self._in_time(auto, rows, background, seconds, explicit=False)
+        if key not in self.registry:
+            raise InvalidArgument(f"method: unknown method {name!r}; known: "
+                                  f"{', '.join(self.known())}")
+        return Choice(self.registry[key], target)
+
+    def _auto(self, model: LoadedModel, target: Target, background: Background,
+              fn: Callable[[Target], ModelFn], background_key: str) -> Choice:
+        """Tree when the trees compute the target itself, else linear when affine, else the
+        generic auto (exact if it fits, else the sampler)."""
+        tree = self._tree_for(model, target, background, fn(target))
+        if isinstance(tree, TreeShap):
+            return Choice(tree, target)
+        if model.trees is None:
+            linear = self._linear(model, target, background, fn, background_key, explicit=False)
+            if isinstance(linear.estimator, LinearShap):
+                return linear
+        return Choice(self.registry["auto"], target)
+
+    def _in_time(self, choice: Choice, rows: int, background: Background, seconds: float,
+                 explicit: bool) -> Choice:
+        """TreeSHAP's time grows with rows x background rows: refuse (explicit) or sample
+        (auto) when its measured speed says it would miss the budget."""
+        if not isinstance(choice.estimator, TreeShap):
+            return choice
+        needed = choice.estimator.seconds_for(rows, background)
+        if needed is None or needed <= seconds:
+            return choice
+        what = (f"tree needs about {1e3 * needed:.0f} ms for {rows} row(s) against "
+                f"{background.rows} background rows")
+        if explicit:
+            raise ResourceExhausted(f"budget_ms: {what}, more than the {1e3 * seconds:.0f} ms "
+                                    "left: raise budget_ms, send fewer rows or use auto")
+        return Choice(self.registry["auto"], choice.target, (f"{what}; sampled instead",))
+
+    def _tree(self, model: LoadedModel, target: Target, background: Background,
+              fn: Callable[[Target], ModelFn]) -> Choice:
+        """TreeSHAP on the target, or on the trees' own scale (said in a note), or a sampler."""
+        tree = self._tree_for(model, target, background, fn(target))
+        if isinstance(tree, TreeShap):
+            return Choice(tree, target)
+        raw = tree_scale(model, target)
+        if raw is not None:
+            moved = self._tree_for(model, raw, background, fn(raw))
+            if isinstance(moved, TreeShap):
+                return Choice(moved, raw, (f"method tree: explained on the {raw.scale} scale, "
+                                           f"the trees' raw scores; the {target.scale} scale "
+                                           "needs a sampler (method permutation)",))
+        why = tree if isinstance(tree, str) else model.tree_error
+        return Choice(self.registry["auto"], target,
+                      (f"method tree unavailable ({why}); fell back to auto",))
+
+    def _tree_for(self, model: LoadedModel, target: Target, background: Background,
+                  f: ModelFn) -> TreeShap | str:
+        """A TreeShap whose margins reproduce f, or the reason there is none (cached)."""
+        if model.trees is None:
+            return model.tree_error
+        if not tree_computes(model, target):
+            return f"the trees do not compute the {target.scale} scale of {target.output!r}"
+        key = (model.sha256, target.output, target.columns, target.scale)
+        return self._trees.get_or_build(key, lambda: _checked_tree(model, target, background, f))
+
+    def _linear(self, model: LoadedModel, target: Target, background: Background,
+                fn: Callable[[Target], ModelFn], background_key: str, explicit: bool) -> Choice:
+        """Closed-form attributions when f is affine on this background, else a sampler."""
+        key = (model.sha256, background_key, target.output, target.columns, target.scale)
+        fit = self._affine.get_or_build(key, lambda: fit_affine(fn(target), background))
+        if fit is not None:
+            return Choice(LinearShap(fit), target)
+        note = (f"method linear unavailable (the {target.scale} scale of {target.output!r} is "
+                "not affine in the inputs); fell back to auto",)
+        return Choice(self.registry["auto"], target, note if explicit else ())
+
+
+def tree_computes(model: LoadedModel, target: Target) -> bool:
+    """Whether the trees' raw scores are the target: the margin (or the logit of a LOGISTIC
+    output, which is the margin), or the output itself when no transform follows the trees."""
+    trees = model.trees
+    if trees is None or target.output not in trees["score_outputs"]:
+        return False
+    if target.scale == "margin":
+        return True
+    if target.scale == "logit":
+        return target.output in model.onnx.logit_is_margin
+    return trees["post_transform"] == "NONE"
+
+
+def tree_scale(model: LoadedModel, target: Target) -> Target | None:
+    """The same output and columns on the scale the trees compute, if any."""
+    for scale in ("margin", "identity"):
+        if scale == "margin" and target.output not in model.onnx.margin_outputs:
+            continue
+        moved = replace(target, scale=scale)
+        if tree_computes(model, moved):
+            return moved
+    return None
+
+
+def _checked_tree(model: LoadedModel, target: Target, background: Background,
+                  f: ModelFn) -> TreeShap | str:
+    """TreeShap for the target's columns, if its predictions match onnxruntime's on the
+    background (a last guard against a graph the parser misread)."""
+    assert model.trees is not None
+    tree = TreeShap(model.trees, target.columns)
+    rows = background.data[:256]  # (rows, features)
+    mine = predict_margin(model.trees, rows)[:, list(target.columns)]  # (rows, outputs)
+    theirs = f(rows)
+    spread = max(float(np.ptp(theirs)), 1.0)
+    if not np.allclose(mine, theirs, rtol=0, atol=AGREEMENT_TOL * spread):
+        return "the trees read from the graph disagree with onnxruntime on the background"
+    return tree
+
+
+class _Lru(Generic[K, V]):
+    """A small thread-safe LRU that builds missing values outside its lock."""
+
+    def __init__(self, size: int) -> None:
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = build()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value

@@ -1,0 +1,230 @@
+"""Tree and linear methods through a real server: which method serves a request, on which scale,
+with which fall-back, against exact enumeration of the same function and closed forms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from service.server import Sidelight, start
+from service.tensors import from_array
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from tests.conftest import settings_for
+from tests.test_tree import D, labels, make_data, target
+
+Array = np.ndarray
+TIGHT = 1e-6
+
+
+def convert(est: Any, zipmap: bool = False) -> onnx.ModelProto:
+    options = {id(est): {"zipmap": False}} if hasattr(est, "predict_proba") and not zipmap \
+        else None
+    return convert_sklearn(est, initial_types=[("input", FloatTensorType([None, D]))],
+                           options=options, target_opset={"": 17, "ai.onnx.ml": 3})
+
+
+def hist_gbr_with_nans(monkeypatch: pytest.MonkeyPatch) -> onnx.ModelProto:
+    """HistGradientBoosting trained on data with NaN (skl2onnx 1.20 needs an int flag)."""
+    from skl2onnx.common import tree_ensemble
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    original = tree_ensemble.add_node
+
+    def add_node(*args: Any, **kwargs: Any) -> Any:
+        flag = int(kwargs.get("nodes_missing_value_tracks_true", 0))
+        return original(*args, **{**kwargs, "nodes_missing_value_tracks_true": flag})
+
+    monkeypatch.setattr(tree_ensemble, "add_node", add_node)
+    X = make_data(300, 2, nan_share=0.15)
+    est = HistGradientBoostingRegressor(max_iter=20, max_depth=3, random_state=0)
+    return convert(est.fit(X, target(X)))
+
+
+def gemm_model(w: Array, b: float) -> onnx.ModelProto:
+    """y = x @ w + b as a bare MatMul + Add graph (no ai.onnx.ml op)."""
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["h"]),
+             helper.make_node("Add", ["h", "B"], ["y"])]
+    inits = [numpy_helper.from_array(w.astype(np.float32).reshape(D, 1), "W"),
+             numpy_helper.from_array(np.array([b], np.float32), "B")]
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, ["N", D])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def add_model(root: Path, name: str, model: onnx.ModelProto, bg: Array, config: str = "") -> None:
+    (root / name / "1").mkdir(parents=True)
+    onnx.save(model, root / name / "1" / "model.onnx")
+    np.save(root / name / "bg.npy", bg)
+    (root / name / "explain.yaml").write_text(f"background: {{path: bg.npy}}\n{config}")
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Any]:
+    X = make_data(300, 0)
+    y2 = labels(X, 2)
+    gbc = GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0).fit(X, y2)
+    scaled_gbr = make_pipeline(StandardScaler(), GradientBoostingRegressor(
+        n_estimators=20, max_depth=3, random_state=0)).fit(X, target(X))
+    logreg = make_pipeline(StandardScaler(), LogisticRegression(C=10.0)).fit(X, y2)
+    softmax = LogisticRegression(C=10.0).fit(X, labels(X, 3))
+    gbc3 = GradientBoostingClassifier(n_estimators=10, max_depth=2, random_state=0)
+    return {"X": X, "gbc": gbc, "scaled_gbr": scaled_gbr, "logreg": logreg, "softmax": softmax,
+            "gbc3": gbc3.fit(X, labels(X, 3))}
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidelight]:
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("methods")
+    bg = models["X"][:24]
+    add_model(root, "gbc", convert(models["gbc"]), bg, "output: probabilities\nclasses: [1]\n")
+    add_model(root, "scaled_gbr", convert(models["scaled_gbr"]), bg)
+    add_model(root, "logreg", convert(models["logreg"], zipmap=True), bg,
+              "output: output_probability\nclasses: [1]\nscale: logit\n")
+    add_model(root, "softmax", convert(models["softmax"]), bg, "output: probabilities\n")
+    add_model(root, "gbc3", convert(models["gbc3"]), bg, "output: probabilities\n")
+    add_model(root, "gemm", gemm_model(np.arange(1.0, D + 1), 0.5), bg)
+    nan_bg = make_data(24, 5, nan_share=0.2)
+    add_model(root, "hist_nan", hist_gbr_with_nans(mp), nan_bg, "allow_missing: true\n")
+    add_model(root, "hist_strict", hist_gbr_with_nans(mp), make_data(24, 5))
+    mp.undo()
+    app = start(settings_for(root, metrics_port=-1, drift_enabled=False))
+    yield app
+    app.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def stub(server: Sidelight) -> Iterator[pb_grpc.ExplainerStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.ExplainerStub(channel)
+
+
+def explain(stub: pb_grpc.ExplainerStub, model: str, X: Array, **kw: Any) -> pb.ExplainResponse:
+    kw.setdefault("budget_ms", 2000)
+    target = pb.Target(scale=kw.pop("scale", ""), classes=kw.pop("classes", []))
+    return stub.Explain(pb.ExplainRequest(model=model, inputs=[from_array("input", X)],
+                                          target=target, **kw))
+
+
+def values(r: pb.ExplainResponse) -> Array:
+    d = len(r.feature_names)
+    return np.array([list(row.attributions) for row in r.rows]).reshape(len(r.rows), -1, d)
+
+
+def rows() -> Array:
+    return make_data(4, 9)
+
+
+def test_auto_uses_tree_on_the_logit_of_a_boosted_classifier_and_equals_exact(
+        stub: pb_grpc.ExplainerStub) -> None:
+    tree = explain(stub, "gbc", rows(), scale="logit")
+    exact = explain(stub, "gbc", rows(), scale="logit", method="exact")
+    assert (tree.method, tree.scale, exact.method) == ("tree", "logit", "exact")
+    assert tree.cost.model_evaluations == 0 and not any(tree.rows[0].std_errors)
+    np.testing.assert_allclose(values(tree), values(exact), atol=TIGHT)
+    for t, e in zip(tree.rows, exact.rows, strict=True):
+        np.testing.assert_allclose(t.predictions, e.predictions, atol=1e-5)
+        np.testing.assert_allclose(t.base_values, e.base_values, atol=1e-5)
+
+
+def test_tree_on_probabilities_explains_the_margin_and_says_so(
+        stub: pb_grpc.ExplainerStub) -> None:
+    auto = explain(stub, "gbc", rows(), scale="identity")
+    assert auto.method == "exact" and auto.scale == "identity"  # probabilities: sampled/exact
+    forced = explain(stub, "gbc", rows(), scale="identity", method="tree")
+    assert forced.method == "tree" and forced.scale == "margin"
+    assert any("margin" in n for n in forced.notes)
+    margin = explain(stub, "gbc", rows(), scale="margin", method="exact")
+    np.testing.assert_allclose(values(forced), values(margin), atol=TIGHT)
+
+
+def test_a_tree_graph_behind_a_scaler_falls_back_to_sampling_and_says_why(
+        stub: pb_grpc.ExplainerStub) -> None:
+    r = explain(stub, "scaled_gbr", rows(), method="tree")
+    assert r.method == "exact" and any("tree unavailable" in n and "Scaler" in n
+                                       for n in r.notes)
+    info = stub.GetModel(pb.GetModelRequest(model="scaled_gbr"))
+    assert "Scaler" in info.tree_unsupported
+    assert stub.GetModel(pb.GetModelRequest(model="gbc")).tree_unsupported == ""
+
+
+def test_missing_values_are_explained_only_where_the_model_allows_them(
+        stub: pb_grpc.ExplainerStub) -> None:
+    X = rows()
+    X[0, 1], X[2, 3] = np.nan, np.nan
+    tree = explain(stub, "hist_nan", X)
+    exact = explain(stub, "hist_nan", X, method="exact")
+    assert tree.method == "tree"
+    np.testing.assert_allclose(values(tree), values(exact), atol=TIGHT)
+    with pytest.raises(grpc.RpcError) as info:
+        explain(stub, "hist_strict", X)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "non-finite" in info.value.details()
+
+
+def test_logistic_regression_behind_a_scaler_is_linear_on_the_exact_logit(
+        stub: pb_grpc.ExplainerStub, models: dict[str, Any]) -> None:
+    scaler, clf = models["logreg"]
+    w = clf.coef_[0] / scaler.scale_  # (features,) on the request's features
+    bg = models["X"][:24]
+    X = rows() * 6  # far out: the float32 probability saturates, the margin does not
+    r = explain(stub, "logreg", X)
+    assert r.method == "linear" and r.scale == "logit" and r.output_names == ["1"]
+    np.testing.assert_allclose(values(r)[:, 0], w * (X - bg.mean(axis=0)), rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose([row.predictions[0] for row in r.rows],
+                               clf.decision_function(scaler.transform(X)), rtol=1e-4)
+    exact = explain(stub, "logreg", X, method="exact")
+    np.testing.assert_allclose(values(r), values(exact), atol=1e-4)
+
+
+def test_softmax_tree_classifier_is_exact_on_the_margin_only(
+        stub: pb_grpc.ExplainerStub) -> None:
+    X = rows()
+    auto = explain(stub, "gbc3", X)
+    assert auto.method == "exact" and auto.scale == "identity" and len(auto.output_names) == 3
+    tree = explain(stub, "gbc3", X, scale="margin")
+    exact = explain(stub, "gbc3", X, scale="margin", method="exact")
+    assert (tree.method, tree.scale) == ("tree", "margin")
+    np.testing.assert_allclose(values(tree), values(exact), atol=TIGHT)
+
+
+def test_linear_on_a_nonlinear_output_falls_back_and_says_why(
+        stub: pb_grpc.ExplainerStub) -> None:
+    r = explain(stub, "softmax", rows(), method="linear")  # softmax probabilities
+    assert r.method == "exact" and any("not affine" in n for n in r.notes)
+
+
+def test_a_matmul_add_graph_is_linear(stub: pb_grpc.ExplainerStub) -> None:
+    X = rows()
+    bg = make_data(300, 0)[:24]
+    r = explain(stub, "gemm", X)
+    assert r.method == "linear"
+    np.testing.assert_allclose(values(r)[:, 0], np.arange(1.0, D + 1) * (X - bg.mean(axis=0)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_scales_and_errors_name_the_field(stub: pb_grpc.ExplainerStub) -> None:
+    assert list(stub.GetModel(pb.GetModelRequest(model="gbc")).scales) == [
+        "identity", "logit", "margin"]
+    assert list(stub.GetModel(pb.GetModelRequest(model="gemm")).scales) == ["identity", "logit"]
+    for kw in ({"scale": "margin"}, {"method": "shapley"}):
+        with pytest.raises(grpc.RpcError) as info:
+            explain(stub, "gemm", rows(), **kw)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert next(iter(kw)) in info.value.details()
