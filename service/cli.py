@@ -120,6 +120,7 @@ def render(r: pb.ExplainResponse) -> str:
     out = [f"{r.model} v{r.version}: {r.method}, {c.model_evaluations} evaluations, "
            f"{c.elapsed_ms:.1f} ms of {c.budget_ms:.0f} ms ({c.budget_source}), "
            f"background {r.background} ({r.background_rows} rows), scale {r.scale}"]
+    out.extend(f"note: {n}" for n in r.notes)
     d = len(r.feature_names)
     for i, row in enumerate(r.rows):
         for k, name in enumerate(r.output_names):
