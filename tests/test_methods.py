@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from explainers.errors import ResourceExhausted
 from service.server import Sidelight, start
 from service.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
@@ -228,3 +229,24 @@ def test_scales_and_errors_name_the_field(stub: pb_grpc.ExplainerStub) -> None:
             explain(stub, "gemm", rows(), **kw)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert next(iter(kw)) in info.value.details()
+
+
+def test_tree_refuses_or_samples_when_its_measured_speed_misses_the_budget(
+        server: Sidelight) -> None:
+    plane = server.data_plane()
+    model = plane.repo.get("gbc")
+    target = plane.target(model, "", (), "logit")
+    meta, bg = plane.background(model, "default", target)
+
+    def choose(method: str, seconds: float) -> Any:
+        return plane.choose(method, model, target, bg, meta.sha256, 100, seconds)
+
+    tree = choose("tree", 10.0).estimator
+    assert tree.name == "tree"
+    tree._seconds_per_cell = 1e-3  # as if one (row, background row) cell took 1 ms: 100 rows need 2.4 s
+    with pytest.raises(ResourceExhausted, match="budget_ms"):
+        choose("tree", 1.0)
+    auto = choose("", 1.0)
+    assert auto.estimator.name == "auto" and "sampled instead" in auto.notes[0]
+    assert choose("", 10.0).estimator is tree
+    tree._seconds_per_cell = None  # leave the shared server as it was
