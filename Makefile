@@ -6,15 +6,31 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install serve test lint typecheck protos bench models clean
+.PHONY: install prometheus serve test lint typecheck protos bench models clean
 
-install: $(STAMP)
+install: $(STAMP) prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
+
+# Debian's `prometheus` package (with `promtool`) for tests/test_prometheus.py, which scrapes a
+# real server and evaluates the dashboard's and the alert rules' queries. Costs nothing when both
+# are on PATH; needs apt-get as root (or password-less sudo); never fatal (the test then skips).
+# The package does not start a Prometheus by itself.
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || (sudo -n true 2>/dev/null && echo sudo apt-get))
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ -z "$(APT)" ] || ! command -v apt-get >/dev/null; then \
+	  echo "note: prometheus not installed (needs apt-get as root); its test will skip"; \
+	else \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(APT) install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $(APT) update -qq && $(APT) install -y --no-install-recommends prometheus >/dev/null; } || \
+	  echo "note: could not install prometheus with apt-get; its test will skip"; \
+	fi
 
 serve: install
 	$(VENV)/bin/sidelight serve --models examples/models

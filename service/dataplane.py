@@ -9,7 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,7 +29,18 @@ from service.metrics import UNKNOWN, Metrics
 from service.monitoring import DriftMonitors, DriftSettings, drift_reference
 from service.onnx_model import OIP_TO_NUMPY
 from service.repository import LoadedModel, ModelRepository
-from service.store import DEFAULT_NAME, BackgroundMeta, BackgroundStore, make_meta
+from service.result_cache import ResultCache, budget_class, request_key
+from service.store import (
+    DEFAULT_NAME,
+    DERIVED_TTL_S,
+    BackgroundMeta,
+    BackgroundStore,
+    CorruptValue,
+    decode_array,
+    encode_array,
+    make_meta,
+    predictions_key,
+)
 
 log = logging.getLogger(__name__)
 LOGIT_EPS = 1e-7
@@ -120,6 +131,9 @@ class DataPlane:
         self.registry = registry or build_registry()
         self.methods = MethodResolver(self.registry)
         self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
+        self.results = ResultCache(settings.result_cache_size, settings.result_cache_ttl_seconds,
+                                   ExplainResult, (Explanation, Target, BackgroundMeta),
+                                   store if store.shared else None)
         self._lock = threading.Lock()
         self._in_flight = 0
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
@@ -143,8 +157,9 @@ class DataPlane:
                 self.metrics.model_ready.labels(entry.name, version).set(0)
 
     def _has_default(self, model: LoadedModel) -> bool:
+        """A usable default is stored: same version and same ONNX file (else it is stale)."""
         return any(m.name == DEFAULT_NAME and m.version == model.version
-                   for m in self.store.list(model.name))
+                   and m.model_sha256 in ("", model.sha256) for m in self.store.list(model.name))
 
     def warm(self) -> None:
         """Compute f(background) for every model's default target before traffic arrives, and
@@ -162,7 +177,7 @@ class DataPlane:
                 reference = self._reference_attributions(model, target, background, rows.data,
                                                          meta.sha256)
                 self.drift.add(model.name, model.version, model.feature_names, target.names,
-                               rows, reference)
+                               rows, reference, target)
 
     def _reference_attributions(self, model: LoadedModel, target: Target,
                                 background: Background, reference: Array,
@@ -189,19 +204,20 @@ class DataPlane:
         code = "INTERNAL"
         self._admit()
         try:
-            result = self._explain(q, start)
+            result = self._explain_cached(q, start)
             code = "OK"
-            self._record(result, result.X)
+            if result.cached:
+                self._record_cached(result)
+            else:
+                self._record(result, result.X)
             return result
         except SidelightError as err:
             code = err.code
             raise
         finally:
             self._leave()
-            self.metrics.requests.labels(model_label, method_label, code).inc()
-            self.metrics.duration.labels(model_label, method_label).observe(
-                time.monotonic() - start)
-            self.metrics.cpu_seconds.labels(model_label).inc(time.thread_time() - cpu)
+            self.metrics.record_call(model_label, method_label, code, time.monotonic() - start,
+                                     time.thread_time() - cpu)
 
     def _admit(self) -> None:
         """Shed load beyond max_in_flight before doing any work."""
@@ -268,34 +284,14 @@ class DataPlane:
 
     def _record(self, result: ExplainResult, X: Array) -> None:
         """Cost and quality metrics per row, then drift (default target only: comparable)."""
-        m = self.metrics
-        m.budget.labels(result.model).observe(result.budget_ms / 1e3)
-        spread = result.spread
-        for row in result.rows:
-            labels = (result.model, row.method)
-            m.rows.labels(*labels).inc()
-            m.evaluations.labels(*labels).observe(row.evaluations)
-            m.relative_error.labels(*labels).observe(
-                float(np.max(row.std_errors.max(axis=1) / spread)))
-            for gap in np.abs(row.additivity_gap):
-                m.additivity_gap.labels(*labels).observe(float(gap))
-            if row.budget_exhausted:
-                m.budget_exhausted.labels(*labels).inc()
-            if row.converged:
-                m.converged.labels(*labels).inc()
+        self.metrics.budget.labels(result.model).observe(result.budget_ms / 1e3)
+        self.metrics.record_rows(result.model, result.rows, result.spread)
         if self.drift is not None:
             self._observe_drift(result, X)
 
     def _observe_drift(self, result: ExplainResult, X: Array) -> None:
         assert self.drift is not None
-        model = self.repo.get(result.model, result.version)
-        default = self.target(model, "", (), "")
-        if result.target != default:
-            self.drift.observe(result.model, result.version, X, None, None)
-            return
-        predictions = np.stack([r.prediction for r in result.rows])  # (rows, outputs)
-        phi = np.stack([np.abs(r.values).mean(axis=0) for r in result.rows])  # (rows, features)
-        self.drift.observe(result.model, result.version, X, predictions, phi)
+        self.drift.observe(result.model, result.version, result.target, X, result.rows)
 
     # --- backgrounds ----------------------------------------------------------------------
     def put_background(self, q: BackgroundUpload) -> BackgroundMeta:
@@ -338,8 +334,69 @@ class DataPlane:
 
     def persisted(self, meta: BackgroundMeta) -> bool:
         """Whether the store has written it durably (a store may hold uploads while offline)."""
-        pending = getattr(self.store, "pending", None)
-        return not callable(pending) or pending() == 0
+        return self.store.persisted(meta)
+
+    def _shared_background(self, model: LoadedModel, meta: BackgroundMeta, data: Array,
+                           target: Target) -> Background:
+        """f(background) from the store when a replica computed it, else computed and shared."""
+        key = predictions_key(meta.sha256, model.sha256, target.output, target.columns,
+                              target.scale)
+        X = np.asarray(data, np.float64)  # (rows, features)
+        predictions = self._stored_predictions(key, X.shape[0])
+        self.metrics.cache.labels("derived", "miss" if predictions is None else "hit").inc()
+        if predictions is not None:
+            return Background.build(X, predictions)
+        background = self._build_background(model, data, target)
+        self.store.put_blob(key, encode_array(background.predictions), DERIVED_TTL_S)
+        return background
+
+    def _stored_predictions(self, key: str, rows: int) -> Array | None:
+        """(rows, outputs) f(background) from the store, verified; None if absent or corrupt."""
+        blob = self.store.get_blob(key)
+        try:
+            predictions = None if blob is None else decode_array(blob, key)
+        except CorruptValue as err:
+            log.error("%s", err)
+            self.metrics.redis_errors.inc()
+            return None
+        ok = predictions is not None and predictions.ndim == 2 and predictions.shape[0] == rows
+        return predictions if ok else None
+
+    # --- result cache -----------------------------------------------------------------------
+    def _explain_cached(self, q: ExplainQuery, start: float) -> ExplainResult:
+        """The stored answer to an identical request (cached=true), else compute and store."""
+        if not self.results.enabled:
+            return self._explain(q, start)
+        key, X, background_sha, (budget_s, source) = self._result_key(q, start)
+        hit = self.results.get(key)
+        self.metrics.cache.labels("result", "miss" if hit is None else "hit").inc()
+        if hit is not None:  # this call's budget and time; the answer's own evaluations
+            return replace(hit, X=X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
+                           budget_ms=1e3 * budget_s, budget_source=source)
+        result = self._explain(q, start)
+        if result.background.sha256 == background_sha:  # not replaced in between
+            self.results.put(key, replace(result, X=result.X[:0]))
+        return result
+
+    def _result_key(self, q: ExplainQuery,
+                    start: float) -> tuple[str, Array, str, tuple[float, str]]:
+        """Everything that decides the answer, hashed; with the validated inputs, the background
+        sha256 and the budget (seconds, source)."""
+        budget_s, source = self.resolve_budget(q, start)
+        model = self.repo.get(q.model, q.version)
+        X = self.assemble(model, q.inputs)  # (rows, features)
+        target = self.target(model, q.output, q.classes, q.scale)
+        meta, _ = self.background(model, q.background or DEFAULT_NAME, target)
+        key = request_key(X, model.sha256, model.name, model.version, model.feature_names,
+                          q.method or model.config.method, target.output, target.columns,
+                          target.scale, meta.name, meta.sha256, q.seed, q.max_evaluations,
+                          q.target_error, budget_class(1e3 * budget_s))
+        return key, X, meta.sha256, (budget_s, source)
+
+    def _record_cached(self, result: ExplainResult) -> None:
+        """A cached answer cost no evaluations: only drift sees the request."""
+        if self.drift is not None:
+            self._observe_drift(result, result.X)
 
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:
@@ -440,7 +497,7 @@ class DataPlane:
             raise FailedPrecondition(f"background: {name!r} has {meta.features} features; the "
                                      f"model has {model.onnx.n_features}")
         key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
-        return meta, self._cached(key, lambda: self._build_background(model, data, target))
+        return meta, self._cached(key, lambda: self._shared_background(model, meta, data, target))
 
     def _build_background(self, model: LoadedModel, data: Array, target: Target) -> Background:
         X = np.asarray(data, np.float64)

@@ -5,7 +5,7 @@ drift gauges carry at most `max_features` feature labels per model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from explainers.base import Array, Explanation
 from service.drift import DriftMonitor, DriftStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
@@ -33,6 +34,28 @@ class DriftSource:
     feature_index: tuple[int, ...]  # their columns in the model's feature order
     outputs: tuple[str, ...]
     monitor: DriftMonitor
+    target: object = None  # the explained target the reference's predictions and phi are for
+
+
+@dataclass(frozen=True)
+class CallSeries:
+    """The per-call series of one (model, method, code), looked up once: labels() costs a lock."""
+
+    requests: Counter
+    duration: Histogram
+    cpu_seconds: Counter
+
+
+@dataclass(frozen=True)
+class RowSeries:
+    """The per-row series of one (model, method), looked up once."""
+
+    rows: Counter
+    evaluations: Histogram
+    relative_error: Histogram
+    additivity_gap: Histogram
+    budget_exhausted: Counter
+    converged: Counter
 
 
 class Metrics:
@@ -52,6 +75,8 @@ class Metrics:
                               "(1 for the in-memory store).", registry=registry)
         self.redis_errors = Counter("sidelight_redis_errors", "Failed Redis operations.",
                                     registry=registry)
+        self._call_series: dict[tuple[str, str, str], CallSeries] = {}  # bounded like labels
+        self._row_series: dict[tuple[str, str], RowSeries] = {}
 
     def _outcomes(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("sidelight_explain_requests", "Explain calls by outcome.",
@@ -95,9 +120,56 @@ class Metrics:
             "|f(x) - E f(background) - sum(attributions)| per row and output.",
             ["model", "method"], buckets=GAP_BUCKETS, registry=registry)
 
+    def record_call(self, model: str, method: str, code: str, seconds: float,
+                    cpu_seconds: float) -> None:
+        """Outcome, wall time and CPU time of one Explain call."""
+        key = (model, method, code)
+        s = self._call_series.get(key)
+        if s is None:
+            s = CallSeries(self.requests.labels(*key), self.duration.labels(model, method),
+                           self.cpu_seconds.labels(model))
+            self._call_series[key] = s
+        s.requests.inc()
+        s.duration.observe(seconds)
+        s.cpu_seconds.inc(cpu_seconds)
+
+    def record_rows(self, model: str, rows: Sequence[Explanation], spread: Array) -> None:
+        """Cost and quality of each explained row; spread (outputs,) scales the error bars."""
+        for row in rows:
+            s = self.series(model, row.method)
+            s.rows.inc()
+            s.evaluations.observe(row.evaluations)
+            s.relative_error.observe(relative_error(row.std_errors, spread))
+            for gap in np.abs(row.additivity_gap).tolist():
+                s.additivity_gap.observe(gap)
+            if row.budget_exhausted:
+                s.budget_exhausted.inc()
+            if row.converged:
+                s.converged.inc()
+
+    def series(self, model: str, method: str) -> RowSeries:
+        """The per-row children of (model, method), created on first use."""
+        found = self._row_series.get((model, method))
+        if found is None:
+            labels = (model, method)
+            found = RowSeries(self.rows.labels(*labels), self.evaluations.labels(*labels),
+                              self.relative_error.labels(*labels),
+                              self.additivity_gap.labels(*labels),
+                              self.budget_exhausted.labels(*labels),
+                              self.converged.labels(*labels))
+            self._row_series[(model, method)] = found
+        return found
+
     def watch_drift(self, sources: Callable[[], Iterable[DriftSource]]) -> None:
         """Export drift gauges computed at scrape time from each monitor's cached report."""
         self.registry.register(DriftCollector(sources))
+
+
+def relative_error(std_errors: Array, spread: Array) -> float:
+    """Largest standard error (outputs, features) over the spread of its output (outputs,)."""
+    if not std_errors.any():  # exact methods: skip the division
+        return 0.0
+    return float((std_errors.max(axis=1) / spread).max())
 
 
 class DriftCollector(Collector):
@@ -132,6 +204,9 @@ def _drift_families() -> dict[str, GaugeMetricFamily]:
         "attribution_ratio": g("sidelight_drift_attribution_ratio", "Recent mean |attribution| "
                                "/ reference mean |attribution| per feature.",
                                ["model", "feature"]),
+        "attribution_shift": g("sidelight_drift_attribution_shift", "(Recent - reference) "
+                               "mean |attribution| per feature / the reference's total mean "
+                               "|attribution|.", ["model", "feature"]),
         "attribution_rank": g("sidelight_drift_attribution_rank_change", "Top-k feature "
                               "turnover by mean |attribution|, 0 = same top features.",
                               ["model"]),
@@ -154,6 +229,7 @@ def _add_source(f: dict[str, GaugeMetricFamily], s: DriftSource) -> None:
         a = report.attributions
         for name, j in zip(s.features, idx, strict=True):
             f["attribution_ratio"].add_metric([s.model, name], float(a.ratio[j]))
+            f["attribution_shift"].add_metric([s.model, name], float(a.shift[j]))
             f["attribution_mean"].add_metric([s.model, name], float(a.mean_abs[j]))
         f["attribution_rank"].add_metric([s.model], float(a.rank_change))
 

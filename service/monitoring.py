@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.base import Array, Background, ModelFn
+from explainers.base import Array, Background, Explanation, ModelFn
 from explainers.errors import SidelightError
 from service.config import ModelConfig, Settings
 from service.drift import DriftMonitor, Reference
@@ -36,8 +37,10 @@ class DriftMonitors:
         self._lock = threading.Lock()
 
     def add(self, model: str, version: str, features: tuple[str, ...], outputs: tuple[str, ...],
-            background: Background, reference_phi: Array | None) -> None:
-        """Monitor a model against its background; reference_phi: (rows, features) or None."""
+            background: Background, reference_phi: Array | None, target: object = None) -> None:
+        """Monitor a model against reference rows (`background`); reference_phi: (rows,
+        features) or None, both for the explained `target` (requests for another target feed
+        input drift only)."""
         s = self.settings
         reference_abs = None if reference_phi is None else np.abs(reference_phi).mean(axis=0)
         monitor = DriftMonitor(
@@ -46,16 +49,21 @@ class DriftMonitors:
             reference_abs, top_k=s.top_k, window_seconds=s.window_seconds)
         index = exported_features(len(features), reference_abs, s.max_features)
         source = DriftSource(model, version, tuple(features[j] for j in index), index, outputs,
-                             monitor)
+                             monitor, target)
         with self._lock:
             self._sources[(model, version)] = source
 
-    def observe(self, model: str, version: str, X: Array, predictions: Array | None,
-                attributions: Array | None) -> None:
-        """X (rows, features); predictions (rows, outputs); attributions (rows, features)."""
+    def observe(self, model: str, version: str, target: object, X: Array,
+                rows: Sequence[Explanation]) -> None:
+        """One answered request: its inputs X (rows, features) always; its predictions and mean
+        |phi| over outputs only when it explained the monitored target."""
         source = self._sources.get((model, version))
-        if source is not None:
-            source.monitor.observe(X, predictions, attributions)
+        if source is None:
+            return
+        if target != source.target or len(rows) != X.shape[0]:
+            source.monitor.observe(X)
+            return
+        source.monitor.observe(X, [r.prediction for r in rows], [r.values for r in rows])
 
     def sources(self) -> list[DriftSource]:
         with self._lock:

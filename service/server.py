@@ -4,6 +4,7 @@ with health checking and reflection, plus the Prometheus HTTP endpoint."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +18,16 @@ from explainers.errors import Unavailable
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.metrics import Metrics
+from service.redis_store import RedisOptions, RedisStore, masked
 from service.repository import ModelRepository
 from service.servicer import ExplainerServicer
-from service.store import MemoryStore
+from service.store import BackgroundStore, MemoryStore
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 
@@ -40,6 +43,7 @@ class Sidelight:
     port: int
     metrics_port: int = -1
     plane: DataPlane | None = None
+    store: BackgroundStore | None = None
     _http: list[Any] = field(default_factory=list)
 
     def data_plane(self) -> DataPlane:
@@ -50,7 +54,8 @@ class Sidelight:
     def load(self) -> None:
         """Load the repository, seed and warm backgrounds, then report SERVING."""
         repo = ModelRepository.load(self.settings.models_dir, self.settings)
-        plane = DataPlane(repo, MemoryStore(), self.settings, self.metrics)
+        self.store = build_store(self.settings, self.metrics, self._redis_state)
+        plane = DataPlane(repo, self.store, self.settings, self.metrics)
         plane.seed_backgrounds()
         plane.warm()
         self.plane = plane
@@ -61,10 +66,30 @@ class Sidelight:
         log.info("loaded %d model version(s); %s", len(repo.ready()),
                  "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
 
+    def _redis_state(self, up: bool) -> None:
+        """Redis's own health entry; the service stays SERVING on local copies either way."""
+        self.health.set(REDIS_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
+                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
         for server in self._http:
             server.shutdown()
+        if self.store is not None:
+            self.store.close()
+            if self.store.pending():
+                log.warning("stopped with %d background upload(s) never written to Redis",
+                            self.store.pending())
+
+
+def build_store(settings: Settings, metrics: Metrics,
+                on_state: Callable[[bool], None]) -> BackgroundStore:
+    """Redis when SIDELIGHT_REDIS_URL is set (shared by every replica), else in memory."""
+    if not settings.redis_url:
+        metrics.redis_up.set(1)
+        return MemoryStore()
+    log.info("backgrounds and results in Redis at %s", masked(settings.redis_url))
+    return RedisStore(RedisOptions.from_settings(settings), metrics, on_state)
 
 
 def start(settings: Settings, registry: CollectorRegistry | None = None,

@@ -1,9 +1,13 @@
-"""Background (reference) datasets by name. The in-memory store is the embedded default; a Redis
-store with the same protocol shares them between replicas."""
+"""Background (reference) datasets by name. The in-memory store is the embedded default; the Redis
+store (service/redis_store.py) has the same protocol and shares them between replicas.
+
+Stores also hold small derived blobs (f(background) per target, cached explanations) under
+content-addressed keys; the in-memory store keeps none because one process has its own caches."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -12,9 +16,15 @@ from typing import Protocol
 import numpy as np
 
 from explainers.base import Array
-from explainers.errors import InvalidArgument, NotFound
+from explainers.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_NAME = "default"
+FLOAT_DTYPES = ("float32", "float64")
+DERIVED_TTL_S = 7 * 24 * 3600.0  # derived blobs are content-addressed: the TTL only bounds growth
+
+
+class CorruptValue(FailedPrecondition):
+    """A stored value whose bytes do not match its sha256 or header: reported, never used."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +46,12 @@ class BackgroundMeta:
 
 def data_sha256(data: Array) -> str:
     """sha256 of the little-endian bytes: the identity of a background's content."""
-    little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-    return hashlib.sha256(little.tobytes()).hexdigest()
+    return hashlib.sha256(little_endian(data)).hexdigest()
+
+
+def little_endian(data: Array) -> bytes:
+    """The array's values as C-ordered little-endian bytes (the storage format; never pickle)."""
+    return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
 
 
 def make_meta(model: str, version: str, name: str, data: Array, source: str, model_sha256: str,
@@ -51,7 +65,9 @@ def make_meta(model: str, version: str, name: str, data: Array, source: str, mod
 
 
 class BackgroundStore(Protocol):
-    """Named backgrounds per model version."""
+    """Named backgrounds per model version, plus content-addressed blobs for derived data."""
+
+    shared: bool  # whether other replicas see what this store holds (blobs are worth writing)
 
     def put(self, meta: BackgroundMeta, data: Array) -> BackgroundMeta: ...
 
@@ -63,9 +79,33 @@ class BackgroundStore(Protocol):
 
     def delete(self, model: str, version: str, name: str) -> bool: ...
 
+    def persisted(self, meta: BackgroundMeta) -> bool:
+        """False while this background waits on this replica for its shared store."""
+        ...
+
+    def pending(self) -> int:
+        """Uploads held locally until the shared store can take them."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether the shared store answers (always true in memory)."""
+        ...
+
+    def get_blob(self, key: str) -> bytes | None:
+        """A derived blob, or None when absent or the store cannot be reached."""
+        ...
+
+    def put_blob(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store a derived blob for `ttl_s` seconds; best effort (a cache, not data)."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class MemoryStore:
     """The embedded store: a dict behind a lock; arrays are stored read-only."""
+
+    shared = False
 
     def __init__(self) -> None:
         self._items: dict[tuple[str, str, str], tuple[BackgroundMeta, Array]] = {}
@@ -98,3 +138,76 @@ class MemoryStore:
     def delete(self, model: str, version: str, name: str) -> bool:
         with self._lock:
             return self._items.pop((model, version, name), None) is not None
+
+    def persisted(self, meta: BackgroundMeta) -> bool:
+        return True
+
+    def pending(self) -> int:
+        return 0
+
+    def healthy(self) -> bool:
+        return True
+
+    def get_blob(self, key: str) -> bytes | None:
+        return None
+
+    def put_blob(self, key: str, value: bytes, ttl_s: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+# --- framing of derived blobs ------------------------------------------------------------------
+def frame(header: dict[str, object], payload: bytes) -> bytes:
+    """One JSON header line (with the payload's sha256) then the payload bytes."""
+    head = dict(header, sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + payload
+
+
+def unframe(blob: bytes, where: str) -> tuple[dict[str, object], bytes]:
+    """Header and payload of a framed blob, or CorruptValue naming `where`."""
+    line, sep, payload = blob.partition(b"\n")
+    try:
+        header = json.loads(line) if sep else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("bytes") != len(payload):
+        raise CorruptValue(f"{where}: stored value is truncated or has no valid header")
+    if header.get("sha256") != hashlib.sha256(payload).hexdigest():
+        raise CorruptValue(f"{where}: stored value does not match its sha256")
+    return header, payload
+
+
+def encode_array(array: Array) -> bytes:
+    """A float array as a framed blob: dtype and shape in the header, raw little-endian bytes."""
+    if array.dtype.name not in FLOAT_DTYPES:
+        raise InvalidArgument(f"blob: {array.dtype} arrays are not stored; use float32/float64")
+    return frame({"dtype": array.dtype.name, "shape": list(array.shape)}, little_endian(array))
+
+
+def decode_array(blob: bytes, where: str) -> Array:
+    """The read-only array of a framed blob, verified against its sha256 and shape."""
+    header, payload = unframe(blob, where)
+    dtype, shape = header.get("dtype"), header.get("shape")
+    if dtype not in FLOAT_DTYPES or not isinstance(shape, list) \
+            or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise CorruptValue(f"{where}: stored header has no valid dtype and shape")
+    little = np.dtype(str(dtype)).newbyteorder("<")
+    if little.itemsize * int(np.prod(shape)) != len(payload):
+        raise CorruptValue(f"{where}: stored size does not match its shape {shape}")
+    out = np.frombuffer(payload, dtype=little).reshape(shape).astype(str(dtype), copy=False)
+    out.setflags(write=False)
+    return out
+
+
+def derived_key(kind: str, *parts: object) -> str:
+    """A content-addressed key for derived data: `<kind>:<sha256 of the parts>`."""
+    text = json.dumps([str(p) for p in parts], separators=(",", ":"))
+    return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def predictions_key(background_sha: str, model_sha: str, *target: object) -> str:
+    """Where f(background) for one target is cached: `fbg:<background sha>:<model sha>:<target>`
+    (the target's output, columns and scale, hashed)."""
+    return f"fbg:{background_sha}:{model_sha}:{derived_key('t', *target)[2:18]}"

@@ -12,6 +12,7 @@ import pytest
 from service.config import Settings
 from service.server import Sidelight, start
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from tests.redis_process import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"
@@ -45,3 +46,13 @@ def stub(channel: grpc.Channel) -> pb_grpc.ExplainerStub:
 
 def background_of(name: str) -> np.ndarray:
     return np.load(MODELS / name / "background.npy").astype(np.float64)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server on a free port (no persistence); kill/restart it freely."""
+    if not RedisProcess.available():
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path).start()
+    yield server
+    server.kill()

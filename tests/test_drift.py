@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 
 from explainers.errors import InvalidArgument
 from service.drift import (
@@ -17,6 +17,7 @@ from service.drift import (
     DriftMonitor,
     DriftWindow,
     Reference,
+    attribution_shift,
     binned_ks,
     mean_abs_attribution,
     population_stability_index,
@@ -157,6 +158,33 @@ def test_shifted_distribution_gives_large_psi() -> None:
     assert result.psi[0] < 0.02
     assert result.psi[1] > 0.5 and result.psi[2] > 2.0  # 0.25 is the usual "major shift" line
     assert result.ks[1] > 0.3 and result.ks[2] > 0.6
+
+
+def test_psi_is_the_symmetrised_kl_divergence_of_scipy() -> None:
+    g = rng(7)
+    for _ in range(20):
+        p, q = g.dirichlet(np.ones(8)), g.dirichlet(np.ones(8))
+        p, q = (p + 1e-3) / (p + 1e-3).sum(), (q + 1e-3) / (q + 1e-3).sum()  # no clipping
+        expected = stats.entropy(p, q) + stats.entropy(q, p)  # KL(p||q) + KL(q||p)
+        assert population_stability_index(p, q) == pytest.approx(expected, rel=1e-10)
+
+
+def test_window_psi_matches_scipy_binning_and_divergence() -> None:
+    g = rng(8)
+    reference, observed = g.gamma(2.0, size=(2000, 2)), g.gamma(2.5, size=(700, 2)) * 1.1
+    window = DriftWindow(Reference.build(reference, bins=10), clock=FakeClock())
+    window.observe(observed)
+    def right_closed_counts(x: Array, edges: Array) -> Array:
+        """Counts in (a, b] with scipy's [a, b) bins: x in (a, b] iff -x in [-b, -a)."""
+        bins = -np.concatenate(([-1e9], edges[1:-1], [1e9]))[::-1]
+        return np.asarray(stats.binned_statistic(-x, None, "count", bins=bins).statistic[::-1])
+
+    for j, edges in enumerate(window.reference.edges):  # reference values sit on the edges
+        p = right_closed_counts(observed[:, j], edges)
+        q = right_closed_counts(reference[:, j], edges)
+        p, q = np.maximum(p / p.sum(), PSI_EPSILON), np.maximum(q / q.sum(), PSI_EPSILON)
+        expected = np.sum(special.rel_entr(p, q) + special.rel_entr(q, p))
+        assert window.stats().psi[j] == pytest.approx(expected, rel=1e-10)
 
 
 # ------------------------------------------------------------------------------------------- KS
@@ -321,7 +349,7 @@ def test_attribution_ratio_on_a_hand_made_example() -> None:
 def test_empty_attribution_window_is_nan() -> None:
     result = AttributionWindow(np.array([1.0, 2.0]), clock=FakeClock()).stats()
     assert np.all(np.isnan(result.mean_abs)) and np.all(np.isnan(result.ratio))
-    assert np.isnan(result.rank_change)
+    assert np.isnan(result.rank_change) and np.all(np.isnan(result.shift))
 
 
 @pytest.mark.parametrize(("reference", "window", "k", "expected"), [
@@ -358,6 +386,43 @@ def test_attribution_window_rank_change_and_reference_helper() -> None:
     window.observe(np.array([[4.0, 0.5, -2.0, 0.0]]))  # feature 2 overtakes feature 1
     assert window.stats().rank_change == pytest.approx(0.5)
     np.testing.assert_allclose(window.stats().ratio, [1.0, 0.5 / 3.0, 2.0, 1.0])
+
+
+def test_attribution_drift_matches_an_independent_computation_on_random_windows() -> None:
+    g = rng(11)
+    reference_phi = g.normal(size=(200, 6)) * np.array([3.0, 2.0, 1.5, 1.0, 0.5, 0.1])
+    window_phi = g.normal(size=(150, 6)) * np.array([0.5, 2.0, 1.5, 1.0, 3.0, 0.1])
+    reference = np.abs(reference_phi).mean(axis=0)  # numpy, not the module's helper
+    window = AttributionWindow(mean_abs_attribution(reference_phi), top_k=2, clock=FakeClock())
+    window.observe(window_phi[:70])
+    window.observe(window_phi[70:])
+    result = window.stats()
+    recent = stats.tmean(np.abs(window_phi), axis=0, limits=None)  # scipy's mean per feature
+    np.testing.assert_allclose(result.mean_abs, recent, rtol=1e-12)
+    np.testing.assert_allclose(result.ratio, recent / reference, rtol=1e-12)
+    np.testing.assert_allclose(result.shift, (recent - reference) / reference.sum(), rtol=1e-12)
+    top = lambda v: set(np.argsort(-v)[:2].tolist())  # noqa: E731 - brute-force top-2 sets
+    assert result.rank_change == pytest.approx(1 - len(top(reference) & top(recent)) / 2)
+    assert result.rank_change == pytest.approx(0.5)  # feature 4 replaced feature 0
+
+
+def test_attribution_shift_on_a_hand_made_example_and_its_edge_cases() -> None:
+    reference = np.array([2.0, 1.0, 1.0, 0.0])  # total 4
+    shift = attribution_shift(reference, np.array([1.0, 1.0, 2.0, 0.4]))
+    np.testing.assert_allclose(shift, [-0.25, 0.0, 0.25, 0.1])
+    assert np.isnan(attribution_shift(reference, np.full(4, np.nan))).all()  # empty window
+    zero = attribution_shift(np.zeros(2), np.array([0.0, 1.0]))
+    assert zero[0] == 0.0 and zero[1] == np.inf
+
+
+def test_single_row_attribution_window() -> None:
+    window = AttributionWindow(np.array([1.0, 3.0]), top_k=1, clock=FakeClock())
+    window.observe(np.array([-3.0, 1.0]))  # one row given as (features,)
+    result = window.stats()
+    np.testing.assert_allclose(result.ratio, [3.0, 1 / 3])
+    np.testing.assert_allclose(result.shift, [0.5, -0.5])
+    assert result.rank_change == 1.0
+    np.testing.assert_array_equal(result.observations, [1, 1])
 
 
 # ------------------------------------------------------------------------- cache and monitor
@@ -408,3 +473,48 @@ def test_monitor_without_predictions_or_attributions() -> None:
     report = monitor.report()
     assert report.predictions is None and report.attributions is None
     assert PSI_EPSILON == 1e-4
+
+
+def test_monitor_bins_queued_rows_into_the_slice_they_arrived_in() -> None:
+    clock = FakeClock(0.0)
+    reference = rng().normal(size=(200, 2))
+    monitor = DriftMonitor(Reference.build(reference), window_seconds=10.0, slice_seconds=5.0,
+                           every_seconds=0.0, clock=clock, batch_rows=1000)
+    early, late = rng(1).normal(size=(30, 2)), rng(2).normal(size=(20, 2)) + 3.0
+    monitor.observe(early)
+    assert monitor.features.counts().sum() == 0  # queued, not binned yet
+    clock.advance(5.0)  # a new slice: the next observe bins the queued rows into slice 0
+    monitor.observe(late)
+    expected_early = monitor.features.reference.histogram(early)
+    np.testing.assert_array_equal(monitor.features.counts(), expected_early)
+    assert monitor.report().features.observations[0] == 50  # a report bins the rest
+    clock.advance(5.0)  # slice 0 leaves the 10 s window, slice 1 stays
+    np.testing.assert_array_equal(monitor.report().features.observations, [20, 20])
+    np.testing.assert_array_equal(monitor.features.counts(),
+                                  monitor.features.reference.histogram(late))
+
+
+def test_monitor_bins_a_batch_once_it_holds_batch_rows() -> None:
+    monitor = DriftMonitor(Reference.build(rng().normal(size=(50, 3))), clock=FakeClock(),
+                           batch_rows=4)
+    monitor.observe(np.zeros((3, 3)))
+    monitor.observe(np.zeros((2, 3)))  # 3 < 4 queued: joins the batch
+    assert monitor.features.counts().sum() == 0
+    monitor.observe(np.zeros((1, 3)))  # 5 >= 4 queued: that batch is binned first
+    np.testing.assert_array_equal(monitor.features.counts().sum(axis=1), [5, 5, 5])
+
+
+def test_monitor_accepts_per_row_outputs_and_multi_output_attributions() -> None:
+    g = rng(4)
+    X = g.normal(size=(6, 3))
+    phi = g.normal(size=(6, 2, 3))  # (rows, outputs, features)
+    predictions = g.normal(size=(6, 2))
+    monitor = DriftMonitor(Reference.build(g.normal(size=(100, 3))),
+                           Reference.build(g.normal(size=(100, 2))), np.ones(3),
+                           clock=FakeClock())
+    monitor.observe(X[:4], list(predictions[:4]), list(phi[:4]))  # per-row sequences
+    monitor.observe(X[4:], predictions[4:], list(phi[4:]))  # a (rows, outputs) matrix
+    report = monitor.report()
+    assert report.predictions is not None and report.attributions is not None
+    np.testing.assert_array_equal(report.predictions.observations, [6, 6])
+    np.testing.assert_allclose(report.attributions.mean_abs, np.abs(phi).mean(axis=(0, 1)))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.monitoring import exported_features
@@ -79,6 +82,10 @@ def test_traffic_moves_cost_quality_and_drift_metrics(monitored: Sidelight) -> N
     ratio = value(s, "sidelight_drift_attribution_ratio", model="breast_cancer_mlp",
                   feature="mean radius")
     assert np.isfinite(ratio) and ratio > 0
+    shift = {dict(k[1])["feature"]: v for k, v in s.items()
+             if k[0] == "sidelight_drift_attribution_shift"
+             and dict(k[1])["model"] == "breast_cancer_mlp"}
+    assert len(shift) == 30 and max(shift, key=lambda f: shift[f]) == "mean radius"
     rank = value(s, "sidelight_drift_attribution_rank_change", model="breast_cancer_mlp")
     assert 0.0 <= rank <= 1.0
     assert ("sidelight_drift_prediction_psi",
@@ -116,3 +123,37 @@ def test_drift_label_cardinality_is_capped_by_importance() -> None:
     assert exported_features(5, importance, 10) == (0, 1, 2, 3, 4)
     assert exported_features(5, importance, 2) == (1, 3)
     assert exported_features(5, None, 2) == (0, 1)
+
+
+def copy_model(tmp_path: Path, name: str, reference: str | None) -> Path:
+    """diabetes_linear under another name, with explain.yaml's drift_reference set."""
+    model = tmp_path / name
+    shutil.copytree(MODELS / "diabetes_linear", model)
+    config = yaml.safe_load((model / "explain.yaml").read_text())
+    config["drift_reference"] = {"path": reference}
+    (model / "explain.yaml").write_text(yaml.safe_dump(config))
+    return model
+
+
+def test_drift_is_measured_against_explain_yamls_drift_reference(tmp_path: Path) -> None:
+    bg = background_of("diabetes_linear")
+    recent = bg.copy()
+    recent[:, 2] += 10 * bg[:, 2].std()  # the reference window saw much higher bmi
+    np.save(copy_model(tmp_path, "windowed", "recent.npy") / "recent.npy", recent)
+    copy_model(tmp_path, "unreadable", "missing.npy")  # falls back to the background, logged
+    app = start(settings_for(tmp_path, drift_reference_rows=4))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            stub = pb_grpc.ExplainerStub(ch)
+            for model in ("windowed", "unreadable"):
+                stub.Explain(pb.ExplainRequest(model=model, inputs=[from_array("input", bg[:200])],
+                                               budget_ms=500))
+        s = scrape(app.metrics_port)
+    finally:
+        app.stop(grace=0)
+    psi = {(m, f): value(s, "sidelight_drift_input_psi", model=m, feature=f)
+           for m in ("windowed", "unreadable") for f in ("bmi", "age")}
+    assert psi[("windowed", "bmi")] > 2.0  # background-like traffic vs a high-bmi reference
+    assert psi[("windowed", "age")] < 0.1
+    assert psi[("unreadable", "bmi")] < 0.1 and psi[("unreadable", "age")] < 0.1
+    assert value(s, "sidelight_model_ready", model="unreadable", version="1") == 1

@@ -156,8 +156,10 @@ def test_bad_requests_get_invalid_argument_naming_the_field(stub: pb_grpc.Explai
 
 def test_seed_and_evaluation_cap_reproduce_the_answer(stub: pb_grpc.ExplainerStub) -> None:
     X = background_of("breast_cancer_mlp")[5:6]
-    a, b = (stub.Explain(request("breast_cancer_mlp", X, budget_ms=2000, seed=4,
-                                 max_evaluations=20_000)) for _ in range(2))
+    # different budgets are different requests (no result-cache hit); the cap binds first
+    a, b = (stub.Explain(request("breast_cancer_mlp", X, budget_ms=budget, seed=4,
+                                 max_evaluations=20_000)) for budget in (2000, 5000))
+    assert not a.cached and not b.cached
     assert list(a.rows[0].attributions) == list(b.rows[0].attributions)
     assert a.rows[0].model_evaluations <= 20_000 and not a.cost.converged
     c = stub.Explain(request("breast_cancer_mlp", X, budget_ms=2000, seed=5,
