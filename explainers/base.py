@@ -34,6 +34,11 @@ def t_quantile(level: float, dof: float) -> float:
     return float(stats.norm.ppf(q) if not math.isfinite(dof) else stats.t.ppf(q, max(dof, 1.0)))
 
 
+def t_quantiles(level: float, dofs: Array) -> Array:
+    """t_quantile for an array of degrees of freedom (inf gives the normal quantile)."""
+    return np.asarray(stats.t.ppf(0.5 + level / 2, np.maximum(dofs, 1.0)))
+
+
 @dataclass(frozen=True)
 class Background:
     """Reference rows with weights that sum to one, and the model's outputs on them.
@@ -97,17 +102,21 @@ class Explanation:
     samples: int = 0  # independent sampling units used (permutation pairs, coalition pairs)
     dof: float = math.inf  # degrees of freedom of the standard errors (for t intervals)
     notes: tuple[str, ...] = field(default=())
+    dofs: Array | None = None  # (outputs, features) per-attribution dof; overrides `dof`
 
     @staticmethod
     def build(method: str, values: Array, std_errors: Array, base: Array, pred: Array,
-              **meta: int | bool | tuple[str, ...]) -> Explanation:
+              **meta: int | float | bool | tuple[str, ...] | Array) -> Explanation:
         """Freeze the arrays; every estimator returns through here."""
+        if isinstance(meta.get("dofs"), np.ndarray):
+            meta["dofs"] = _frozen(meta["dofs"])  # type: ignore[arg-type]
         return Explanation(method, _frozen(values), _frozen(std_errors), _frozen(base),
                            _frozen(pred), **meta)  # type: ignore[arg-type]
 
     def interval(self, level: float = 0.95) -> tuple[Array, Array]:
         """Two-sided t interval per attribution; zero width for exact methods."""
-        half = t_quantile(level, self.dof) * self.std_errors  # (outputs, features)
+        q = t_quantile(level, self.dof) if self.dofs is None else t_quantiles(level, self.dofs)
+        half = q * self.std_errors  # (outputs, features)
         return self.values - half, self.values + half
 
     @property

@@ -4,6 +4,7 @@ method) and runs the estimators. Domain types in and out; no gRPC here."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -48,7 +49,8 @@ SCALES = ("identity", "logit", "margin")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
-USAGE = {"permutation": "one row sampled per permutation pair (control variate on f(row))",
+USAGE = {"permutation": "one row per permutation pair, rows visited in random sweeps "
+                        "(stratified by row; a row's notes say when not every row was reached)",
          "exact": "all rows for every coalition", "kernel": "all rows for every coalition"}
 
 
@@ -90,6 +92,21 @@ class Target:
     columns: tuple[int, ...]
     scale: str
     names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request resolved against the repository, the store and the clock."""
+
+    query: ExplainQuery
+    start: float  # time.monotonic() when the call arrived
+    budget_s: float
+    source: str  # where the budget came from
+    model: LoadedModel
+    X: Array  # (rows, features) validated inputs
+    target: Target
+    meta: BackgroundMeta
+    background: Background
 
 
 @dataclass(frozen=True)
@@ -234,7 +251,8 @@ class DataPlane:
             self._in_flight -= 1
         self.metrics.in_flight.dec()
 
-    def _explain(self, q: ExplainQuery, start: float) -> ExplainResult:
+    def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
+        """Resolve the request once: budget, model, inputs, target and background."""
         budget_s, source = self.resolve_budget(q, start)
         model = self.repo.get(q.model, q.version)
         X = self.assemble(model, q.inputs)
@@ -243,15 +261,20 @@ class DataPlane:
         if q.target_error < 0 or q.max_evaluations < 0:
             field = "target_error" if q.target_error < 0 else "max_evaluations"
             raise InvalidArgument(f"{field}: must be >= 0")
-        deadline = start + budget_s - reserve_s(budget_s, X.shape[0])
-        choice = self.choose(q.method or model.config.method, model, target, background,
-                             meta.sha256, X.shape[0], deadline - time.monotonic())
-        rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
+        return Prepared(q, start, budget_s, source, model, X, target, meta, background)
+
+    def _explain(self, p: Prepared) -> ExplainResult:
+        """Choose the method and explain every row before the deadline."""
+        q, model, X = p.query, p.model, p.X
+        deadline = p.start + p.budget_s - reserve_s(p.budget_s, X.shape[0])
+        choice = self.choose(q.method or model.config.method, model, p.target, p.background,
+                             p.meta.sha256, X.shape[0], deadline - time.monotonic())
+        rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator, q,
                                   deadline)
-        elapsed = 1e3 * (time.monotonic() - start)
+        elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
-                             elapsed, 1e3 * budget_s, source, meta, spread_of(background), X,
-                             notes=notes_of(choice, rows))
+                             elapsed, 1e3 * p.budget_s, p.source, p.meta, spread_of(p.background),
+                             X, notes=notes_of(choice, rows))
 
     def choose(self, method: str, model: LoadedModel, target: Target, background: Background,
                background_sha: str, rows: int, seconds: float) -> Choice:
@@ -268,6 +291,7 @@ class DataPlane:
         """Rows one after the other, each given an equal share of the time that is left."""
         rng = np.random.default_rng(q.seed)
         fn = self.target_fn(model, target)
+        deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight)
         if isinstance(estimator, RowsEstimator):  # exact and batched: no per-row budget
             ev = Evaluator(fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
                            dtype=model.onnx.batch_dtype)
@@ -365,33 +389,18 @@ class DataPlane:
     # --- result cache -----------------------------------------------------------------------
     def _explain_cached(self, q: ExplainQuery, start: float) -> ExplainResult:
         """The stored answer to an identical request (cached=true), else compute and store."""
+        p = self._prepare(q, start)
         if not self.results.enabled:
-            return self._explain(q, start)
-        key, X, background_sha, (budget_s, source) = self._result_key(q, start)
+            return self._explain(p)
+        key = result_key(p)
         hit = self.results.get(key)
         self.metrics.cache.labels("result", "miss" if hit is None else "hit").inc()
         if hit is not None:  # this call's budget and time; the answer's own evaluations
-            return replace(hit, X=X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
-                           budget_ms=1e3 * budget_s, budget_source=source)
-        result = self._explain(q, start)
-        if result.background.sha256 == background_sha:  # not replaced in between
-            self.results.put(key, replace(result, X=result.X[:0]))
+            return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
+                           budget_ms=1e3 * p.budget_s, budget_source=p.source)
+        result = self._explain(p)
+        self.results.put(key, replace(result, X=result.X[:0]))
         return result
-
-    def _result_key(self, q: ExplainQuery,
-                    start: float) -> tuple[str, Array, str, tuple[float, str]]:
-        """Everything that decides the answer, hashed; with the validated inputs, the background
-        sha256 and the budget (seconds, source)."""
-        budget_s, source = self.resolve_budget(q, start)
-        model = self.repo.get(q.model, q.version)
-        X = self.assemble(model, q.inputs)  # (rows, features)
-        target = self.target(model, q.output, q.classes, q.scale)
-        meta, _ = self.background(model, q.background or DEFAULT_NAME, target)
-        key = request_key(X, model.sha256, model.name, model.version, model.feature_names,
-                          q.method or model.config.method, target.output, target.columns,
-                          target.scale, meta.name, meta.sha256, q.seed, q.max_evaluations,
-                          q.target_error, budget_class(1e3 * budget_s))
-        return key, X, meta.sha256, (budget_s, source)
 
     def _record_cached(self, result: ExplainResult) -> None:
         """A cached answer cost no evaluations: only drift sees the request."""
@@ -522,6 +531,15 @@ class DataPlane:
         return value
 
 
+def result_key(p: Prepared) -> str:
+    """Everything that decides the answer, hashed (service/result_cache.py)."""
+    q, model, target = p.query, p.model, p.target
+    return request_key(p.X, model.sha256, model.name, model.version, model.feature_names,
+                       q.method or model.config.method, target.output, target.columns,
+                       target.scale, p.meta.name, p.meta.sha256, q.seed, q.max_evaluations,
+                       q.target_error, budget_class(1e3 * p.budget_s))
+
+
 def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
     """The method choice's notes, then each distinct note of the rows."""
     return tuple(dict.fromkeys([*choice.notes, *(n for r in rows for n in r.notes)]))
@@ -534,9 +552,18 @@ def spread_of(background: Background) -> Array:
     return np.where(std > 0, std, 1.0)
 
 
+def load_reserve_s(remaining_s: float, in_flight: int) -> float:
+    """Extra time kept back when more explanations run than there are cores: everything after
+    the estimators (response, gRPC) then runs proportionally slower too."""
+    load = in_flight / max(1, len(os.sched_getaffinity(0)))
+    return max(0.0, min(0.4 * remaining_s, (load - 1) * (0.0025 + 0.02 * remaining_s)))
+
+
 def reserve_s(budget_s: float, rows: int) -> float:
-    """Time kept back from the estimators for each row's final solve and the response."""
-    return min(0.25 * budget_s, 0.002 + 0.03 * budget_s + 0.0002 * rows)
+    """Time kept back from the estimators for what follows them: metrics, the response and
+    gRPC's two trips through Python, about 1.5-2 ms per call here, p99 ~4 ms on a busy machine
+    (docs/benchmarks.md)."""
+    return min(0.6 * budget_s, 0.003 + 0.03 * budget_s + 0.0002 * rows)
 
 
 def apply_scale(y: Array, scale: str) -> Array:

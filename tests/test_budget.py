@@ -3,6 +3,7 @@ the request is refused up front; never a late answer or a DEADLINE_EXCEEDED."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.dataplane import load_reserve_s, reserve_s
 from service.server import Sidelight, start
 from service.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
@@ -59,8 +61,9 @@ def explain(app: Sidelight, model: str, timeout: float | None = None,
             model=model, inputs=[from_array("x", x)], **kw), timeout=timeout)
 
 
-@pytest.mark.parametrize("method", ["permutation", "kernel", "auto"])
-@pytest.mark.parametrize("budget_ms", [25.0, 80.0])
+@pytest.mark.parametrize(("method", "budget_ms"), [("permutation", 25.0), ("permutation", 80.0),
+                                                   ("auto", 25.0), ("auto", 80.0),
+                                                   ("kernel", 400.0)])
 def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method: str,
                                                     budget_ms: float) -> None:
     start = time.monotonic()
@@ -75,6 +78,21 @@ def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method:
     assert np.all(np.isfinite(se)) and r.rows[0].samples >= 2
     assert r.rows[0].predictions[0] - r.rows[0].base_values[0] == pytest.approx(
         sum(r.rows[0].attributions), abs=1e-6)
+
+
+@pytest.mark.parametrize("budget_ms", [25.0, 80.0])
+def test_kernel_refuses_budgets_too_small_for_a_sound_fit(slow_app: Sidelight,
+                                                          budget_ms: float) -> None:
+    """Kernel needs 2 x 20 coalition pairs (100 rows each, ~45 ms here) before its fit and
+    jackknife mean anything: below that it says so at once instead of answering with error
+    bars it cannot back."""
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        explain(slow_app, "slow", method="kernel", budget_ms=budget_ms, seed=1)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "budget_ms" in err.value.details() and "40 sampled ones" in err.value.details()
+    assert "use permutation or auto" in err.value.details()
+    assert time.monotonic() - start < 0.05 + budget_ms / 1e3
 
 
 def test_a_background_too_big_for_the_budget_is_refused_not_late(slow_app: Sidelight) -> None:
@@ -99,3 +117,14 @@ def test_target_error_stops_early_and_reports_converged(slow_app: Sidelight) -> 
     assert loose.cost.converged and not loose.cost.budget_exhausted
     assert max(loose.rows[0].std_errors) <= 0.05
     assert loose.cost.elapsed_ms < 3000
+
+
+def test_reserves_leave_room_for_the_response_and_grow_with_load() -> None:
+    """What is kept back from the estimators: about 3 ms for what follows them (at most 60% of
+    a tiny budget), and more when more explanations run than there are cores."""
+    assert reserve_s(0.005, 1) == pytest.approx(0.003)
+    assert reserve_s(0.2, 1) == pytest.approx(0.003 + 0.006 + 0.0002)
+    cores = len(os.sched_getaffinity(0))
+    assert load_reserve_s(0.1, cores) == 0.0
+    busy = load_reserve_s(0.1, 2 * cores)
+    assert busy == pytest.approx(0.0025 + 0.002) and load_reserve_s(0.01, 100 * cores) == 0.004

@@ -10,8 +10,11 @@ import pytest
 
 from explainers import Background, Budget, Evaluator, build_registry
 from explainers.base import Array, ModelFn
+from explainers.engine import path_rows
 from explainers.errors import InvalidArgument, ResourceExhausted
 from explainers.exact import all_coalitions
+from explainers.kernel import KernelShap
+from explainers.permutation import DOUBLE_EVERY, RowSweeps
 
 REGISTRY = build_registry()
 
@@ -132,16 +135,36 @@ def test_samplers_converge_to_exact(method: str) -> None:
     assert errors[2] < 0.01 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("method", ["permutation", "kernel"])
-def test_standard_errors_cover_the_exact_values(method: str) -> None:
+def test_kernel_standard_errors_cover_the_exact_values() -> None:
     """Over 20 seeds x 12 attributions, |error| <= 1.96 SE about 95% of the time. With n = 240
-    the 95% binomial range of a calibrated estimator is [0.90, 0.98]; we accept [0.85, 0.995]."""
+    the 95% binomial range of a calibrated estimator is [0.90, 0.98]; we accept [0.85, 0.995].
+    (The permutation sampler's calibration is tests/test_calibration.py.)"""
     x, bg = setup()
     exact = brute_force(nonlinear, x, bg.data)
     inside = [np.abs(e.values - exact) <= 1.96 * e.std_errors
-              for e in (run(method, x, bg, evals=40_000, seed=s) for s in range(20))]
+              for e in (run("kernel", x, bg, evals=40_000, seed=s) for s in range(20))]
     share = float(np.mean(inside))
     assert 0.85 <= share <= 0.995, share
+
+
+def test_permutation_is_exact_for_pairwise_interactions_once_every_row_is_visited() -> None:
+    """An antithetic pair against one background row is exactly phi(x; z) when the model has
+    no interactions above order two, so after a sweep over all rows the stratified estimate is
+    the exact value and its standard error is 0; before, it is a sample of rows with errors
+    that the standard errors cover."""
+
+    def pairwise(X: Array) -> Array:
+        return (np.tanh(X[:, 0] - 0.5 * X[:, 3]) + X[:, 0] * X[:, 1] + X[:, 2] ** 2)[:, None]
+
+    x, bg = setup(pairwise, rows=25)
+    exact = brute_force(pairwise, x, bg.data)
+    swept = run("permutation", x, bg, pairwise, evals=5_000)  # 5000 / 10 rows = 500 pairs
+    np.testing.assert_allclose(swept.values, exact, atol=1e-12)
+    assert np.all(swept.std_errors < 1e-9)
+    partial = run("permutation", x, bg, pairwise, evals=200)  # 20 pairs on 14 of 25 rows
+    assert np.abs(partial.values - exact).max() > 1e-6
+    low, high = partial.interval(0.99)
+    assert np.all((low - 1e-12 <= exact) & (exact <= high + 1e-12))
 
 
 @pytest.mark.parametrize("method", ["permutation", "kernel"])
@@ -210,6 +233,82 @@ def test_single_feature_is_exact_for_every_method() -> None:
     for method in ("exact", "permutation", "kernel", "auto"):
         e = run(method, np.array([3.0]), Background.build(bg, f(bg)), f, evals=1000)
         np.testing.assert_allclose(e.values, [[9.0 - (bg**2).mean()]])
+
+
+@pytest.mark.parametrize("method", ["permutation", "kernel"])
+def test_weighted_backgrounds_converge_to_exact_and_stay_additive(method: str) -> None:
+    """Weights enter as population weights: a weighted background gives the values of the
+    rows repeated by their weights, whether the sampler stopped early or not."""
+    x, bg = setup(rows=8)
+    weights = np.array([1, 5, 1, 1, 3, 1, 1, 2], float)
+    weighted = Background.build(bg.data, bg.predictions, weights)
+    exact = run("exact", x, weighted).values
+    for evals in (300, 1_000_000):
+        e = run(method, x, weighted, evals=evals)
+        np.testing.assert_allclose(e.additivity_gap, 0.0, atol=1e-10)
+    assert np.abs(e.values - exact).max() < 0.01 * np.abs(exact).max()
+    assert np.all(np.abs(e.values - exact) <= 4 * e.std_errors + 1e-9)
+
+
+def test_row_sweeps_visit_every_row_before_any_twice() -> None:
+    """The first sweep gives every row one pair (every DOUBLE_EVERY-th row two, back to back);
+    each later sweep is a fresh order of all rows."""
+    sweeps = RowSweeps(10, np.random.default_rng(0))
+    first = sweeps.take(10 + 10 // DOUBLE_EVERY)
+    rows, counts = np.unique(first, return_counts=True)
+    assert rows.tolist() == list(range(10)) and counts.sum() == first.size
+    assert sorted(counts.tolist()) == [1] * (10 - 10 // DOUBLE_EVERY) + [2] * (10 // DOUBLE_EVERY)
+    later = sweeps.take(25)
+    for k in (0, 10):
+        assert sorted(later[k:k + 10].tolist()) == list(range(10))
+
+
+def test_a_partial_sweep_is_noted_and_a_complete_one_is_not() -> None:
+    x, bg = setup(rows=25)
+    partial = run("permutation", x, bg, evals=100)
+    assert partial.notes and "of 25 background rows visited" in partial.notes[0]
+    assert run("permutation", x, bg, evals=20_000).notes == ()
+
+
+def test_path_rows_select_x_or_the_reference_exactly() -> None:
+    """Bitwise selection equals np.where, NaN included, in float32 and float64."""
+    rng = np.random.default_rng(4)
+    x, Z = rng.normal(size=6), rng.normal(size=(5, 6))
+    Z[1, 2] = np.nan
+    ranks = np.argsort(rng.random((5, 6)), axis=1)
+    for dtype in (np.float32, np.float64):
+        inside = ranks[:, None, :] < np.arange(1, 6)[None, :, None]
+        expected = np.where(inside, x.astype(dtype), Z.astype(dtype)[:, None, :])
+        np.testing.assert_array_equal(path_rows(x, Z, ranks, dtype), expected)
+
+
+def test_kernel_enumerates_size_one_pairs_exactly_for_three_features() -> None:
+    """With three features the pairs ({i}, all but i) are every coalition: no sampling, exact,
+    and a standard error of 0."""
+
+    def f(X: Array) -> Array:
+        return (X[:, 0] * X[:, 1] * X[:, 2] + np.sin(X[:, 1]))[:, None]
+
+    x, bg = setup(f, d=3)
+    e = KernelShap().explain(Evaluator(f, 4096, 1e6), x, bg, Budget.of_seconds(1.0),
+                             np.random.default_rng(0))
+    np.testing.assert_allclose(e.values, brute_force(f, x, bg.data), atol=1e-12)
+    assert e.converged and np.all(e.std_errors == 0)
+
+
+def test_kernel_refuses_fewer_pairs_than_twice_the_features_before_any_model_call() -> None:
+    """6 features, 25 rows: f(x), then 6 enumerated + 12 sampled pairs of 50 rows: 901."""
+    x, bg = setup()
+    calls: list[int] = []
+
+    def counted(X: Array) -> Array:
+        calls.append(X.shape[0])
+        return nonlinear(X)
+
+    with pytest.raises(ResourceExhausted, match=r"12 sampled ones.*: 901 model evaluations"):
+        run("kernel", x, bg, counted, evals=900)
+    assert calls == []
+    assert run("kernel", x, bg, evals=902).samples == 12
 
 
 def test_masks_enumerate_every_coalition_once() -> None:

@@ -46,7 +46,8 @@ def test_explain_returns_attributions_errors_base_and_prediction(
         assert row.predictions[0] - row.base_values[0] == pytest.approx(phi.sum(), abs=1e-9)
         low, high = np.array(row.ci_low), np.array(row.ci_high)
         np.testing.assert_allclose(high - phi, phi - low, rtol=1e-9)
-        np.testing.assert_allclose((high - low) / (2 * se), 1.96, rtol=0.01)  # many pairs: ~z
+        ratio = (high - low) / (2 * se)  # Student t per attribution, many dof: just above z
+        assert np.all(ratio >= 1.959) and np.all(ratio <= 2.1)
         assert row.samples >= 8
     assert r.cost.model_evaluations == sum(row.model_evaluations for row in r.rows) > 0
     # budget adherence is measured in benchmarks; here only a loose sanity bound
