@@ -159,7 +159,7 @@ def test_outage_serves_local_copies_and_writes_uploads_back(
     with pytest.raises(Unavailable):
         b.get("model", "1", "offline")  # b never had it and cannot ask
     redis_server.start()  # empty: no persistence
-    assert wait_for(lambda: a.pending() == 0 and a.healthy())
+    assert wait_for(lambda: a.pending() == 0 and a.healthy() and b.healthy())
     assert a.persisted(held) and metrics.registry.get_sample_value("sidelight_redis_up") == 1
     assert np.array_equal(b.get("model", "1", "offline")[1], data + 1)
     assert wait_for(lambda: redis_server.client().exists(f"{PREFIX}bg:model:1:bg") == 1)
