@@ -26,7 +26,7 @@ from explainers.errors import (
 )
 from explainers.registry import build_registry
 from service.config import Settings
-from service.methods import Choice, MethodResolver, RowsEstimator
+from service.methods import Choice, MethodResolver, batch_explainer
 from service.metrics import UNKNOWN, Metrics
 from service.monitoring import DriftMonitors, DriftSettings, drift_reference
 from service.onnx_model import OIP_TO_NUMPY
@@ -308,10 +308,11 @@ class DataPlane:
         rng = np.random.default_rng(q.seed)
         fn = self.target_fn(model, target)
         deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight)
-        if isinstance(estimator, RowsEstimator):  # exact and batched: no per-row budget
-            ev = Evaluator(fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
-                           dtype=model.onnx.batch_dtype)
-            return tuple(estimator.explain_rows(X, background, ev))
+        batch = batch_explainer(estimator)
+        if batch is not None:  # exact and batched: no per-row budget
+            return tuple(batch(X, background, Evaluator(
+                fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
+                dtype=model.onnx.batch_dtype)))
         rate, out = model.onnx.rows_per_second, []
         for i, x in enumerate(X):
             now = time.monotonic()

@@ -9,7 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
@@ -31,14 +31,14 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-@runtime_checkable
-class RowsEstimator(Protocol):
-    """An exact estimator that explains a whole batch at once, without a per-row budget."""
+BatchFn = Callable[[Array, Background, Evaluator], list[Explanation]]
 
-    name: str
 
-    def explain_rows(self, X: Array, background: Background,
-                     model: Evaluator | None = None) -> list[Explanation]: ...
+def batch_explainer(estimator: Estimator) -> BatchFn | None:
+    """The estimator's `explain_rows` when it explains a whole batch exactly, without a per-row
+    budget (tree, linear). An attribute check: a runtime Protocol check costs ~25 us a call."""
+    found = getattr(estimator, "explain_rows", None)
+    return found if callable(found) else None
 
 
 @dataclass(frozen=True)
