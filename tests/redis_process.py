@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -83,3 +84,13 @@ class RedisProcess:
     def client(self) -> redis.Redis:
         """A plain client for inspecting and tampering with stored values (not TLS)."""
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll `condition` every 10 ms until it holds or `seconds` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

@@ -21,7 +21,7 @@ from service.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for
-from tests.redis_process import RedisProcess
+from tests.redis_process import RedisProcess, wait_for
 
 MODEL = "diabetes_linear"
 CHECK_MS = 100.0
@@ -189,30 +189,21 @@ def test_killing_redis_mid_traffic_fails_no_explanation(
 
     with ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(traffic, i, r) for i, r in enumerate((a, b))]
-        assert wait_until(lambda: min(done) >= 20)
+        assert wait_for(lambda: min(done) >= 20)
         redis_server.kill()
         held = put(a, background_of(MODEL)[50:90], "offline")
         assert not held.persisted and explain(a, "offline").background_rows == 40
         assert a.health() == b.health() == health_pb2.HealthCheckResponse.SERVING
         started_outage.set()
-        assert wait_until(lambda: min(done) >= 60)
+        assert wait_for(lambda: min(done) >= 60)
         redis_server.start()  # empty: started without persistence
         ended_outage.set()
         for run in runs:
             run.result()
     assert sum(done) >= 200 and failures == []
-    assert wait_until(lambda: a.app.store is not None and a.app.store.pending() == 0)
+    assert wait_for(lambda: a.app.store is not None and a.app.store.pending() == 0)
     stored = redis_server.client().hget(f"it:bg:{MODEL}:1:offline", "sha256")
     assert stored == held.background.sha256.encode()  # the held upload was written back
     assert explain(b, "offline").background_sha256 == held.background.sha256
-    assert wait_until(lambda: redis_server.client().exists(f"it:bg:{MODEL}:1:live") == 1)
+    assert wait_for(lambda: redis_server.client().exists(f"it:bg:{MODEL}:1:live") == 1)
     assert a.health(REDIS_HEALTH) == health_pb2.HealthCheckResponse.SERVING
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()

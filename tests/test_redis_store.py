@@ -26,7 +26,7 @@ from service.store import (
     encode_array,
     make_meta,
 )
-from tests.redis_process import RedisProcess, make_cert
+from tests.redis_process import RedisProcess, make_cert, wait_for
 
 PREFIX = "t:"
 
@@ -34,15 +34,6 @@ PREFIX = "t:"
 def meta_of(data: np.ndarray, name: str = "bg", source: str = "upload",
             model_sha: str = "m" * 64) -> BackgroundMeta:
     return make_meta("model", "1", name, data, source, model_sha, ("a", "b", "c"))
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 @pytest.fixture

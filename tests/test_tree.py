@@ -3,9 +3,7 @@ hand-built graphs against onnxruntime and brute-force Shapley values, and the re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
-from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ from explainers.onnx_trees import (
     predict_margin,
 )
 from explainers.tree import MAX_WEIGHT_GROUPS, TreeShap
+from tests.test_estimators import brute_force
 
 ATOL = 1e-5
 D = 5  # features of the trained models
@@ -111,25 +110,6 @@ def native_shap(est: Any, bg: Array, X: Array, columns: int) -> tuple[Array, Arr
     if sv.ndim == 2:
         return sv[:, None, :], base
     return sv.transpose(0, 2, 1), base
-
-
-def brute_force(f: Fn, x: Array, bg: Array) -> Array:
-    """Interventional Shapley values by enumerating every coalition: (outputs, features)."""
-    d = x.size
-
-    def v(S: tuple[int, ...]) -> Array:
-        mask = np.zeros(d, bool)
-        mask[list(S)] = True
-        return np.asarray(f(np.where(mask, x, bg)).mean(axis=0))  # (outputs,)
-
-    phi = np.zeros((f(x[None]).shape[1], d))
-    for i in range(d):
-        others = [j for j in range(d) if j != i]
-        for s in range(d):
-            w = math.factorial(s) * math.factorial(d - s - 1) / math.factorial(d)
-            for S in combinations(others, s):
-                phi[:, i] += w * (v((*S, i)) - v(S))
-    return phi
 
 
 def check_against_runtime(model: onnx.ModelProto, X: Array) -> None:
