@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from explainers.base import Array, Background, ModelFn
 from explainers.engine import Evaluator
-from service.dataplane import apply_scale
 from service.onnx_model import OnnxModel
+from service.targets import apply_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"

@@ -22,9 +22,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.config import Settings
-from service.dataplane import DataPlane, ExplainQuery
+from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.repository import ModelRepository
+from service.requests import ExplainQuery
 from service.store import MemoryStore
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"

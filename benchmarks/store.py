@@ -28,11 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from explainers.base import Array
 from service.config import Settings
-from service.dataplane import BackgroundUpload, DataPlane, ExplainQuery
+from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.redis_store import RedisOptions, RedisStore
 from service.repository import ModelRepository
+from service.requests import BackgroundUpload, ExplainQuery
 from service.store import BackgroundStore, MemoryStore
+from service.targets import resolve_target
 from tests.redis_process import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +128,7 @@ def shared_savings(repo: Path, server: RedisProcess, data: Array, X: Array) -> l
         a, b = plane(repo, store), plane(repo, store)
         a.put_background(BackgroundUpload(MODEL, data, name="bench"))
         model = a.repo.get(MODEL)
-        target = a.target(model, "", (), "")
+        target = resolve_target(model, "", (), "")
         computed = timed(lambda: a.background(model, "bench", target))
         shared = timed(lambda: b.background(model, "bench", target))  # another replica
         cached = plane(repo, store, result_cache=64)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,8 +28,8 @@ from service.config import Settings
 from service.methods import Choice, MethodResolver, batch_explainer
 from service.metrics import UNKNOWN, Metrics
 from service.monitoring import DriftMonitors, DriftSettings, drift_reference
-from service.onnx_model import OIP_TO_NUMPY
 from service.repository import LoadedModel, ModelRepository
+from service.requests import BackgroundUpload, ExplainQuery, assemble, check_name, check_upload
 from service.result_cache import ResultCache, budget_class, request_key
 from service.store import (
     DEFAULT_NAME,
@@ -43,56 +42,15 @@ from service.store import (
     make_meta,
     predictions_key,
 )
+from service.targets import Target, build_background, resolve_target, target_fn
 
 log = logging.getLogger(__name__)
-LOGIT_EPS = 1e-7
-SCALES = ("identity", "logit", "margin")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
 USAGE = {"permutation": "one row per permutation pair, rows visited in random sweeps "
                         "(stratified by row; a row's notes say when not every row was reached)",
-         "exact": "all rows for every coalition", "kernel": "all rows for every coalition"}
-
-
-@dataclass(frozen=True)
-class ExplainQuery:
-    """An Explain request in domain terms. `deadline_s` is the time left on the caller's clock."""
-
-    model: str
-    inputs: tuple[tuple[str, Array], ...]
-    version: str = ""
-    method: str = ""
-    output: str = ""
-    classes: tuple[int, ...] = ()
-    scale: str = ""
-    budget_ms: float = 0.0
-    deadline_s: float | None = None
-    seed: int = 0
-    background: str = ""
-    target_error: float = 0.0
-    max_evaluations: int = 0
-
-
-@dataclass(frozen=True)
-class BackgroundUpload:
-    """A PutBackground request in domain terms."""
-
-    model: str
-    data: Array  # (rows, features)
-    version: str = ""
-    name: str = ""
-    feature_names: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Target:
-    """The explained function: which output, which columns, on which scale."""
-
-    output: str
-    columns: tuple[int, ...]
-    scale: str
-    names: tuple[str, ...]
+         "exact": "all rows for every coalition", "kernel": "all rows for every coalition",
+         "tree": "all rows (exact interventional TreeSHAP)", "linear": "the mean of all rows"}
 
 
 @dataclass(frozen=True)
@@ -185,13 +143,13 @@ class DataPlane:
         start drift monitoring against it."""
         for model in self.repo.ready():
             try:
-                target = self.target(model, "", (), "")
+                target = resolve_target(model, "", (), "")
                 meta, background = self.background(model, DEFAULT_NAME, target)
             except SidelightError as err:
                 log.warning("model %s: no default background yet (%s)", model.name, err)
                 continue
             if self.drift is not None:
-                rows = drift_reference(model, self.settings, self.target_fn(model, target),
+                rows = drift_reference(model, self.settings, target_fn(model, target),
                                        background)
                 reference = self._reference_attributions(model, target, background, rows.data,
                                                          meta.sha256)
@@ -257,8 +215,8 @@ class DataPlane:
         """Resolve the request once: budget, model, inputs, target and background."""
         budget_s, source = self.resolve_budget(q, start)
         model = self.repo.get(q.model, q.version)
-        X = self.assemble(model, q.inputs)
-        target = self.target(model, q.output, q.classes, q.scale)
+        X = assemble(model, q.inputs, self.settings.max_rows_per_request)
+        target = resolve_target(model, q.output, q.classes, q.scale)
         meta, background = self.background(model, q.background or DEFAULT_NAME, target)
         if q.target_error < 0 or q.max_evaluations < 0:
             field = "target_error" if q.target_error < 0 else "max_evaluations"
@@ -296,7 +254,7 @@ class DataPlane:
                background_sha: str, rows: int, seconds: float) -> Choice:
         """The estimator (and the target it explains) for `rows` rows in `seconds`."""
         def fn(t: Target) -> ModelFn:
-            return self.target_fn(model, t)
+            return target_fn(model, t)
 
         return self.methods.choose(method, model, target, background, fn, background_sha,
                                    rows, seconds)
@@ -306,7 +264,7 @@ class DataPlane:
                       deadline: float) -> tuple[Explanation, ...]:
         """Rows one after the other, each given an equal share of the time that is left."""
         rng = np.random.default_rng(q.seed)
-        fn = self.target_fn(model, target)
+        fn = target_fn(model, target)
         deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight)
         batch = batch_explainer(estimator)
         if batch is not None:  # exact and batched: no per-row budget
@@ -339,26 +297,13 @@ class DataPlane:
         """Validate an upload against the model and the limits, then store it."""
         model = self.repo.get(q.model, q.version)
         name = check_name(q.name or DEFAULT_NAME)
-        data = self._check_upload(model, q.data)
+        data = check_upload(model, q.data, self.settings)
         if q.feature_names and len(q.feature_names) != model.onnx.n_features:
             raise InvalidArgument(f"feature_names: {len(q.feature_names)} names for "
                                   f"{model.onnx.n_features} model features")
         meta = make_meta(model.name, model.version, name, data, "upload", model.sha256,
                          tuple(q.feature_names) or model.feature_names)
         return self.store.put(meta, data)
-
-    def _check_upload(self, model: LoadedModel, data: Array) -> Array:
-        s, d = self.settings, model.onnx.n_features
-        if data.dtype not in (np.float32, np.float64):
-            raise InvalidArgument(f"data.datatype: {data.dtype}; backgrounds are FP32 or FP64")
-        if data.ndim != 2 or data.shape[1] != d or data.shape[0] == 0:
-            raise InvalidArgument(f"data.shape: {list(data.shape)}; model needs [rows >= 1, {d}]")
-        if data.shape[0] > s.max_background_rows or data.size > s.max_background_cells:
-            raise InvalidArgument(f"data.shape: {list(data.shape)} exceeds the limits "
-                                  f"max_background_rows={s.max_background_rows}, "
-                                  f"max_background_cells={s.max_background_cells}")
-        _check_finite(data, model.config.allow_missing, "data")
-        return data
 
     def background_meta(self, model: str, version: str, name: str) -> BackgroundMeta:
         loaded = self.repo.get(model, version)
@@ -387,7 +332,7 @@ class DataPlane:
         self.metrics.cache.labels("derived", "miss" if predictions is None else "hit").inc()
         if predictions is not None:
             return Background.build(X, predictions)
-        background = self._build_background(model, data, target)
+        background = build_background(model, data, target)
         self.store.put_blob(key, encode_array(background.predictions), DERIVED_TTL_S)
         return background
 
@@ -453,65 +398,6 @@ class DataPlane:
         configured = version.config.budget_ms if version else None
         return configured or self.settings.default_budget_ms
 
-    def assemble(self, model: LoadedModel, inputs: tuple[tuple[str, Array], ...]) -> Array:
-        """The request's tensors as one (rows, features) float64 matrix, or INVALID_ARGUMENT."""
-        specs = model.onnx.inputs
-        if len(inputs) != len(specs):
-            names = ", ".join(s.name for s in specs)
-            raise InvalidArgument(f"inputs: model {model.name!r} takes {len(specs)} input(s) "
-                                  f"({names}); got {len(inputs)}")
-        ordered = _order_inputs(inputs, [s.name for s in specs])
-        parts = [_check_input(i, arr, spec.shape, spec.datatype) for i, arr, spec in
-                 ((i, arr, specs[k]) for k, (i, arr) in enumerate(ordered))]
-        rows = {p.shape[0] for p in parts}
-        if len(rows) != 1:
-            raise InvalidArgument(f"inputs: every input needs the same batch size; got {rows}")
-        if rows == {0}:
-            raise InvalidArgument("inputs[0].shape: empty batch: send at least one row")
-        if parts[0].shape[0] > self.settings.max_rows_per_request:
-            raise InvalidArgument(f"inputs[0].shape: {parts[0].shape[0]} rows; at most "
-                                  f"{self.settings.max_rows_per_request} per request")
-        X = np.concatenate(parts, axis=1)  # (rows, features)
-        _check_finite(X, model.config.allow_missing)
-        return X
-
-    def target(self, model: LoadedModel, output: str, classes: tuple[int, ...],
-               scale: str) -> Target:
-        """Resolve the request's target against the model's config and output shape."""
-        output = output or model.output
-        model.onnx.output_info(output)
-        names = model.column_names(output)
-        default = model.config.classes if output == model.output and model.config.classes else None
-        columns = tuple(classes) or tuple(default or range(len(names)))
-        bad = [c for c in columns if not 0 <= c < len(names)]
-        if bad:
-            raise InvalidArgument(f"target.classes: {bad} out of range; output {output!r} has "
-                                  f"{len(names)} column(s)")
-        scale = scale or model.config.scale
-        if scale not in SCALES:
-            raise InvalidArgument(f"target.scale: {scale!r}; use one of {', '.join(SCALES)}")
-        if scale == "margin" and output not in model.onnx.margin_outputs:
-            raise InvalidArgument(f"target.scale: output {output!r} has no margin (no "
-                                  "post_transform to remove); use 'identity' or 'logit'")
-        return Target(output, columns, scale, tuple(names[c] for c in columns))
-
-    def target_fn(self, model: LoadedModel, target: Target) -> ModelFn:
-        """The explained function: selected columns of an output, on the target's scale.
-
-        The margin scale, and the logit of a LOGISTIC output, come from the margin session:
-        exact where log(p / (1 - p)) of a float32 probability saturates.
-        """
-        columns = list(target.columns)
-        from_margin = target.scale == "margin" or (
-            target.scale == "logit" and target.output in model.onnx.logit_is_margin)
-        scale = "identity" if from_margin else target.scale
-
-        def f(X: Array) -> Array:
-            y = model.onnx.predict(X, target.output, margin=from_margin)  # (rows, columns)
-            return apply_scale(y[:, columns], scale)
-
-        return f
-
     def background(self, model: LoadedModel, name: str,
                    target: Target) -> tuple[BackgroundMeta, Background]:
         """The named background with f(background) for this target, cached per content."""
@@ -524,15 +410,6 @@ class DataPlane:
                                      f"model has {model.onnx.n_features}")
         key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
         return meta, self._cached(key, lambda: self._shared_background(model, meta, data, target))
-
-    def _build_background(self, model: LoadedModel, data: Array, target: Target) -> Background:
-        X = np.asarray(data, np.float64)
-        if target.scale == "logit" and target.output not in model.onnx.logit_is_margin:
-            raw = model.onnx.predict(X, target.output)[:, list(target.columns)]  # (rows, outputs)
-            if np.any((raw < 0) | (raw > 1)):
-                raise InvalidArgument(f"target.scale: logit needs probabilities; output "
-                                      f"{target.output!r} is not in [0, 1]")
-        return Background.build(X, self.target_fn(model, target)(X))
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
         with self._lock:
@@ -586,59 +463,6 @@ def reserve_s(budget_s: float, rows: int) -> float:
     gRPC's two trips through Python, about 1.5-2 ms per call here, p99 ~4 ms on a busy machine
     (docs/benchmarks.md)."""
     return min(0.6 * budget_s, 0.003 + 0.03 * budget_s + 0.0002 * rows)
-
-
-def apply_scale(y: Array, scale: str) -> Array:
-    """identity, or logit = log(p / (1 - p)) with p clipped away from 0 and 1."""
-    if scale != "logit":
-        return y
-    p = np.clip(y, LOGIT_EPS, 1 - LOGIT_EPS)
-    return np.asarray(np.log(p) - np.log1p(-p))
-
-
-def _order_inputs(inputs: tuple[tuple[str, Array], ...],
-                  names: list[str]) -> list[tuple[int, Array]]:
-    """Match tensors to model inputs by name, or by position when no tensor is named."""
-    if not any(n for n, _ in inputs):
-        return list(enumerate(a for _, a in inputs))
-    index = {n: i for i, (n, _) in enumerate(inputs)}
-    for i, (n, _) in enumerate(inputs):
-        if n not in names:
-            raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
-                                  f"{', '.join(names)}")
-    return [(index[n], inputs[index[n]][1]) for n in names]
-
-
-def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> Array:
-    """One tensor against its model input: rank, feature count, dtype. Returns (rows, cols)."""
-    field = f"inputs[{i}]"
-    if arr.ndim != len(shape) or (len(shape) == 2 and shape[1] >= 0 and arr.shape[1] != shape[1]):
-        raise InvalidArgument(f"{field}.shape: got {list(arr.shape)}, model input takes "
-                              f"{['N', *shape[1:]]}")
-    if arr.dtype.kind not in "biuf":
-        raise InvalidArgument(f"{field}.datatype: {arr.dtype} is not numeric; model takes "
-                              f"{datatype}")
-    X = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))).astype(np.float64)
-    if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and np.any(np.mod(X[np.isfinite(X)], 1)):
-        raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole numbers")
-    return X
-
-
-def _check_finite(X: Array, allow_missing: bool, field: str = "inputs") -> None:
-    """Reject infinities always, NaN unless the model declares it accepts missing values."""
-    bad = np.isinf(X) if allow_missing else ~np.isfinite(X)
-    if bad.any():
-        row, col = map(int, np.argwhere(bad)[0])
-        raise InvalidArgument(f"{field}: non-finite value at row {row}, feature {col} (NaN is "
-                              "accepted only by models whose explain.yaml sets allow_missing)")
-
-
-def check_name(name: str) -> str:
-    """Background names: 1-64 of letters, digits, '.', '_' and '-' (they become Redis keys)."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
-    return name
-
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from explainers.onnx_trees import predict_margin
 from explainers.tree import TreeShap
 
 if TYPE_CHECKING:
-    from service.dataplane import Target
     from service.repository import LoadedModel
+    from service.targets import Target
 
 MODEL_METHODS = ("tree", "linear")
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread

@@ -11,15 +11,8 @@ import grpc
 
 from explainers.base import Explanation
 from explainers.errors import InvalidArgument, SidelightError
-from service.dataplane import (
-    BackgroundUpload,
-    DataPlane,
-    ExplainQuery,
-    ExplainResult,
-    ModelSummary,
-    summarize,
-    summarize_all,
-)
+from service.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
+from service.requests import BackgroundUpload, ExplainQuery
 from service.store import BackgroundMeta
 from service.tensors import to_array
 from sidelight.v1 import explainer_pb2 as pb

@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from explainers.errors import ResourceExhausted
 from service.server import Sidelight, start
+from service.targets import resolve_target
 from service.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -235,7 +236,7 @@ def test_tree_refuses_or_samples_when_its_measured_speed_misses_the_budget(
         server: Sidelight) -> None:
     plane = server.data_plane()
     model = plane.repo.get("gbc")
-    target = plane.target(model, "", (), "logit")
+    target = resolve_target(model, "", (), "logit")
     meta, bg = plane.background(model, "default", target)
 
     def choose(method: str, seconds: float) -> Any:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from explainers.base import Explanation
-from service.dataplane import ExplainResult, Target
+from service.dataplane import ExplainResult
 from service.redis_store import RedisOptions, RedisStore
 from service.result_cache import Codec, ResultCache, budget_class, request_key
 from service.store import BackgroundMeta, CorruptValue, frame
+from service.targets import Target
 from tests.redis_process import RedisProcess
 
 TYPES = (Explanation, Target, BackgroundMeta)

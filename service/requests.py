@@ -1,0 +1,129 @@
+"""Requests in domain terms and their validation: tensors against the model's inputs, uploads
+against the limits, names that become Redis keys. Every error names the offending field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainers.base import Array
+from explainers.errors import InvalidArgument
+from service.config import Settings
+from service.onnx_model import OIP_TO_NUMPY
+from service.repository import LoadedModel
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ExplainQuery:
+    """An Explain request in domain terms. `deadline_s` is the time left on the caller's clock."""
+
+    model: str
+    inputs: tuple[tuple[str, Array], ...]
+    version: str = ""
+    method: str = ""
+    output: str = ""
+    classes: tuple[int, ...] = ()
+    scale: str = ""
+    budget_ms: float = 0.0
+    deadline_s: float | None = None
+    seed: int = 0
+    background: str = ""
+    target_error: float = 0.0
+    max_evaluations: int = 0
+
+
+@dataclass(frozen=True)
+class BackgroundUpload:
+    """A PutBackground request in domain terms."""
+
+    model: str
+    data: Array  # (rows, features)
+    version: str = ""
+    name: str = ""
+    feature_names: tuple[str, ...] = ()
+
+
+def assemble(model: LoadedModel, inputs: tuple[tuple[str, Array], ...], max_rows: int) -> Array:
+    """The request's tensors as one (rows, features) float64 matrix, or INVALID_ARGUMENT."""
+    specs = model.onnx.inputs
+    if len(inputs) != len(specs):
+        names = ", ".join(s.name for s in specs)
+        raise InvalidArgument(f"inputs: model {model.name!r} takes {len(specs)} input(s) "
+                              f"({names}); got {len(inputs)}")
+    ordered = _order_inputs(inputs, [s.name for s in specs])
+    parts = [_check_input(i, arr, specs[k].shape, specs[k].datatype)
+             for k, (i, arr) in enumerate(ordered)]
+    rows = {p.shape[0] for p in parts}
+    if len(rows) != 1:
+        raise InvalidArgument(f"inputs: every input needs the same batch size; got {rows}")
+    if rows == {0}:
+        raise InvalidArgument("inputs[0].shape: empty batch: send at least one row")
+    if parts[0].shape[0] > max_rows:
+        raise InvalidArgument(f"inputs[0].shape: {parts[0].shape[0]} rows; at most "
+                              f"{max_rows} per request (max_rows_per_request)")
+    X = np.concatenate(parts, axis=1)  # (rows, features)
+    check_finite(X, model.config.allow_missing)
+    return X
+
+
+def check_upload(model: LoadedModel, data: Array, settings: Settings) -> Array:
+    """A background upload against the model's features and the configured limits."""
+    s, d = settings, model.onnx.n_features
+    if data.dtype not in (np.float32, np.float64):
+        raise InvalidArgument(f"data.datatype: {data.dtype}; backgrounds are FP32 or FP64")
+    if data.ndim != 2 or data.shape[1] != d or data.shape[0] == 0:
+        raise InvalidArgument(f"data.shape: {list(data.shape)}; model needs [rows >= 1, {d}]")
+    if data.shape[0] > s.max_background_rows or data.size > s.max_background_cells:
+        raise InvalidArgument(f"data.shape: {list(data.shape)} exceeds the limits "
+                              f"max_background_rows={s.max_background_rows}, "
+                              f"max_background_cells={s.max_background_cells}")
+    check_finite(data, model.config.allow_missing, "data")
+    return data
+
+
+def check_finite(X: Array, allow_missing: bool, field: str = "inputs") -> None:
+    """Reject infinities always, NaN unless the model declares it accepts missing values."""
+    bad = np.isinf(X) if allow_missing else ~np.isfinite(X)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise InvalidArgument(f"{field}: non-finite value at row {row}, feature {col} (NaN is "
+                              "accepted only by models whose explain.yaml sets allow_missing)")
+
+
+def check_name(name: str) -> str:
+    """Background names: 1-64 of letters, digits, '.', '_' and '-' (they become Redis keys)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
+    return name
+
+
+def _order_inputs(inputs: tuple[tuple[str, Array], ...],
+                  names: list[str]) -> list[tuple[int, Array]]:
+    """Match tensors to model inputs by name, or by position when no tensor is named."""
+    if not any(n for n, _ in inputs):
+        return list(enumerate(a for _, a in inputs))
+    index = {n: i for i, (n, _) in enumerate(inputs)}
+    for i, (n, _) in enumerate(inputs):
+        if n not in names:
+            raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
+                                  f"{', '.join(names)}")
+    return [(index[n], inputs[index[n]][1]) for n in names]
+
+
+def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> Array:
+    """One tensor against its model input: rank, feature count, dtype. Returns (rows, cols)."""
+    field = f"inputs[{i}]"
+    if arr.ndim != len(shape) or (len(shape) == 2 and shape[1] >= 0 and arr.shape[1] != shape[1]):
+        raise InvalidArgument(f"{field}.shape: got {list(arr.shape)}, model input takes "
+                              f"{['N', *shape[1:]]}")
+    if arr.dtype.kind not in "biuf":
+        raise InvalidArgument(f"{field}.datatype: {arr.dtype} is not numeric; model takes "
+                              f"{datatype}")
+    X = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))).astype(np.float64)
+    if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and np.any(np.mod(X[np.isfinite(X)], 1)):
+        raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole numbers")
+    return X
