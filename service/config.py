@@ -33,9 +33,6 @@ class Settings(BaseSettings):
                                   "PutBackground tensor, in bytes.")
     max_in_flight: int = Field(16, ge=1, description="Explain calls served at once; more are "
                                "shed with RESOURCE_EXHAUSTED.")
-    compute_slots: int = Field(0, ge=0, description="Explanations computed at once (0 = one "
-                               "per core); the others in flight wait for a slot within their "
-                               "budget instead of slowing every explanation down.")
     drift_enabled: bool = Field(True, description="Track input, prediction and attribution "
                                 "drift and export it as metrics.")
     drift_window_seconds: float = Field(300.0, gt=0, description="Sliding window of recent "

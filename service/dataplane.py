@@ -3,13 +3,12 @@ method) and runs the estimators. Domain types in and out; no gRPC here."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -112,7 +111,6 @@ class DataPlane:
                                    store if store.shared else None)
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._compute = threading.BoundedSemaphore(compute_slots(settings))
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -229,26 +227,12 @@ class DataPlane:
         deadline = p.start + p.budget_s - reserve_s(p.budget_s, X.shape[0])
         choice = self.choose(q.method or model.config.method, model, p.target, p.background,
                              p.meta.sha256, X.shape[0], deadline - time.monotonic())
-        with self._slot(deadline):
-            rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator,
-                                      q, deadline)
+        rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator, q,
+                                  deadline)
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
                              elapsed, 1e3 * p.budget_s, p.source, p.meta, spread_of(p.background),
                              X, notes=notes_of(choice, rows))
-
-    @contextlib.contextmanager
-    def _slot(self, deadline: float) -> Iterator[None]:
-        """One of the compute slots (one per core): explanations beyond them wait their turn
-        instead of slowing every other one down."""
-        if not self._compute.acquire(timeout=max(0.0, deadline - time.monotonic() - 1e-3)):
-            self.metrics.rejected.labels("compute_slots").inc()
-            raise ResourceExhausted("server busy: no compute slot freed before the budget ran "
-                                    "out; retry with backoff or a larger budget_ms")
-        try:
-            yield
-        finally:
-            self._compute.release()
 
     def choose(self, method: str, model: LoadedModel, target: Target, background: Background,
                background_sha: str, rows: int, seconds: float) -> Choice:
@@ -444,11 +428,6 @@ def spread_of(background: Background) -> Array:
     dev = background.predictions - background.base_values  # (rows, outputs)
     std = np.sqrt(background.weights @ dev**2)
     return np.where(std > 0, std, 1.0)
-
-
-def compute_slots(settings: Settings) -> int:
-    """Explanations computed at once: the setting, or one per core this process may use."""
-    return settings.compute_slots or len(os.sched_getaffinity(0))
 
 
 def load_reserve_s(remaining_s: float, in_flight: int) -> float:

@@ -282,21 +282,3 @@ def test_unknown_exceptions_become_internal_with_one_log_line(
         assert len(lines) == 1 and "RuntimeError" in lines[0].getMessage()
     finally:
         app.stop(grace=0)
-
-
-def test_calls_beyond_the_compute_slots_wait_and_give_up_at_their_budget() -> None:
-    app = start(settings_for(MODELS, metrics_port=-1, compute_slots=1, result_cache_size=0))
-    try:
-        plane, x = app.data_plane(), background_of("breast_cancer_mlp")[:1]
-        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-            stub = pb_grpc.ExplainerStub(ch)
-            assert plane._compute.acquire(timeout=1)  # another explanation holds the only slot
-            try:
-                code, details = code_of(lambda: stub.Explain(
-                    request("breast_cancer_mlp", x, budget_ms=50), timeout=5))
-            finally:
-                plane._compute.release()
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "compute slot" in details
-            assert stub.Explain(request("breast_cancer_mlp", x, budget_ms=50)).rows
-    finally:
-        app.stop(grace=0)
