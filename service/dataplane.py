@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -111,6 +112,7 @@ class DataPlane:
                                    store if store.shared else None)
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._cores = usable_cores()
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -146,27 +148,34 @@ class DataPlane:
             except SidelightError as err:
                 log.warning("model %s: no default background yet (%s)", model.name, err)
                 continue
-            if self.drift is not None:
-                rows = drift_reference(model, self.settings, target_fn(model, target),
-                                       background)
-                reference = self._reference_attributions(model, target, background, rows.data,
-                                                         meta.sha256)
-                self.drift.add(model.name, model.version, model.feature_names, target.names,
-                               rows, reference, target)
+            if self.drift is None:  # still fit and time the default method (tree: its speed)
+                self._reference_attributions(model, target, background, background.data[:2],
+                                             meta.sha256)
+                continue
+            rows = drift_reference(model, self.settings, target_fn(model, target), background)
+            reference = self._reference_attributions(
+                model, target, background, rows.data[:self.settings.drift_reference_rows],
+                meta.sha256)
+            self.drift.add(model.name, model.version, model.feature_names, target.names, rows,
+                           reference, target)
 
     def _reference_attributions(self, model: LoadedModel, target: Target,
-                                background: Background, reference: Array,
+                                background: Background, rows: Array,
                                 background_sha: str) -> Array | None:
-        """Mean-|phi| reference for attribution drift: a few reference rows explained with the
-        model's default method at a small fixed budget. (rows, features) or None."""
-        rows = reference[:self.settings.drift_reference_rows]
+        """Mean-|phi| of a few reference rows (rows, features), explained with the model's
+        default method at a small fixed budget; None when there are none or it cannot be done
+        (a model's configuration must never stop the sidecar from starting)."""
         if rows.shape[0] == 0:
             return None
         seconds = REFERENCE_BUDGET_S * rows.shape[0]
-        choice = self.choose(model.config.method, model, target, background, background_sha,
-                             rows.shape[0], seconds)
-        out = self._explain_rows(model, rows, choice.target, background, choice.estimator,
-                                 ExplainQuery(model.name, ()), time.monotonic() + seconds)
+        try:
+            choice = self.choose(model.config.method, model, target, background, background_sha,
+                                 rows.shape[0], seconds)
+            out = self._explain_rows(model, rows, choice.target, background, choice.estimator,
+                                     ExplainQuery(model.name, ()), time.monotonic() + seconds)
+        except SidelightError as err:
+            log.warning("model %s: no attribution-drift reference (%s)", model.name, err)
+            return None
         return np.asarray(np.abs(np.stack([e.values for e in out])).mean(axis=1))  # (rows, feat.)
 
     # --- Explain --------------------------------------------------------------------------
@@ -174,8 +183,8 @@ class DataPlane:
         """Explain every row of the request within its budget; records the outcome metrics."""
         start, cpu = time.monotonic(), time.thread_time()
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
-        method_label = (q.method or "auto") if q.method in self.methods.known() or not q.method \
-            else UNKNOWN
+        method = q.method.strip().lower() or "auto"
+        method_label = method if method in self.methods.known() else UNKNOWN
         code = "INTERNAL"
         self._admit()
         try:
@@ -249,7 +258,7 @@ class DataPlane:
         """Rows one after the other, each given an equal share of the time that is left."""
         rng = np.random.default_rng(q.seed)
         fn = target_fn(model, target)
-        deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight)
+        deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight, self._cores)
         batch = batch_explainer(estimator)
         if batch is not None:  # exact and batched: no per-row budget
             return tuple(batch(X, background, Evaluator(
@@ -386,6 +395,11 @@ class DataPlane:
                    target: Target) -> tuple[BackgroundMeta, Background]:
         """The named background with f(background) for this target, cached per content."""
         meta, data = self.store.get(model.name, model.version, name)
+        if meta.model_sha256 and meta.model_sha256 != model.sha256 and name == DEFAULT_NAME \
+                and model.background is not None:  # a rolling update replaced the file
+            meta = make_meta(model.name, model.version, name, model.background,
+                             "explain.yaml (this replica)", model.sha256, model.feature_names)
+            data = model.background
         if meta.model_sha256 and meta.model_sha256 != model.sha256:
             raise FailedPrecondition(f"background: {name!r} was stored for another file of model "
                                      f"{model.name!r} version {model.version}; upload it again")
@@ -430,10 +444,21 @@ def spread_of(background: Background) -> Array:
     return np.where(std > 0, std, 1.0)
 
 
-def load_reserve_s(remaining_s: float, in_flight: int) -> float:
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a Kubernetes CPU
+    limit is a quota, not a cpuset, so affinity alone would count every core of the node)."""
+    cores = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000"
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1.0, min(cores, int(quota) / int(period)))
+
+
+def load_reserve_s(remaining_s: float, in_flight: int, cores: float) -> float:
     """Extra time kept back when more explanations run than there are cores: everything after
     the estimators (response, gRPC) then runs proportionally slower too."""
-    load = in_flight / max(1, len(os.sched_getaffinity(0)))
+    load = in_flight / max(1.0, cores)
     return max(0.0, min(0.4 * remaining_s, (load - 1) * (0.0025 + 0.02 * remaining_s)))
 
 

@@ -60,6 +60,7 @@ class MethodResolver:
         self._affine: _Lru[tuple[object, ...], AffineFit | None] = _Lru(CACHE_SIZE)
 
     def known(self) -> tuple[str, ...]:
+        """Every method name a request may use."""
         return tuple(sorted({*self.registry, *MODEL_METHODS}))
 
     def choose(self, name: str, model: LoadedModel, target: Target, background: Background,

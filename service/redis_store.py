@@ -149,7 +149,7 @@ class RedisStore:
         self._metrics, self._on_state = metrics, on_state
         self._index, self._epoch_key = f"{options.prefix}bg-index", f"{options.prefix}epoch"
         self._local: OrderedDict[str, Local] = OrderedDict()
-        self._corrupt: dict[str, bytes] = {}  # key -> sha256 field of a value found corrupt
+        self._corrupt: dict[str, bytes] = {}  # key -> "sha256@created" of a value found corrupt
         self._lock, self._state_lock = threading.Lock(), threading.Lock()
         self._up: bool | None = None
         self._epoch: str | None = None
@@ -186,7 +186,9 @@ class RedisStore:
         if not self._up:
             return self._hit(self._fallback(key, local))
         try:
-            sha = as_bytes(self._call(lambda r: r.hget(key, "sha256")))
+            sha, created = map(as_bytes, self._call(lambda r: r.hmget(key, ["sha256", "created"])))
+            if sha is None and local is not None and self._data_lost():
+                return self._hit(local)  # Redis lost its data: keep serving, restore it soon
         except RedisDown:
             return self._hit(self._fallback(key, local))
         if sha is None:
@@ -195,7 +197,7 @@ class RedisStore:
         if local is not None and sha == local.meta.sha256.encode():
             local.checked = time.monotonic()
             return self._hit(local)
-        return self._fetch(key, local, sha, (model, version, name))
+        return self._fetch(key, local, sha + b"@" + (created or b""), (model, version, name))
 
     def head(self, model: str, version: str, name: str) -> BackgroundMeta:
         """Metadata from the local copy or Redis's header field (the rows are not moved)."""
@@ -324,11 +326,24 @@ class RedisStore:
         self._wake.set()
         return entry.meta
 
-    def _fetch(self, key: str, local: Local | None, sha: bytes,
+    def _data_lost(self) -> bool:
+        """Whether Redis's epoch differs from the one this replica knows (FLUSHALL, a restart
+        without persistence); if so, the sync thread is woken to restore the local copies."""
+        epoch = as_bytes(self._call(lambda r: r.get(self._epoch_key)))
+        lost = epoch is None or epoch.decode() != self._epoch
+        if lost:
+            self._wake.set()
+        return lost
+
+    def _fetch(self, key: str, local: Local | None, token: bytes,
                where: tuple[str, str, str]) -> tuple[BackgroundMeta, Array]:
-        """Read and verify the whole value; a corrupt one falls back to the local copy."""
+        """Read and verify the whole value; a corrupt one falls back to the local copy.
+
+        `token` (sha256 and created) identifies the stored write: a value found corrupt is not
+        read again until it is rewritten, even with the same content.
+        """
         try:
-            if self._corrupt.get(key) == sha:
+            if self._corrupt.get(key) == token:
                 raise CorruptValue(f"background: Redis value {key!r} is corrupt (reported "
                                    "before); upload it again")
             fields = self._call(lambda r: r.hmget(key, ["header", "data", "sha256"]))
@@ -339,16 +354,16 @@ class RedisStore:
         except RedisDown:
             return self._hit(self._fallback(key, local))
         except CorruptValue as err:
-            return self._corrupt_fallback(key, local, sha, err)
+            return self._corrupt_fallback(key, local, token, err)
         self._corrupt.pop(key, None)
         self._remember(key, Local(meta, data, time.monotonic()))
         self._count("miss")
         return meta, data
 
-    def _corrupt_fallback(self, key: str, local: Local | None, sha: bytes,
+    def _corrupt_fallback(self, key: str, local: Local | None, token: bytes,
                           err: CorruptValue) -> tuple[BackgroundMeta, Array]:
-        if self._corrupt.get(key) != sha:
-            self._corrupt[key] = sha
+        if self._corrupt.get(key) != token:
+            self._corrupt[key] = token
             log.error("%s", err)
             self._error()
         if local is None:
@@ -439,17 +454,22 @@ class RedisStore:
             self._wake.clear()
 
     def _sync(self) -> bool:
-        """Check the epoch, mark Redis up, write held uploads, restore copies after data loss."""
+        """Check the epoch, write held uploads, restore copies after data loss, and only then
+        mark Redis up: until the writes are in, requests keep to the local copies (a request
+        would otherwise find its background missing and drop the copy) and deletes wait."""
         try:
             epoch = self._call(self._read_epoch)
         except RedisDown as err:
             self._set_up(False, err)
             return False
-        lost, self._epoch = self._epoch is not None and epoch != self._epoch, epoch
-        self._set_up(True)
+        lost = self._epoch is not None and epoch != self._epoch
         if lost:
             log.warning("Redis lost its data (new epoch); restoring this replica's copies")
-        return self._flush(restore=lost)
+        if not self._flush(restore=lost):
+            return False
+        self._epoch = epoch
+        self._set_up(True)
+        return True
 
     def _read_epoch(self, r: redis.Redis) -> str:
         pipe = r.pipeline(transaction=True)

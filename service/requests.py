@@ -106,8 +106,11 @@ def _order_inputs(inputs: tuple[tuple[str, Array], ...],
     """Match tensors to model inputs by name, or by position when no tensor is named."""
     if not any(n for n, _ in inputs):
         return list(enumerate(a for _, a in inputs))
-    index = {n: i for i, (n, _) in enumerate(inputs)}
+    index: dict[str, int] = {}
     for i, (n, _) in enumerate(inputs):
+        if n in index:
+            raise InvalidArgument(f"inputs[{i}].name: input {n!r} sent twice")
+        index[n] = i
         if n not in names:
             raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
                                   f"{', '.join(names)}")

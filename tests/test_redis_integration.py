@@ -149,6 +149,9 @@ def test_corrupt_value_in_redis_is_refused(redis_server: RedisProcess,
     assert key in err.value.details() and "sha256" in err.value.details()
     assert b.metric("sidelight_redis_errors_total") >= 1
     assert explain(a, "fragile").background_sha256 == up.background.sha256  # verified copy
+    again = put(a, background_of(MODEL)[:40], "fragile")  # the same bytes, uploaded again
+    assert again.background.sha256 == up.background.sha256
+    assert explain(b, "fragile").background_sha256 == up.background.sha256  # read anew
 
 
 def test_auth_and_a_wrong_password(tmp_path: Path, replicas: Callable[..., Replica]) -> None:

@@ -291,3 +291,14 @@ def test_a_hung_redis_costs_one_timeout_then_local_copies(stores: Callable[..., 
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     assert wait_for(store.healthy)
+
+
+def test_a_flushed_redis_never_costs_a_replica_its_copy(stores: Callable[..., RedisStore],
+                                                       redis_server: RedisProcess) -> None:
+    a = stores(check_s=0.0)  # re-validates on every use
+    data = np.full((4, 3), 5.0)
+    a.put(meta_of(data), data)
+    redis_server.client().flushall()  # the connection stays up: only the epoch tells
+    assert np.array_equal(a.get("model", "1", "bg")[1], data)  # served, not NOT_FOUND
+    assert wait_for(lambda: redis_server.client().exists(f"{PREFIX}bg:model:1:bg") == 1)
+    assert np.array_equal(a.get("model", "1", "bg")[1], data)

@@ -282,3 +282,26 @@ def test_unknown_exceptions_become_internal_with_one_log_line(
         assert len(lines) == 1 and "RuntimeError" in lines[0].getMessage()
     finally:
         app.stop(grace=0)
+
+
+def test_the_result_cache_answers_only_identical_requests(stub: pb_grpc.ExplainerStub) -> None:
+    X = background_of("breast_cancer_gbdt")[7:8]
+    data = from_array("data", background_of("breast_cancer_gbdt")[:50])
+    stub.PutBackground(pb.PutBackgroundRequest(model="breast_cancer_gbdt", name="other",
+                                               data=data))
+    base = {"method": "permutation", "budget_ms": 500, "seed": 77, "max_evaluations": 4000,
+            "target": pb.Target(classes=[1], scale="logit")}
+    first = stub.Explain(request("breast_cancer_gbdt", X, **base))
+    again = stub.Explain(request("breast_cancer_gbdt", X, **base))
+    assert not first.cached and again.cached
+    assert list(again.rows[0].attributions) == list(first.rows[0].attributions)
+    changes = [{"seed": 78}, {"max_evaluations": 4001}, {"method": "auto"},
+               {"target": pb.Target(classes=[0], scale="logit")},
+               {"target": pb.Target(classes=[1], scale="identity")},
+               {"background": "other"}, {"budget_ms": 2000}]
+    for change in changes:
+        r = stub.Explain(request("breast_cancer_gbdt", X, **{**base, **change}))
+        assert not r.cached, change
+    moved = X.copy()
+    moved[0, 3] += 1.0
+    assert not stub.Explain(request("breast_cancer_gbdt", moved, **base)).cached
