@@ -6,8 +6,9 @@ registry and drift monitors for every model; *off* has drift disabled and a metr
 every call does nothing. A scrape (which recomputes the drift report) is timed on its own and
 charged to *on* at one per SCRAPE_INTERVAL_S, Prometheus' usual interval. Both have the result
 cache off and serve the same calls (same rows, seeds and stopping rules: evaluation caps or exact
-methods, never the clock, so both do the same work). Blocks alternate on/off, the order flipping each repetition; each mode's figure is its
-fastest block, since other load on a shared machine only ever slows a block down.
+methods, never the clock, so both do the same work). Blocks alternate on/off, the order flipping
+each repetition; each mode's figure is its fastest block, since other load on a shared machine
+only ever slows a block down.
 """
 
 from __future__ import annotations
