@@ -59,8 +59,8 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
     _require_units(model, budget, rows_per_unit, per_unit, finish, required)
     while True:
         n = min(size, cap, _affordable_units(model, budget, rows_per_unit, per_unit, finish))
-        enough = units >= min_units and _goal_met(budget, max_se)
-        if units >= required and (n < 1 or units >= MAX_UNITS or enough):
+        met = units >= min_units and _goal_met(budget, max_se)
+        if units >= required and (n < 1 or units >= MAX_UNITS or met):
             break
         n = max(n, required - units)
         start = time.perf_counter()
@@ -69,7 +69,6 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
         if units == 0 and np.isfinite(budget.deadline):
             finish = FINISH_FACTOR * _seconds(max_se)
         units, size = units + n, size * 2
-    met = _goal_met(budget, max_se)
     return units, StopReason(converged=met, budget_exhausted=not met)
 
 
