@@ -97,8 +97,8 @@ class MethodResolver:
 
     def _in_time(self, choice: Choice, rows: int, background: Background, seconds: float,
                  explicit: bool) -> Choice:
-        """TreeSHAP's time grows with rows x background rows: refuse (explicit) or sample
-        (auto) when its measured speed says it would miss the budget."""
+        """TreeSHAP's time grows with rows (x background rows on shap's walk): refuse
+        (explicit) or sample (auto) when its measured speed says it would miss the budget."""
         if not isinstance(choice.estimator, TreeShap):
             return choice
         needed = choice.estimator.seconds_for(rows, background)

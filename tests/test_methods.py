@@ -244,7 +244,7 @@ def test_tree_refuses_or_samples_when_its_measured_speed_misses_the_budget(
 
     tree = choose("tree", 10.0).estimator
     assert tree.name == "tree"
-    tree._seconds_per_cell = 1e-3  # as if a (row, background row) cell took 1 ms: 2.4 s in all
+    tree._seconds_per_cell = 0.02  # as if a row took 20 ms (leaf tables): 2 s for 100 rows
     try:
         with pytest.raises(ResourceExhausted, match="budget_ms"):
             choose("tree", 1.0)
