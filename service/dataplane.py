@@ -26,7 +26,7 @@ from explainers.errors import (
 from explainers.registry import build_registry
 from service.config import Settings
 from service.methods import Choice, MethodResolver, batch_explainer
-from service.metrics import UNKNOWN, Metrics
+from service.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring import DriftMonitors, DriftSettings, drift_reference
 from service.repository import LoadedModel, ModelRepository
 from service.requests import BackgroundUpload, ExplainQuery, assemble, check_name, check_upload
@@ -116,8 +116,10 @@ class DataPlane:
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
+        metrics.in_flight.set_function(lambda: self._in_flight)
         if self.drift is not None:
             metrics.watch_drift(self.drift.sources)
+            metrics.recorder.subscribe(self._fold_drift)
 
     # --- start-up -------------------------------------------------------------------------
     def seed_backgrounds(self) -> None:
@@ -185,15 +187,11 @@ class DataPlane:
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
         method = q.method.strip().lower() or "auto"
         method_label = method if method in self.methods.known() else UNKNOWN
-        code = "INTERNAL"
+        code, result = "INTERNAL", None
         self._admit()
         try:
             result = self._explain_cached(q, start)
             code = "OK"
-            if result.cached:
-                self._record_cached(result)
-            else:
-                self._record(result, result.X)
             return result
         except SidelightError as err:
             code = err.code
@@ -201,7 +199,8 @@ class DataPlane:
         finally:
             self._leave()
             self.metrics.record_call(model_label, method_label, code, time.monotonic() - start,
-                                     time.thread_time() - cpu)
+                                     time.thread_time() - cpu,
+                                     None if result is None else answer_of(result))
 
     def _admit(self) -> None:
         """Shed load beyond max_in_flight before doing any work."""
@@ -211,12 +210,10 @@ class DataPlane:
                 raise ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
                                         f"(max_in_flight); retry with backoff")
             self._in_flight += 1
-        self.metrics.in_flight.inc()
 
     def _leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
-        self.metrics.in_flight.dec()
 
     def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
         """Resolve the request once: budget, model, inputs, target and background."""
@@ -274,16 +271,12 @@ class DataPlane:
             rate = ev.rows_per_second
         return tuple(out)
 
-    def _record(self, result: ExplainResult, X: Array) -> None:
-        """Cost and quality metrics per row, then drift (default target only: comparable)."""
-        self.metrics.budget.labels(result.model).observe(result.budget_ms / 1e3)
-        self.metrics.record_rows(result.model, result.rows, result.spread)
-        if self.drift is not None:
-            self._observe_drift(result, X)
-
-    def _observe_drift(self, result: ExplainResult, X: Array) -> None:
+    def _fold_drift(self, batch: list[Record]) -> None:
+        """Feed a batch of answered calls to drift (cached answers too: the inputs arrived)."""
         assert self.drift is not None
-        self.drift.observe(result.model, result.version, result.target, X, result.rows)
+        answers = [r[6] for r in batch if r[0] == "call" and r[6] is not None]
+        if answers:
+            self.drift.observe_answers(answers)
 
     # --- backgrounds ----------------------------------------------------------------------
     def put_background(self, q: BackgroundUpload) -> BackgroundMeta:
@@ -322,7 +315,7 @@ class DataPlane:
                               target.scale)
         X = np.asarray(data, np.float64)  # (rows, features)
         predictions = self._stored_predictions(key, X.shape[0])
-        self.metrics.cache.labels("derived", "miss" if predictions is None else "hit").inc()
+        self.metrics.count_cache("derived", "miss" if predictions is None else "hit")
         if predictions is not None:
             return Background.build(X, predictions)
         background = build_background(model, data, target)
@@ -349,18 +342,13 @@ class DataPlane:
             return self._explain(p)
         key = result_key(p)
         hit = self.results.get(key)
-        self.metrics.cache.labels("result", "miss" if hit is None else "hit").inc()
+        self.metrics.count_cache("result", "miss" if hit is None else "hit")
         if hit is not None:  # this call's budget and time; the answer's own evaluations
             return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
                            budget_ms=1e3 * p.budget_s, budget_source=p.source)
         result = self._explain(p)
         self.results.put(key, replace(result, X=result.X[:0]))
         return result
-
-    def _record_cached(self, result: ExplainResult) -> None:
-        """A cached answer cost no evaluations: only drift sees the request."""
-        if self.drift is not None:
-            self._observe_drift(result, result.X)
 
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:

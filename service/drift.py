@@ -48,7 +48,6 @@ T = TypeVar("T")
 
 PSI_EPSILON = 1e-4
 """Floor on bin shares in the PSI, so an empty bin gives a large but finite term."""
-BIN_BLOCK_ROWS = 4096  # rows binned per comparison block: bounds (rows, features, bins) memory
 
 _NEVER = np.iinfo(np.int64).min  # slice id of a ring position that has never been written
 
@@ -94,11 +93,12 @@ def _interior(edges: tuple[Array, ...], width: int) -> Array:
 
 
 def _bin_index(inner: Array, X: Array) -> Array:
-    """Bin of each value, (rows, features): how many interior edges lie strictly below it, i.e.
-    searchsorted(side='left') for all features at once; in row blocks to bound the temporary."""
-    blocks = [np.sum(X[i:i + BIN_BLOCK_ROWS, :, np.newaxis] > inner, axis=2)
-              for i in range(0, X.shape[0], BIN_BLOCK_ROWS)]  # (block, features) each
-    return np.concatenate(blocks) if blocks else np.zeros(X.shape, dtype=np.intp)
+    """Bin of each value, (rows, features): how many interior edges lie strictly below it
+    (searchsorted side='left'; padding edges are +inf, so they never count)."""
+    out = np.empty(X.shape, dtype=np.intp)  # (rows, features)
+    for j in range(X.shape[1]):
+        out[:, j] = np.searchsorted(inner[j], X[:, j], side="left")
+    return out
 
 
 def _histogram(inner: Array, X: Array, weights: Array | None) -> Array:
@@ -414,8 +414,8 @@ class _Batch:
 
     at: int  # the slice the rows arrived in
     X: list[Array] = field(default_factory=list)  # (rows, features) blocks
-    predictions: list[Array] = field(default_factory=list)  # (outputs,) per row
-    attributions: list[Array] = field(default_factory=list)  # (features,) or (outputs, features)
+    predictions: list[Array] = field(default_factory=list)  # (rows, outputs) blocks
+    attributions: list[Array] = field(default_factory=list)  # (rows, [outputs,] features) blocks
     rows: int = 0
 
 
@@ -460,9 +460,9 @@ class DriftMonitor:
             batch.X.append(X)
             batch.rows += X.shape[0]
             if predictions is not None and self.predictions is not None:
-                batch.predictions.extend(predictions)
+                batch.predictions.append(np.asarray(predictions, np.float64))
             if attributions is not None and self.attributions is not None:
-                batch.attributions.extend(attributions)
+                batch.attributions.append(np.asarray(attributions, np.float64))
         if done is not None:
             self._fold(done)
 
@@ -477,9 +477,9 @@ class DriftMonitor:
         """Bin a batch into the slice its rows arrived in, one histogram per window."""
         self.features.observe(np.concatenate(batch.X), batch.at)
         if batch.predictions and self.predictions is not None:
-            self.predictions.observe(np.stack(batch.predictions), batch.at)  # (rows, outputs)
+            self.predictions.observe(np.concatenate(batch.predictions), batch.at)  # (rows, out.)
         if batch.attributions and self.attributions is not None:
-            phi = np.abs(np.stack(batch.attributions))  # (rows, [outputs,] features)
+            phi = np.abs(np.concatenate(batch.attributions))  # (rows, [outputs,] features)
             self.attributions.observe(phi.mean(axis=1) if phi.ndim == 3 else phi, batch.at)
 
     def report(self) -> DriftReport:

@@ -1,19 +1,36 @@
 """Prometheus metrics. One `Metrics` object per process, built on the registry it is given.
 
+The request path only queues one tuple per call (`Recorder`, a lock-free deque); the
+per-call and per-row series (outcomes, latency, cost, quality, cache lookups) and the drift
+windows are updated from those records in batches: by a background thread every second, on
+every scrape, and inline once the queue is long. A batch costs a few vectorised histogram
+updates per label set instead of a dozen locked prometheus_client updates per call, so the
+monitoring cost stays well under the cost of even a sub-millisecond explanation.
+
 Label sets are bounded: models and methods not in the repository are counted as `_unknown`, and
 drift gauges carry at most `max_features` feature labels per model."""
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from explainers.base import Array, Explanation
+from explainers.base import Array
 from service.drift import DriftMonitor, DriftStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
@@ -22,6 +39,38 @@ EVALUATION_BUCKETS = tuple(float(10**e) for e in range(1, 9))
 RELATIVE_ERROR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GAP_BUCKETS = (1e-12, 1e-9, 1e-6, 1e-3, 1.0)
 UNKNOWN = "_unknown"  # label for names not in the repository: keeps label sets bounded
+FOLD_AT = 20_000  # queued records that make the recording thread fold inline (bounds memory)
+
+Record = tuple[Any, ...]
+"""("call", model, method, code, seconds, cpu_seconds, Answer or None) or ("cache", cache,
+outcome). Records hold only strings, numbers and arrays (no objects the garbage collector
+tracks), so thousands can wait for the next fold without slowing the request path."""
+
+RowFacts = tuple[str, int, bool, bool, Array, Array, Array, Array]
+"""One explained row: method, evaluations, budget_exhausted, converged, std_errors, prediction,
+base_values, values."""
+
+
+class Answer(NamedTuple):
+    """What metrics and drift need from one answered call."""
+
+    model: str
+    version: str
+    budget_ms: float
+    spread: Array  # (outputs,) standard deviation of f(background)
+    X: Array  # (rows, features) the request's inputs
+    target: tuple[Any, ...]  # Target.key of the explained target
+    rows: tuple[RowFacts, ...]
+    cached: bool  # from the result cache: no cost or quality to count
+
+
+def answer_of(result: Any) -> Answer:
+    """The Answer of an ExplainResult (duck-typed: metrics does not import the data plane)."""
+    return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
+                  result.target.key, tuple(
+                      (r.method, r.evaluations, r.budget_exhausted, r.converged, r.std_errors,
+                       r.prediction, r.base_values, r.values) for r in result.rows),
+                  result.cached)
 
 
 @dataclass(frozen=True)
@@ -37,25 +86,100 @@ class DriftSource:
     target: object = None  # the explained target the reference's predictions and phi are for
 
 
-@dataclass(frozen=True)
-class CallSeries:
-    """The per-call series of one (model, method, code), looked up once: labels() costs a lock."""
+class Recorder:
+    """Per-call records: appended lock-free on the hot path, handed in batches to the sinks."""
 
-    requests: Counter
-    duration: Histogram
-    cpu_seconds: Counter
+    def __init__(self, fold_at: int = FOLD_AT) -> None:
+        self._queue: deque[Record] = deque()
+        self._sinks: list[Callable[[list[Record]], None]] = []
+        self._lock = threading.Lock()
+        self._fold_at = fold_at
+
+    def subscribe(self, sink: Callable[[list[Record]], None]) -> None:
+        """Every later batch is also handed to `sink` (under the fold lock, in order)."""
+        self._sinks.append(sink)
+
+    def add(self, record: Record) -> None:
+        self._queue.append(record)
+        if len(self._queue) > self._fold_at:
+            self.fold()
+
+    def fold(self) -> None:
+        """Hand every queued record to the sinks, oldest first."""
+        with self._lock:
+            batch = self._drain()
+            if batch:
+                for sink in self._sinks:
+                    sink(batch)
+
+    def _drain(self) -> list[Record]:
+        out, pop = [], self._queue.popleft
+        for _ in range(len(self._queue)):  # records appended meanwhile wait for the next fold
+            out.append(pop())
+        return out
+
+    def run(self, every_seconds: float, stop: threading.Event) -> threading.Thread:
+        """Fold every `every_seconds` on a daemon thread until `stop` is set."""
+        def loop() -> None:
+            while not stop.wait(every_seconds):
+                self.fold()
+
+        thread = threading.Thread(target=loop, name="sidelight-metrics", daemon=True)
+        thread.start()
+        return thread
 
 
-@dataclass(frozen=True)
-class RowSeries:
-    """The per-row series of one (model, method), looked up once."""
+@dataclass
+class Histograms:
+    """Prometheus histograms per label set, updated a batch of values at a time."""
 
-    rows: Counter
-    evaluations: Histogram
-    relative_error: Histogram
-    additivity_gap: Histogram
-    budget_exhausted: Counter
-    converged: Counter
+    bounds: Array  # (buckets,) upper bounds, +Inf implied
+    counts: dict[tuple[str, ...], Array] = field(default_factory=dict)
+    sums: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    @staticmethod
+    def of(bounds: Sequence[float]) -> Histograms:
+        return Histograms(np.asarray(bounds, np.float64))
+
+    def add(self, labels: tuple[str, ...], values: Sequence[float] | Array,
+            scale: float = 1.0) -> None:
+        """Observe every value (times `scale`) under `labels`."""
+        v = np.asarray(values, np.float64).ravel() * scale  # (values,)
+        bucket = np.searchsorted(self.bounds, v, side="left")  # first bound >= v: "le"
+        counts = np.bincount(bucket, minlength=self.bounds.size + 1)
+        self.counts[labels] = self.counts.get(labels, 0) + counts
+        self.sums[labels] = self.sums.get(labels, 0.0) + float(v.sum())
+
+    def family(self, name: str, doc: str, labelnames: Sequence[str]) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=labelnames)
+        names = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        for labels, counts in self.counts.items():
+            cumulative = np.cumsum(counts).tolist()
+            fam.add_metric(list(labels), list(zip(names, cumulative, strict=True)),
+                           self.sums[labels])
+        return fam
+
+
+@dataclass
+class Counters:
+    """Prometheus counters per label set."""
+
+    values: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def add(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(self, name: str, doc: str, labelnames: Sequence[str]) -> CounterMetricFamily:
+        fam = CounterMetricFamily(name, doc, labels=labelnames)
+        for labels, value in self.values.items():
+            fam.add_metric(list(labels), value)
+        return fam
+
+
+def stacked(arrays: Sequence[Array], n: int) -> Array:
+    """n arrays of one shape as one (n, *shape) array (concatenate is the fastest way)."""
+    first = arrays[0]
+    return np.concatenate(arrays).reshape(n, *first.shape) if first.ndim else np.asarray(arrays)
 
 
 class Metrics:
@@ -63,122 +187,158 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._outcomes(registry)
-        self._cost(registry)
-        self._quality(registry)
+        self.recorder = Recorder()
         self.model_ready = Gauge("sidelight_model_ready",
                                  "1 when a model version is loaded and serving, 0 if it failed.",
                                  ["model", "version"], registry=registry)
-        self.cache = Counter("sidelight_cache_requests", "Cache lookups by cache and result.",
-                             ["cache", "result"], registry=registry)
         self.redis_up = Gauge("sidelight_redis_up", "1 when the background store's Redis answers "
                               "(1 for the in-memory store).", registry=registry)
         self.redis_errors = Counter("sidelight_redis_errors", "Failed Redis operations.",
                                     registry=registry)
-        self._call_series: dict[tuple[str, str, str], CallSeries] = {}  # bounded like labels
-        self._row_series: dict[tuple[str, str], RowSeries] = {}
-
-    def _outcomes(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("sidelight_explain_requests", "Explain calls by outcome.",
-                                ["model", "method", "code"], registry=registry)
         self.in_flight = Gauge("sidelight_explain_in_flight", "Explain calls being served.",
                                registry=registry)
         self.rejected = Counter("sidelight_explain_rejected",
                                 "Explain calls shed before any work, by reason.", ["reason"],
                                 registry=registry)
-
-    def _cost(self, registry: CollectorRegistry) -> None:
-        self.duration = Histogram("sidelight_explain_duration_seconds",
-                                  "Wall time of Explain calls.", ["model", "method"],
-                                  buckets=LATENCY_BUCKETS, registry=registry)
-        self.budget = Histogram("sidelight_explain_budget_seconds",
-                                "Budget that applied to each Explain call.", ["model"],
-                                buckets=LATENCY_BUCKETS, registry=registry)
-        self.evaluations = Histogram("sidelight_explain_model_evaluations",
-                                     "Model rows evaluated per explained row.",
-                                     ["model", "method"], buckets=EVALUATION_BUCKETS,
-                                     registry=registry)
-        self.cpu_seconds = Counter("sidelight_explain_cpu_seconds",
-                                   "CPU time of the threads serving Explain calls.", ["model"],
-                                   registry=registry)
-        self.rows = Counter("sidelight_explain_rows", "Rows explained.", ["model", "method"],
-                            registry=registry)
-        self.budget_exhausted = Counter("sidelight_explain_budget_exhausted",
-                                        "Rows whose sampling stopped because time ran out.",
-                                        ["model", "method"], registry=registry)
-        self.converged = Counter("sidelight_explain_converged",
-                                 "Rows that met their accuracy goal (exact or target_error).",
-                                 ["model", "method"], registry=registry)
-
-    def _quality(self, registry: CollectorRegistry) -> None:
-        self.relative_error = Histogram(
-            "sidelight_explain_relative_std_error",
-            "Largest standard error of a row / standard deviation of f(background).",
-            ["model", "method"], buckets=RELATIVE_ERROR_BUCKETS, registry=registry)
-        self.additivity_gap = Histogram(
-            "sidelight_explain_additivity_gap",
-            "|f(x) - E f(background) - sum(attributions)| per row and output.",
-            ["model", "method"], buckets=GAP_BUCKETS, registry=registry)
+        self._calls = CallSeries()
+        self.recorder.subscribe(self._calls.fold)
+        registry.register(_Folded(self.recorder, self._calls.families))
 
     def record_call(self, model: str, method: str, code: str, seconds: float,
-                    cpu_seconds: float) -> None:
-        """Outcome, wall time and CPU time of one Explain call."""
-        key = (model, method, code)
-        s = self._call_series.get(key)
-        if s is None:
-            s = CallSeries(self.requests.labels(*key), self.duration.labels(model, method),
-                           self.cpu_seconds.labels(model))
-            self._call_series[key] = s
-        s.requests.inc()
-        s.duration.observe(seconds)
-        s.cpu_seconds.inc(cpu_seconds)
+                    cpu_seconds: float, answer: Answer | None = None) -> None:
+        """Outcome, wall and CPU time of one Explain call, and its answer when there is one:
+        its rows' cost and quality count unless it came from the cache."""
+        self.recorder.add(("call", model, method, code, seconds, cpu_seconds, answer))
 
-    def record_rows(self, model: str, rows: Sequence[Explanation], spread: Array) -> None:
-        """Cost and quality of each explained row; spread (outputs,) scales the error bars."""
-        for row in rows:
-            s = self.series(model, row.method)
-            s.rows.inc()
-            s.evaluations.observe(row.evaluations)
-            s.relative_error.observe(relative_error(row.std_errors, spread))
-            for gap in np.abs(row.additivity_gap).tolist():
-                s.additivity_gap.observe(gap)
-            if row.budget_exhausted:
-                s.budget_exhausted.inc()
-            if row.converged:
-                s.converged.inc()
-
-    def series(self, model: str, method: str) -> RowSeries:
-        """The per-row children of (model, method), created on first use."""
-        found = self._row_series.get((model, method))
-        if found is None:
-            labels = (model, method)
-            found = RowSeries(self.rows.labels(*labels), self.evaluations.labels(*labels),
-                              self.relative_error.labels(*labels),
-                              self.additivity_gap.labels(*labels),
-                              self.budget_exhausted.labels(*labels),
-                              self.converged.labels(*labels))
-            self._row_series[(model, method)] = found
-        return found
+    def count_cache(self, cache: str, outcome: str) -> None:
+        """One lookup of `cache` (background, derived, result) that was a hit or a miss."""
+        self.recorder.add(("cache", cache, outcome))
 
     def watch_drift(self, sources: Callable[[], Iterable[DriftSource]]) -> None:
         """Export drift gauges computed at scrape time from each monitor's cached report."""
-        self.registry.register(DriftCollector(sources))
+        self.registry.register(DriftCollector(sources, self.recorder.fold))
 
 
-def relative_error(std_errors: Array, spread: Array) -> float:
-    """Largest standard error (outputs, features) over the spread of its output (outputs,)."""
-    if not std_errors.any():  # exact methods: skip the division
-        return 0.0
-    return float((std_errors.max(axis=1) / spread).max())
+class CallSeries:
+    """The per-call and per-row series, folded from records."""
+
+    def __init__(self) -> None:
+        self.requests = Counters()
+        self.duration = Histograms.of(LATENCY_BUCKETS)
+        self.budget = Histograms.of(LATENCY_BUCKETS)
+        self.cpu_seconds = Counters()
+        self.rows = Counters()
+        self.evaluations = Histograms.of(EVALUATION_BUCKETS)
+        self.exhausted = Counters()
+        self.converged = Counters()
+        self.relative_error = Histograms.of(RELATIVE_ERROR_BUCKETS)
+        self.gap = Histograms.of(GAP_BUCKETS)
+        self.cache = Counters()
+
+    def fold(self, batch: list[Record]) -> None:
+        """Add a batch of records: one pass in Python to group them by label set, then numpy
+        per group."""
+        calls: dict[tuple[str, str, str], list[Record]] = {}
+        caches: list[tuple[str, str]] = []
+        for record in batch:
+            if record[0] == "cache":
+                caches.append(record[1:])
+                continue
+            group = calls.get(record[1:4])
+            if group is None:
+                group = calls[record[1:4]] = []
+            group.append(record)
+        for cache_labels, n in collections.Counter(caches).items():
+            self.cache.add(cache_labels, n)
+        for labels, records in calls.items():
+            self._fold_calls(labels, records)
+
+    def _fold_calls(self, labels: tuple[str, str, str], records: list[Record]) -> None:
+        """Calls of one (model, method, code): ("call", ..., seconds, cpu, Answer | None)."""
+        model, method, _ = labels
+        _, _, _, _, seconds, cpu, answers = zip(*records, strict=True)
+        self.requests.add(labels, len(records))
+        self.cpu_seconds.add((model,), sum(cpu))
+        self.duration.add((model, method), seconds)
+        answered = [a for a in answers if a is not None and not a.cached and a.rows]
+        if not answered:
+            return
+        self.budget.add((answered[0].model,), [a.budget_ms for a in answered], 1e-3)
+        rows = [row for a in answered for row in a.rows]
+        spreads = [a.spread for a in answered for _ in a.rows]
+        kinds = {(row[0], row[7].shape) for row in rows}
+        if len(kinds) == 1:  # the usual case: one estimator, one target shape
+            self._fold_rows((answered[0].model, rows[0][0]), rows, spreads)
+            return
+        for kind in kinds:
+            picked = [i for i, row in enumerate(rows) if (row[0], row[7].shape) == kind]
+            self._fold_rows((answered[0].model, kind[0]), [rows[i] for i in picked],
+                            [spreads[i] for i in picked])
+
+    def _fold_rows(self, labels: tuple[str, ...], rows: list[RowFacts],
+                   spreads: list[Array]) -> None:
+        """Cost and quality of explained rows of one (model, method) and shape."""
+        _, evaluations, exhausted, converged, std, pred, base, values = zip(*rows, strict=True)
+        self.rows.add(labels, len(rows))
+        self.evaluations.add(labels, evaluations)
+        self.exhausted.add(labels, sum(exhausted))
+        self.converged.add(labels, sum(converged))
+        n = len(rows)
+        errors = stacked(std, n).max(axis=2) / stacked(spreads, n)  # (rows, outputs)
+        self.relative_error.add(labels, errors.max(axis=1))
+        gap = stacked(pred, n) - stacked(base, n) - stacked(values, n).sum(axis=2)
+        self.gap.add(labels, np.abs(gap))  # (rows, outputs)
+
+    def families(self) -> Iterator[Metric]:
+        mm = ["model", "method"]
+        yield self.requests.family("sidelight_explain_requests", "Explain calls by outcome.",
+                                   ["model", "method", "code"])
+        yield self.duration.family("sidelight_explain_duration_seconds",
+                                   "Wall time of Explain calls.", mm)
+        yield self.budget.family("sidelight_explain_budget_seconds",
+                                 "Budget that applied to each Explain call.", ["model"])
+        yield self.evaluations.family("sidelight_explain_model_evaluations",
+                                      "Model rows evaluated per explained row.", mm)
+        yield self.cpu_seconds.family("sidelight_explain_cpu_seconds",
+                                      "CPU time of the threads serving Explain calls.", ["model"])
+        yield self.rows.family("sidelight_explain_rows", "Rows explained.", mm)
+        yield self.exhausted.family("sidelight_explain_budget_exhausted",
+                                    "Rows whose sampling stopped because time ran out.", mm)
+        yield self.converged.family("sidelight_explain_converged", "Rows that met their "
+                                    "accuracy goal (exact or target_error).", mm)
+        yield self.relative_error.family(
+            "sidelight_explain_relative_std_error",
+            "Largest standard error of a row / standard deviation of f(background).", mm)
+        yield self.gap.family("sidelight_explain_additivity_gap", "|f(x) - E f(background) - "
+                              "sum(attributions)| per row and output.", mm)
+        yield self.cache.family("sidelight_cache_requests", "Cache lookups by cache and result.",
+                                ["cache", "result"])
+
+
+class _Folded(Collector):
+    """Folds the queued records, then reports the series built from them."""
+
+    def __init__(self, recorder: Recorder, families: Callable[[], Iterator[Metric]]) -> None:
+        self._recorder, self._families = recorder, families
+
+    def collect(self) -> Iterator[Metric]:
+        self._recorder.fold()
+        yield from self._families()
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class DriftCollector(Collector):
-    """Reads every monitor's report (recomputed at most every few seconds) on scrape."""
+    """Reads every monitor's report (recomputed at most every few seconds) on scrape, after
+    folding the queued requests into the windows."""
 
-    def __init__(self, sources: Callable[[], Iterable[DriftSource]]) -> None:
-        self._sources = sources
+    def __init__(self, sources: Callable[[], Iterable[DriftSource]],
+                 fold: Callable[[], None]) -> None:
+        self._sources, self._fold = sources, fold
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        self._fold()
         families = _drift_families()
         for source in self._sources():
             _add_source(families, source)

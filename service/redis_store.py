@@ -440,7 +440,7 @@ class RedisStore:
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.cache.labels("background", result).inc()
+            self._metrics.count_cache("background", result)
 
     # --- reconnecting ---------------------------------------------------------------------
     def _run(self) -> None:

@@ -4,6 +4,7 @@ with health checking and reflection, plus the Prometheus HTTP endpoint."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 
 
@@ -45,6 +47,7 @@ class Sidelight:
     plane: DataPlane | None = None
     store: BackgroundStore | None = None
     _http: list[Any] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def data_plane(self) -> DataPlane:
         if self.plane is None:
@@ -73,6 +76,8 @@ class Sidelight:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
+        self._stop.set()
+        self.metrics.recorder.fold()
         for server in self._http:
             server.shutdown()
         if self.store is not None:
@@ -111,6 +116,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
+    metrics.recorder.run(FOLD_EVERY_S, app._stop)
     _start_metrics(app)
     if load:
         app.load()

@@ -23,6 +23,11 @@ class Target:
     scale: str
     names: tuple[str, ...]
 
+    @property
+    def key(self) -> tuple[str, tuple[int, ...], str]:
+        """What makes two targets the same explained function (names follow from it)."""
+        return (self.output, self.columns, self.scale)
+
 
 def resolve_target(model: LoadedModel, output: str, classes: tuple[int, ...],
                    scale: str) -> Target:
