@@ -224,7 +224,7 @@ def grpc_measure(case: Case, servers: dict[str, Child], reps: int) -> dict[str, 
 
 
 def grpc_section(quick: bool) -> list[str]:
-    reps = 6 if quick else 24
+    reps = 6 if quick else 40
     lines = ["### Through gRPC", "",
              f"Two servers in child processes (metrics and drift on / off), one sequential "
              f"client; {reps} interleaved blocks of about {GRPC_BLOCK_SECONDS} s per mode, "

@@ -99,7 +99,8 @@ class Explanation:
     evaluations: int
     converged: bool
     budget_exhausted: bool
-    samples: int = 0  # independent sampling units used (permutation pairs, coalition pairs)
+    samples: int = 0  # sampling units used (permutation pairs, coalition pairs); 0 = exact
+    # (an exact method's std_errors are all 0; metrics rely on it)
     dof: float = math.inf  # degrees of freedom of the standard errors (for t intervals)
     notes: tuple[str, ...] = field(default=())
     dofs: Array | None = None  # (outputs, features) per-attribution dof; overrides `dof`

@@ -46,9 +46,9 @@ Record = tuple[Any, ...]
 outcome). Records hold only strings, numbers and arrays (no objects the garbage collector
 tracks), so thousands can wait for the next fold without slowing the request path."""
 
-RowFacts = tuple[str, int, bool, bool, Array, Array, Array, Array]
+RowFacts = tuple[str, int, bool, bool, Array, Array, Array, Array, int]
 """One explained row: method, evaluations, budget_exhausted, converged, std_errors, prediction,
-base_values, values."""
+base_values, values, samples (0 for exact methods, whose std_errors are all 0)."""
 
 
 class Answer(NamedTuple):
@@ -69,7 +69,7 @@ def answer_of(result: Any) -> Answer:
     return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
                   result.target.key, tuple(
                       (r.method, r.evaluations, r.budget_exhausted, r.converged, r.std_errors,
-                       r.prediction, r.base_values, r.values) for r in result.rows),
+                       r.prediction, r.base_values, r.values, r.samples) for r in result.rows),
                   result.cached)
 
 
@@ -264,28 +264,32 @@ class CallSeries:
         if not answered:
             return
         self.budget.add((answered[0].model,), [a.budget_ms for a in answered], 1e-3)
-        rows = [row for a in answered for row in a.rows]
-        spreads = [a.spread for a in answered for _ in a.rows]
-        kinds = {(row[0], row[7].shape) for row in rows}
-        if len(kinds) == 1:  # the usual case: one estimator, one target shape
-            self._fold_rows((answered[0].model, rows[0][0]), rows, spreads)
-            return
-        for kind in kinds:
-            picked = [i for i, row in enumerate(rows) if (row[0], row[7].shape) == kind]
-            self._fold_rows((answered[0].model, kind[0]), [rows[i] for i in picked],
-                            [spreads[i] for i in picked])
+        groups: dict[tuple[Any, ...], tuple[list[RowFacts], list[Array]]] = {}
+        for a in answered:  # rows of one answer share its target's shape, usually its method
+            method_0 = a.rows[0][0]
+            parts = [a.rows] if all(r[0] == method_0 for r in a.rows) else [[r] for r in a.rows]
+            for part in parts:
+                g = groups.setdefault((part[0][0], part[0][7].shape), ([], []))
+                g[0].extend(part)
+                g[1].extend([a.spread] * len(part))
+        for (row_method, _), (rows, spreads) in groups.items():
+            self._fold_rows((answered[0].model, row_method), rows, spreads)
 
     def _fold_rows(self, labels: tuple[str, ...], rows: list[RowFacts],
                    spreads: list[Array]) -> None:
         """Cost and quality of explained rows of one (model, method) and shape."""
-        _, evaluations, exhausted, converged, std, pred, base, values = zip(*rows, strict=True)
-        self.rows.add(labels, len(rows))
+        n = len(rows)
+        _, evaluations, exhausted, converged, std, pred, base, values, samples = zip(
+            *rows, strict=True)
+        self.rows.add(labels, n)
         self.evaluations.add(labels, evaluations)
         self.exhausted.add(labels, sum(exhausted))
         self.converged.add(labels, sum(converged))
-        n = len(rows)
-        errors = stacked(std, n).max(axis=2) / stacked(spreads, n)  # (rows, outputs)
-        self.relative_error.add(labels, errors.max(axis=1))
+        if any(samples):
+            errors = stacked(std, n).max(axis=2) / stacked(spreads, n)  # (rows, outputs)
+            self.relative_error.add(labels, errors.max(axis=1))
+        else:  # exact methods (no samples) have no error bars
+            self.relative_error.add(labels, np.zeros(n))
         gap = stacked(pred, n) - stacked(base, n) - stacked(values, n).sum(axis=2)
         self.gap.add(labels, np.abs(gap))  # (rows, outputs)
 
