@@ -200,7 +200,8 @@ class DataPlane:
             self._leave()
             self.metrics.record_call(model_label, method_label, code, time.monotonic() - start,
                                      time.thread_time() - cpu,
-                                     None if result is None else answer_of(result))
+                                     None if result is None or not result.rows
+                                     else answer_of(result))
 
     def _admit(self) -> None:
         """Shed load beyond max_in_flight before doing any work."""

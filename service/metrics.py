@@ -46,13 +46,9 @@ Record = tuple[Any, ...]
 outcome). Records hold only strings, numbers and arrays (no objects the garbage collector
 tracks), so thousands can wait for the next fold without slowing the request path."""
 
-RowFacts = tuple[str, int, bool, bool, Array, Array, Array, Array, int]
-"""One explained row: method, evaluations, budget_exhausted, converged, std_errors, prediction,
-base_values, values, samples (0 for exact methods, whose std_errors are all 0)."""
-
-
 class Answer(NamedTuple):
-    """What metrics and drift need from one answered call."""
+    """What metrics and drift need from one answered call: per-row scalars, and the rows'
+    arrays as blocks with a leading rows axis, so a batch concatenates one block per call."""
 
     model: str
     version: str
@@ -60,17 +56,39 @@ class Answer(NamedTuple):
     spread: Array  # (outputs,) standard deviation of f(background)
     X: Array  # (rows, features) the request's inputs
     target: tuple[Any, ...]  # Target.key of the explained target
-    rows: tuple[RowFacts, ...]
+    methods: tuple[str, ...]  # per row
+    evaluations: tuple[int, ...]
+    exhausted: tuple[bool, ...]
+    converged: tuple[bool, ...]
+    samples: tuple[int, ...]  # 0 for exact methods, whose std_errors are all 0
+    std_errors: Array  # (rows, outputs, features)
+    predictions: Array  # (rows, outputs)
+    base: Array  # (outputs,) E f(background): the same for every row of a call
+    values: Array  # (rows, outputs, features)
     cached: bool  # from the result cache: no cost or quality to count
+    rows: int
+    mixed: bool  # rows explained by different methods (auto may pick per row)
 
 
 def answer_of(result: Any) -> Answer:
-    """The Answer of an ExplainResult (duck-typed: metrics does not import the data plane)."""
+    """The Answer of an ExplainResult with at least one row (duck-typed: metrics does not
+    import the data plane). One row costs three views; more rows one array per kind."""
+    rows = result.rows
+    first = rows[0]
+    if len(rows) == 1:
+        return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
+                      result.target.key, (first.method,), (first.evaluations,),
+                      (first.budget_exhausted,), (first.converged,), (first.samples,),
+                      first.std_errors[None], first.prediction[None], first.base_values,
+                      first.values[None], result.cached, 1, False)
+    methods, evaluations, exhausted, converged, samples = zip(
+        *[(r.method, r.evaluations, r.budget_exhausted, r.converged, r.samples) for r in rows],
+        strict=True)
     return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
-                  result.target.key, tuple(
-                      (r.method, r.evaluations, r.budget_exhausted, r.converged, r.std_errors,
-                       r.prediction, r.base_values, r.values, r.samples) for r in result.rows),
-                  result.cached)
+                  result.target.key, methods, evaluations, exhausted, converged, samples,
+                  np.array([r.std_errors for r in rows]), np.array([r.prediction for r in rows]),
+                  first.base_values, np.array([r.values for r in rows]), result.cached,
+                  len(rows), len(set(methods)) > 1)
 
 
 @dataclass(frozen=True)
@@ -176,10 +194,16 @@ class Counters:
         return fam
 
 
-def stacked(arrays: Sequence[Array], n: int) -> Array:
-    """n arrays of one shape as one (n, *shape) array (concatenate is the fastest way)."""
-    first = arrays[0]
-    return np.concatenate(arrays).reshape(n, *first.shape) if first.ndim else np.asarray(arrays)
+def _by_method(a: Answer) -> list[Answer]:
+    """The answer itself when one method explained all its rows (the usual case), else one
+    single-row answer per row."""
+    if not a.mixed:
+        return [a]
+    return [a._replace(methods=(a.methods[i],), evaluations=(a.evaluations[i],),
+                       exhausted=(a.exhausted[i],), converged=(a.converged[i],),
+                       samples=(a.samples[i],), std_errors=a.std_errors[i:i + 1],
+                       predictions=a.predictions[i:i + 1], values=a.values[i:i + 1],
+                       X=a.X[i:i + 1], rows=1, mixed=False) for i in range(a.rows)]
 
 
 class Metrics:
@@ -264,33 +288,29 @@ class CallSeries:
         if not answered:
             return
         self.budget.add((answered[0].model,), [a.budget_ms for a in answered], 1e-3)
-        groups: dict[tuple[Any, ...], tuple[list[RowFacts], list[Array]]] = {}
+        groups: dict[tuple[Any, ...], list[Answer]] = {}
         for a in answered:  # rows of one answer share its target's shape, usually its method
-            method_0 = a.rows[0][0]
-            parts = [a.rows] if all(r[0] == method_0 for r in a.rows) else [[r] for r in a.rows]
-            for part in parts:
-                g = groups.setdefault((part[0][0], part[0][7].shape), ([], []))
-                g[0].extend(part)
-                g[1].extend([a.spread] * len(part))
-        for (row_method, _), (rows, spreads) in groups.items():
-            self._fold_rows((answered[0].model, row_method), rows, spreads)
+            for part in (_by_method(a) if a.mixed else (a,)):
+                groups.setdefault((part.methods[0], part.values.shape[1:]), []).append(part)
+        for (row_method, _), group in groups.items():
+            self._fold_rows((answered[0].model, row_method), group)
 
-    def _fold_rows(self, labels: tuple[str, ...], rows: list[RowFacts],
-                   spreads: list[Array]) -> None:
-        """Cost and quality of explained rows of one (model, method) and shape."""
-        n = len(rows)
-        _, evaluations, exhausted, converged, std, pred, base, values, samples = zip(
-            *rows, strict=True)
-        self.rows.add(labels, n)
-        self.evaluations.add(labels, evaluations)
-        self.exhausted.add(labels, sum(exhausted))
-        self.converged.add(labels, sum(converged))
-        if any(samples):
-            errors = stacked(std, n).max(axis=2) / stacked(spreads, n)  # (rows, outputs)
-            self.relative_error.add(labels, errors.max(axis=1))
+    def _fold_rows(self, labels: tuple[str, ...], answers: list[Answer]) -> None:
+        """Cost and quality of the rows of answers of one (model, method) and shape."""
+        counts = [a.rows for a in answers]
+        self.rows.add(labels, sum(counts))
+        self.evaluations.add(labels, [e for a in answers for e in a.evaluations])
+        self.exhausted.add(labels, sum(sum(a.exhausted) for a in answers))
+        self.converged.add(labels, sum(sum(a.converged) for a in answers))
+        if any(any(a.samples) for a in answers):
+            std = np.concatenate([a.std_errors for a in answers])  # (rows, outputs, features)
+            spread = np.repeat(np.array([a.spread for a in answers]), counts, axis=0)
+            self.relative_error.add(labels, (std.max(axis=2) / spread).max(axis=1))
         else:  # exact methods (no samples) have no error bars
-            self.relative_error.add(labels, np.zeros(n))
-        gap = stacked(pred, n) - stacked(base, n) - stacked(values, n).sum(axis=2)
+            self.relative_error.add(labels, np.zeros(sum(counts)))
+        base = np.repeat(np.array([a.base for a in answers]), counts, axis=0)  # (rows, outputs)
+        values = np.concatenate([a.values for a in answers])  # (rows, outputs, features)
+        gap = np.concatenate([a.predictions for a in answers]) - base - values.sum(axis=2)
         self.gap.add(labels, np.abs(gap))  # (rows, outputs)
 
     def families(self) -> Iterator[Metric]:

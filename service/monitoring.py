@@ -16,7 +16,7 @@ from explainers.base import Array, Background, ModelFn
 from explainers.errors import SidelightError
 from service.config import ModelConfig, Settings
 from service.drift import DriftMonitor, Reference
-from service.metrics import Answer, DriftSource, stacked
+from service.metrics import Answer, DriftSource
 from service.repository import LoadedModel, read_background
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,17 @@ class DriftMonitors:
             source = self._sources.get(key)
             if source is None:
                 continue
-            if a.target != self._targets[key] or len(a.rows) != a.X.shape[0]:
+            if a.target != self._targets[key] or a.rows != a.X.shape[0]:
                 inputs.setdefault(key, []).append(a.X)
             else:
                 explained.setdefault(key, []).append(a)
         for key, blocks in inputs.items():
             self._sources[key].monitor.observe(np.concatenate(blocks))
         for key, done in explained.items():
-            rows = [row for a in done for row in a.rows]  # RowFacts
             self._sources[key].monitor.observe(
-                np.concatenate([a.X for a in done]), stacked([row[5] for row in rows], len(rows)),
-                stacked([row[7] for row in rows], len(rows)))
+                np.concatenate([a.X for a in done]),
+                np.concatenate([a.predictions for a in done]),  # (rows, outputs)
+                np.concatenate([a.values for a in done]))  # (rows, outputs, features)
 
     def sources(self) -> list[DriftSource]:
         with self._lock:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.registry import Collector
 
+from explainers.base import Explanation
 from service.metrics import (
     LATENCY_BUCKETS,
     Counters,
@@ -17,6 +19,7 @@ from service.metrics import (
     Metrics,
     Record,
     Recorder,
+    answer_of,
 )
 
 
@@ -98,3 +101,33 @@ def test_a_scrape_folds_what_is_queued() -> None:
                                      {"model": "m", "method": "auto", "le": "0.005"}) == 3
     assert registry.get_sample_value("sidelight_cache_requests_total",
                                      {"cache": "result", "result": "miss"}) == 1
+
+
+def test_rows_of_one_call_explained_by_different_methods_count_under_each() -> None:
+    def row(method: str, samples: int, se: float) -> Explanation:
+        values = np.array([[0.5, -0.25]])  # (outputs, features)
+        return Explanation.build(method, values, np.full_like(values, se), np.array([1.0]),
+                                 np.array([1.25 + 1e-7]), evaluations=40, converged=not samples,
+                                 budget_exhausted=bool(samples), samples=samples)
+
+    result = SimpleNamespace(model="m", version="1", budget_ms=50.0, spread=np.array([2.0]),
+                             X=np.zeros((3, 2)), target=SimpleNamespace(key=("out", (0,), "")),
+                             cached=False, rows=(row("exact", 0, 0.0), row("permutation", 9, 0.5),
+                                                 row("exact", 0, 0.0)))
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.record_call("m", "auto", "OK", 0.01, 0.01, answer_of(result))
+
+    def sample(name: str, method: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"model": "m", "method": method, **labels})
+
+    assert sample("sidelight_explain_rows_total", "exact") == 2
+    assert sample("sidelight_explain_rows_total", "permutation") == 1
+    assert sample("sidelight_explain_budget_exhausted_total", "permutation") == 1
+    assert sample("sidelight_explain_converged_total", "exact") == 2
+    assert sample("sidelight_explain_relative_std_error_sum", "permutation") == 0.25  # 0.5 / 2
+    assert sample("sidelight_explain_relative_std_error_sum", "exact") == 0.0
+    gap = sample("sidelight_explain_additivity_gap_sum", "exact")
+    assert gap is not None and abs(gap - 2e-7) < 1e-12
+    assert registry.get_sample_value("sidelight_explain_budget_seconds_sum", {"model": "m"}) \
+        == 0.05
