@@ -64,9 +64,11 @@ def explain(app: Sidelight, model: str, timeout: float | None = None,
 
 @pytest.mark.parametrize(("method", "budget_ms"), [("permutation", 25.0), ("permutation", 80.0),
                                                    ("auto", 25.0), ("auto", 80.0),
-                                                   ("kernel", 400.0)])
+                                                   ("kernel", 700.0)])
 def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method: str,
                                                     budget_ms: float) -> None:
+    """Kernel's smallest sound fit costs ~400 ms on this model (it refuses less, tested below);
+    700 ms leaves room for the measured speed to vary on a loaded machine."""
     start = time.monotonic()
     r = explain(slow_app, "slow", method=method, budget_ms=budget_ms, seed=1)  # ~90k rows/s
     wall_ms = 1e3 * (time.monotonic() - start)
