@@ -33,14 +33,13 @@ app.stop(grace=0)
 
 
 @contextmanager
-def server(repo: Path) -> Iterator[int]:
-    """Start `sidelight` on a free port in a child process; yields the port."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(repo)], cwd=ROOT,
+def python_child(script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -c script args` from the project root with text pipes; closing its stdin asks it
+    to stop (killed after 10 s)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield port
+        yield proc
     finally:
         if proc.stdin:
             proc.stdin.close()
@@ -48,6 +47,14 @@ def server(repo: Path) -> Iterator[int]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def server(repo: Path) -> Iterator[int]:
+    """Start `sidelight` on a free port in a child process; yields the port."""
+    with python_child(SERVER, str(repo)) as proc:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
 
 
 @dataclass(frozen=True)

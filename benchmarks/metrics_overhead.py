@@ -23,7 +23,6 @@ only ever slows a block down.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
+from benchmarks._server import python_child
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.metrics import Metrics
@@ -171,18 +171,9 @@ class Child:
 
 @contextmanager
 def child(mode: str) -> Iterator[Child]:
-    proc = subprocess.Popen([sys.executable, "-c", GRPC_SERVER, str(MODELS), mode], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    with python_child(GRPC_SERVER, str(MODELS), mode) as proc:
         assert proc.stdout is not None
         yield Child(proc, int(proc.stdout.readline()))
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def requests_for(case: Case, n: int) -> list[pb.ExplainRequest]:
