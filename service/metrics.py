@@ -125,10 +125,19 @@ class Recorder:
     def fold(self) -> None:
         """Hand every queued record to the sinks, oldest first."""
         with self._lock:
-            batch = self._drain()
-            if batch:
-                for sink in self._sinks:
-                    sink(batch)
+            self._fold()
+
+    def folded(self, read: Callable[[], list[Metric]]) -> list[Metric]:
+        """Fold, then run `read` before any other fold can change what it reads."""
+        with self._lock:
+            self._fold()
+            return read()
+
+    def _fold(self) -> None:
+        batch = self._drain()
+        if batch:
+            for sink in self._sinks:
+                sink(batch)
 
     def _drain(self) -> list[Record]:
         out, pop = [], self._queue.popleft
@@ -346,8 +355,7 @@ class _Folded(Collector):
         self._recorder, self._families = recorder, families
 
     def collect(self) -> Iterator[Metric]:
-        self._recorder.fold()
-        yield from self._families()
+        yield from self._recorder.folded(lambda: list(self._families()))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

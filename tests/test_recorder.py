@@ -131,3 +131,4 @@ def test_rows_of_one_call_explained_by_different_methods_count_under_each() -> N
     assert gap is not None and abs(gap - 2e-7) < 1e-12
     assert registry.get_sample_value("sidelight_explain_budget_seconds_sum", {"model": "m"}) \
         == 0.05
+
