@@ -139,15 +139,18 @@ class LeafTables:
         """Tabulate every leaf against the background `data` (rows, features) in the op's
         precision, with weights summing to one."""
         any_nan = bool(np.isnan(data).any())
+        counts = [np.zeros((g.leaves, 1 << g.k)) for g in boxes.groups]  # weight per pattern
         step = boxes.chunk()
-        patterns = np.concatenate([boxes.masks(data[i:i + step], any_nan)
-                                   for i in range(0, data.shape[0], step)])  # (bg rows, leaves)
+        for i in range(0, data.shape[0], step):  # chunks bound the (rows, leaves) arrays
+            patterns = boxes.masks(data[i:i + step], any_nan)  # (chunk rows, leaves)
+            for g, c in zip(boxes.groups, counts, strict=True):
+                c += _pattern_weights(patterns[:, g.first:g.first + g.leaves],
+                                      weights[i:i + step], g.k)
         expected = boxes.constant.copy()
         tables = []
-        for g in boxes.groups:
-            counts = _pattern_weights(patterns[:, g.first:g.first + g.leaves], weights, g.k)
-            expected += counts[:, -1] @ boxes.values[g.first:g.first + g.leaves]
-            tables.append((counts @ _games(g.k)).reshape(g.leaves << g.k, g.k))
+        for g, c in zip(boxes.groups, counts, strict=True):
+            expected += c[:, -1] @ boxes.values[g.first:g.first + g.leaves]
+            tables.append((c @ _games(g.k)).reshape(g.leaves << g.k, g.k))
         return LeafTables(boxes, tuple(tables), _slot_weights(boxes), expected)
 
     def explain(self, X: Array) -> tuple[Array, Array]:
@@ -193,13 +196,15 @@ def _tree_leaves(tree: ShapTree) -> Iterator[tuple[Box, Array]]:
         stack.append((int(tree["children_right"][node]), _narrow(box, f, lo=t, nan=not nan_left)))
 
 
-def _narrow(box: Box, feature: int, lo: float = -math.inf, hi: float = math.inf,
+def _narrow(box: Box, feature: int, lo: float | None = None, hi: float = math.inf,
             nan: bool = True) -> Box:
     """A copy of `box` with feature's interval intersected with (lo, hi] and NaN kept only if
-    both allow it."""
-    old_lo, old_hi, old_nan = box.get(feature, (-math.inf, math.inf, True))
+    both allow it. An unbounded lower end is NaN, not -inf: a split at -inf is a real bound
+    (x = -inf goes left of it)."""
+    old_lo, old_hi, old_nan = box.get(feature, (math.nan, math.inf, True))
+    new_lo = old_lo if lo is None else lo if math.isnan(old_lo) else max(old_lo, lo)
     out = dict(box)
-    out[feature] = (max(old_lo, lo), min(old_hi, hi), old_nan and nan)
+    out[feature] = (new_lo, min(old_hi, hi), old_nan and nan)
     return out
 
 
@@ -226,7 +231,7 @@ def _pack(ks: list[int], groups: list[list[tuple[Box, Array]]], constant: Array,
     return LeafBoxes(
         n_features=n_features, groups=_layout(ks, [len(leaves) for leaves in groups]),
         values=np.asarray(values, np.float64).reshape(len(values), targets), constant=constant,
-        feature=feature.astype(np.intp), lo=np.where(np.isneginf(lo), np.nan, lo),
+        feature=feature.astype(np.intp), lo=lo,
         hi=hi.astype(np.float64), nan=nan.astype(bool))
 
 

@@ -593,7 +593,8 @@ def _thresholds(split: Array, strict: Array, input_dtype: type[np.floating[Any]]
     """t' with (x <= t') == (x <= t), or == (x < t) where strict, for x of the input dtype."""
     if input_dtype is np.float32:
         down = _float32_floor(split)  # (nodes,) largest float32 <= t
-        below = np.where(down == split, np.nextafter(down, np.float32(-np.inf)), down)
+        with np.errstate(over="ignore"):  # below -FLT_MAX is -inf, as it should be
+            below = np.where(down == split, np.nextafter(down, np.float32(-np.inf)), down)
         return np.where(strict, below, down).astype(np.float64)
     t = np.where(strict, np.nextafter(split, -np.inf), split)  # (nodes,) float64
     if np.any(inner & (t.astype(np.float32).astype(np.float64) != t)):
@@ -607,7 +608,7 @@ def _float32_floor(t: Array) -> Array:
     """The largest float32 <= t, elementwise: (nodes,) float32."""
     with np.errstate(over="ignore"):
         f = t.astype(np.float32)
-    return np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)
+        return np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)
 
 
 # ---------------------------------------------------------------------------- the trees

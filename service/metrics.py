@@ -13,6 +13,7 @@ drift gauges carry at most `max_features` feature labels per model."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,8 @@ from prometheus_client.utils import floatToGoString
 
 from explainers.base import Array
 from service.drift import DriftMonitor, DriftStats
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
                    5.0, 10.0, 30.0)
@@ -135,9 +138,11 @@ class Recorder:
 
     def _fold(self) -> None:
         batch = self._drain()
-        if batch:
-            for sink in self._sinks:
+        for sink in self._sinks if batch else ():
+            try:
                 sink(batch)
+            except Exception:  # a broken sink must not stop the others or fail a request
+                log.exception("metrics: a sink failed on %d records", len(batch))
 
     def _drain(self) -> list[Record]:
         out, pop = [], self._queue.popleft
@@ -172,7 +177,8 @@ class Histograms:
             scale: float = 1.0) -> None:
         """Observe every value (times `scale`) under `labels`."""
         v = np.asarray(values, np.float64).ravel() * scale  # (values,)
-        bucket = np.searchsorted(self.bounds, v, side="left")  # first bound >= v: "le"
+        seen = v[~np.isnan(v)]  # like prometheus_client: NaN joins the sum, no bucket or count
+        bucket = np.searchsorted(self.bounds, seen, side="left")  # first bound >= v: "le"
         counts = np.bincount(bucket, minlength=self.bounds.size + 1)
         self.counts[labels] = self.counts.get(labels, 0) + counts
         self.sums[labels] = self.sums.get(labels, 0.0) + float(v.sum())
@@ -314,7 +320,9 @@ class CallSeries:
         if any(any(a.samples) for a in answers):
             std = np.concatenate([a.std_errors for a in answers])  # (rows, outputs, features)
             spread = np.repeat(np.array([a.spread for a in answers]), counts, axis=0)
-            self.relative_error.add(labels, (std.max(axis=2) / spread).max(axis=1))
+            worst = std.max(axis=2)  # (rows, outputs); 0 stays 0 even where spread is 0
+            ratio = np.divide(worst, spread, out=np.zeros_like(worst), where=worst != 0)
+            self.relative_error.add(labels, ratio.max(axis=1))
         else:  # exact methods (no samples) have no error bars
             self.relative_error.add(labels, np.zeros(sum(counts)))
         base = np.repeat(np.array([a.base for a in answers]), counts, axis=0)  # (rows, outputs)

@@ -20,6 +20,7 @@ from service.metrics import Answer, DriftSource
 from service.repository import LoadedModel, read_background
 
 log = logging.getLogger(__name__)
+_UNMONITORED = object()  # no monitor for a (model, version)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class DriftMonitors:
         index = exported_features(len(features), reference_abs, s.max_features)
         source = DriftSource(model, version, tuple(features[j] for j in index), index, outputs,
                              monitor, target)
-        with self._lock:
+        with self._lock:  # the source first: a target key means its source is there
             self._sources[(model, version)] = source
             self._targets[(model, version)] = getattr(target, "key", target)
 
@@ -63,10 +64,10 @@ class DriftMonitors:
         explained: dict[tuple[str, str], list[Answer]] = {}
         for a in answers:
             key = (a.model, a.version)
-            source = self._sources.get(key)
-            if source is None:
+            target = self._targets.get(key, _UNMONITORED)
+            if target is _UNMONITORED:
                 continue
-            if a.target != self._targets[key] or a.rows != a.X.shape[0]:
+            if a.target != target or a.rows != a.X.shape[0]:
                 inputs.setdefault(key, []).append(a.X)
             else:
                 explained.setdefault(key, []).append(a)

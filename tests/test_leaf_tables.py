@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 from sklearn.ensemble import RandomForestRegressor
 
 from explainers import leaf_tables
@@ -15,7 +16,15 @@ from explainers.leaf_tables import LeafBoxes, LeafTables, _games
 from explainers.onnx_trees import parse_onnx_trees, predict_raw
 from explainers.tree import TreeShap
 from tests.test_estimators import brute_force
-from tests.test_tree import background, make_data, scores_fn, sklearn_model, target, to_onnx
+from tests.test_tree import (
+    background,
+    graph_of,
+    make_data,
+    scores_fn,
+    sklearn_model,
+    target,
+    to_onnx,
+)
 
 
 def shapley_of_game(k: int, m: int, p: int) -> np.ndarray:
@@ -95,3 +104,22 @@ def test_tables_and_shaps_walk_agree_on_a_forest() -> None:
         np.testing.assert_allclose(a.values, b.values, atol=1e-7)
         np.testing.assert_allclose(a.base_values, b.base_values, atol=1e-7)
         np.testing.assert_allclose(a.prediction, b.prediction, atol=1e-7)
+
+
+def test_a_split_at_minus_infinity_is_a_bound_not_an_open_end() -> None:
+    """BRANCH_LT at -FLT_MAX in float32 becomes "x <= -inf goes left": x = -inf goes left,
+    every other value right (an open lower end would let -inf into both leaves)."""
+    node = helper.make_node(
+        "TreeEnsembleRegressor", ["X"], ["Y"], domain="ai.onnx.ml",
+        nodes_treeids=[0, 0, 0], nodes_nodeids=[0, 1, 2], nodes_featureids=[0, 0, 0],
+        nodes_modes=["BRANCH_LT", "LEAF", "LEAF"], nodes_values=[-3.4028235e38, 0.0, 0.0],
+        nodes_truenodeids=[1, 0, 0], nodes_falsenodeids=[2, 0, 0],
+        nodes_missing_value_tracks_true=[0, 0, 0], target_treeids=[0, 0], target_nodeids=[1, 2],
+        target_ids=[0, 0], target_weights=[1.0, 10.0], n_targets=1)
+    model = graph_of([node], TensorProto.FLOAT, 1, 1)
+    f = scores_fn(model)
+    X, bg = np.array([[-np.inf], [3.0]]), np.array([[0.0], [-np.inf]])
+    for x, e in zip(X, TreeShap(parse_onnx_trees(model)).explain_rows(X, background(bg, f)),
+                    strict=True):
+        np.testing.assert_allclose(e.prediction, f(x[None])[0])
+        np.testing.assert_allclose(e.values[0], brute_force(f, x, bg)[0], atol=1e-12)

@@ -132,3 +132,37 @@ def test_rows_of_one_call_explained_by_different_methods_count_under_each() -> N
     assert registry.get_sample_value("sidelight_explain_budget_seconds_sum", {"model": "m"}) \
         == 0.05
 
+
+
+def test_nan_joins_the_sum_but_no_bucket_like_prometheus_client() -> None:
+    hist = Histograms.of((0.1, 1.0))
+    hist.add(("m",), [0.05, np.nan, 2.0])
+    assert hist.counts[("m",)].tolist() == [1, 0, 1] and np.isnan(hist.sums[("m",)])
+
+
+def test_a_sampled_row_without_error_and_a_flat_background_has_relative_error_zero() -> None:
+    values = np.array([[0.0, 0.0]])
+    row = Explanation.build("permutation", values, values, np.array([1.0]), np.array([1.0]),
+                            evaluations=10, converged=True, budget_exhausted=False, samples=5)
+    result = SimpleNamespace(model="m", version="1", budget_ms=5.0, spread=np.array([0.0]),
+                             X=np.zeros((1, 2)), target=SimpleNamespace(key=()), cached=False,
+                             rows=(row,))
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.record_call("m", "permutation", "OK", 0.001, 0.0, answer_of(result))
+    labels = {"model": "m", "method": "permutation"}
+    assert registry.get_sample_value("sidelight_explain_relative_std_error_sum", labels) == 0.0
+
+
+def test_a_failing_sink_neither_stops_the_others_nor_raises() -> None:
+    recorder = Recorder()
+    seen: list[Record] = []
+
+    def broken(batch: list[Record]) -> None:
+        raise ValueError("broken sink")
+
+    recorder.subscribe(broken)
+    recorder.subscribe(seen.extend)
+    recorder.add(("cache", "result", "hit"))
+    recorder.fold()
+    assert seen == [("cache", "result", "hit")]
