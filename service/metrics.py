@@ -4,8 +4,8 @@ The request path only queues one tuple per call (`Recorder`, a lock-free deque);
 per-call and per-row series (outcomes, latency, cost, quality, cache lookups) and the drift
 windows are updated from those records in batches: by a background thread every second, on
 every scrape, and inline once the queue is long. A batch costs a few vectorised histogram
-updates per label set instead of a dozen locked prometheus_client updates per call, so the
-monitoring cost stays well under the cost of even a sub-millisecond explanation.
+updates per label set instead of a dozen locked prometheus_client updates per call: a few
+microseconds per call in all (docs/benchmarks.md).
 
 Label sets are bounded: models and methods not in the repository are counted as `_unknown`, and
 drift gauges carry at most `max_features` feature labels per model."""
@@ -46,8 +46,8 @@ FOLD_AT = 20_000  # queued records that make the recording thread fold inline (b
 
 Record = tuple[Any, ...]
 """("call", model, method, code, seconds, cpu_seconds, Answer or None) or ("cache", cache,
-outcome). Records hold only strings, numbers and arrays (no objects the garbage collector
-tracks), so thousands can wait for the next fold without slowing the request path."""
+outcome). Records hold strings, numbers and arrays, never the result objects, which are
+freed as soon as the response is sent."""
 
 class Answer(NamedTuple):
     """What metrics and drift need from one answered call: per-row scalars, and the rows'
@@ -104,7 +104,7 @@ class DriftSource:
     feature_index: tuple[int, ...]  # their columns in the model's feature order
     outputs: tuple[str, ...]
     monitor: DriftMonitor
-    target: object = None  # the explained target the reference's predictions and phi are for
+    target: object = None  # Target.key of the target the reference's predictions and phi are for
 
 
 class Recorder:

@@ -20,7 +20,6 @@ from service.metrics import Answer, DriftSource
 from service.repository import LoadedModel, read_background
 
 log = logging.getLogger(__name__)
-_UNMONITORED = object()  # no monitor for a (model, version)
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class DriftMonitors:
     def __init__(self, settings: DriftSettings) -> None:
         self.settings = settings
         self._sources: dict[tuple[str, str], DriftSource] = {}
-        self._targets: dict[tuple[str, str], object] = {}  # Target.key of each source
         self._lock = threading.Lock()
 
     def add(self, model: str, version: str, features: tuple[str, ...], outputs: tuple[str, ...],
@@ -52,10 +50,9 @@ class DriftMonitors:
             reference_abs, top_k=s.top_k, window_seconds=s.window_seconds)
         index = exported_features(len(features), reference_abs, s.max_features)
         source = DriftSource(model, version, tuple(features[j] for j in index), index, outputs,
-                             monitor, target)
-        with self._lock:  # the source first: a target key means its source is there
+                             monitor, getattr(target, "key", target))
+        with self._lock:
             self._sources[(model, version)] = source
-            self._targets[(model, version)] = getattr(target, "key", target)
 
     def observe_answers(self, answers: Sequence[Answer]) -> None:
         """Many answered requests at once: one observe per monitor and kind, so a batch costs
@@ -64,10 +61,10 @@ class DriftMonitors:
         explained: dict[tuple[str, str], list[Answer]] = {}
         for a in answers:
             key = (a.model, a.version)
-            target = self._targets.get(key, _UNMONITORED)
-            if target is _UNMONITORED:
+            source = self._sources.get(key)
+            if source is None:
                 continue
-            if a.target != target or a.rows != a.X.shape[0]:
+            if a.target != source.target or a.rows != a.X.shape[0]:
                 inputs.setdefault(key, []).append(a.X)
             else:
                 explained.setdefault(key, []).append(a)
