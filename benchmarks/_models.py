@@ -1,7 +1,7 @@
 """The models the Shapley benchmark runs on: the bundled breast-cancer MLP and GBDT (30 features,
 log-odds of the positive class, 100-row backgrounds) and a 100-feature synthetic ReLU MLP built
-here with onnx.helper. Each is loaded through the service's own adapter (service.onnx_model), so
-every figure includes what the service pays per model call."""
+here with onnx.helper. Each is loaded through the service's own adapter
+(service.models.onnx_model), so every figure includes what the service pays per model call."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from explainers.base import Array, Background, ModelFn
-from explainers.engine import Evaluator
-from service.onnx_model import OnnxModel
-from service.targets import apply_scale
+from explainers.base import Array, Background, Evaluator, ModelFn
+from service.models.onnx_model import OnnxModel
+from service.plane.targets import apply_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"

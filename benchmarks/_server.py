@@ -16,14 +16,14 @@ import grpc
 import numpy as np
 
 from benchmarks._models import ROOT
-from service.tensors import from_array
+from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 SERVER = """
 import sys
 from service.config import Settings
-from service.server import start
+from service.api.server import start
 app = start(Settings(models_dir=sys.argv[1], port=0, metrics_port=-1, host="127.0.0.1",
                      result_cache_size=0))  # every call is computed, none served from cache
 print(app.port, flush=True)

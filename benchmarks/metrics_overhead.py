@@ -35,13 +35,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from benchmarks._server import python_child
+from service.api.tensors import from_array
 from service.config import Settings
-from service.dataplane import DataPlane
-from service.metrics import Metrics
-from service.repository import ModelRepository
-from service.requests import ExplainQuery
-from service.store import MemoryStore
-from service.tensors import from_array
+from service.models.repository import ModelRepository
+from service.monitoring.metrics import Metrics
+from service.plane.dataplane import DataPlane
+from service.plane.requests import ExplainQuery
+from service.store.backgrounds import MemoryStore
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -50,7 +50,7 @@ MODELS = ROOT / "examples" / "models"
 GRPC_SEGMENT_SECONDS = 2.0
 GRPC_SERVER = """
 import sys, time
-import service.server as server
+import service.api.server as server
 from service.config import Settings
 on = sys.argv[2] == "on"
 if not on:

@@ -23,9 +23,9 @@ from benchmarks._reference import reference
 from benchmarks._server import Call, plan, run_calls, server
 from explainers.base import Array, Budget, Explanation, ModelFn
 from explainers.errors import SidelightError
-from explainers.kernel import KernelShap
-from explainers.permutation import PermutationShapley
 from explainers.registry import build_registry
+from explainers.shapley.kernel import KernelShap
+from explainers.shapley.permutation import PermutationShapley
 
 TARGETS = (0.05, 0.01)
 BUDGETS_MS = (10.0, 50.0, 200.0)

@@ -28,13 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from explainers.base import Array
 from service.config import Settings
-from service.dataplane import DataPlane
-from service.metrics import Metrics
-from service.redis_store import RedisOptions, RedisStore
-from service.repository import ModelRepository
-from service.requests import BackgroundUpload, ExplainQuery
-from service.store import BackgroundStore, MemoryStore
-from service.targets import resolve_target
+from service.models.repository import ModelRepository
+from service.monitoring.metrics import Metrics
+from service.plane.dataplane import DataPlane
+from service.plane.requests import BackgroundUpload, ExplainQuery
+from service.plane.targets import resolve_target
+from service.store.backgrounds import BackgroundStore, MemoryStore
+from service.store.redis import RedisOptions, RedisStore
 from tests.redis_process import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[1]

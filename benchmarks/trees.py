@@ -21,13 +21,12 @@ import shap
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
-from explainers.base import Array, Background, Budget
-from explainers.engine import Evaluator
-from explainers.exact import ExactShapley
-from explainers.onnx_trees import parse_onnx_trees
-from explainers.permutation import PermutationShapley
-from explainers.tree import TreeShap
-from service.onnx_model import OnnxModel
+from explainers.base import Array, Background, Budget, Evaluator
+from explainers.shapley.exact import ExactShapley
+from explainers.shapley.permutation import PermutationShapley
+from explainers.trees.onnx_trees import parse_onnx_trees
+from explainers.trees.tree import TreeShap
+from service.models.onnx_model import OnnxModel
 
 BACKGROUND_ROWS = 100
 ROWS = 50

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from explainers.auto import AutoShapley
 from explainers.base import Estimator
 from explainers.errors import InvalidArgument
-from explainers.exact import ExactShapley
-from explainers.kernel import KernelShap
-from explainers.permutation import PermutationShapley
+from explainers.shapley.auto import AutoShapley
+from explainers.shapley.exact import ExactShapley
+from explainers.shapley.kernel import KernelShap
+from explainers.shapley.permutation import PermutationShapley
 
 
 def build_registry() -> Mapping[str, Estimator]:

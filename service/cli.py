@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
 from service.config import Settings
-from service.server import Sidelight, start
-from service.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 

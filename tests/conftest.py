@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
+from service.api.server import Sidelight, start
 from service.config import Settings
-from service.server import Sidelight, start
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.redis_process import RedisProcess
 

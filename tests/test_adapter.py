@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from explainers import Background, Budget, Evaluator, build_registry
-from service.onnx_model import OnnxModel
-from service.server import Sidelight, start
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
+from service.models.onnx_model import OnnxModel
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for
@@ -115,7 +115,7 @@ def test_two_inputs_by_name_and_by_position(multi_app: Sidelight) -> None:
 def test_a_model_without_explain_yaml_loads_with_generated_names(tmp_path: Path) -> None:
     (tmp_path / "bare" / "3").mkdir(parents=True)
     onnx.save(two_input_model(), tmp_path / "bare" / "3" / "model.onnx")
-    from service.repository import ModelRepository
+    from service.models.repository import ModelRepository
     repo = ModelRepository.load(tmp_path, settings_for(tmp_path))
     model = repo.get("bare")
     assert model.version == "3" and model.feature_names == ("a_0", "a_1", "b")

@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.dataplane import load_reserve_s, reserve_s, usable_cores
-from service.server import Sidelight, start
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
+from service.plane.dataplane import load_reserve_s, reserve_s, usable_cores
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import settings_for

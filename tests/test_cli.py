@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from service.api.server import Sidelight
 from service.cli import main
-from service.server import Sidelight
 from tests.conftest import background_of
 
 

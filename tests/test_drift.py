@@ -10,7 +10,7 @@ import pytest
 from scipy import special, stats
 
 from explainers.errors import InvalidArgument
-from service.drift import (
+from service.monitoring.drift import (
     PSI_EPSILON,
     AttributionWindow,
     Cached,

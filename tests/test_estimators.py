@@ -10,11 +10,11 @@ import pytest
 
 from explainers import Background, Budget, Evaluator, build_registry
 from explainers.base import Array, ModelFn
-from explainers.engine import path_rows
 from explainers.errors import InvalidArgument, ResourceExhausted
-from explainers.exact import all_coalitions
-from explainers.kernel import KernelShap
-from explainers.permutation import DOUBLE_EVERY, RowSweeps
+from explainers.masking import path_rows
+from explainers.shapley.exact import all_coalitions
+from explainers.shapley.kernel import KernelShap
+from explainers.shapley.permutation import DOUBLE_EVERY, RowSweeps
 
 REGISTRY = build_registry()
 

@@ -1,4 +1,4 @@
-"""Leaf tables (explainers.leaf_tables): the closed-form game, exactness against brute force,
+"""Leaf tables (explainers.trees.leaf_tables): the closed-form game, exactness against brute force,
 chunking, and the fall-back to shap's walk for leaves with too many path features."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper
 from sklearn.ensemble import RandomForestRegressor
 
-from explainers import leaf_tables
-from explainers.leaf_tables import LeafBoxes, LeafTables, _games
-from explainers.onnx_trees import parse_onnx_trees, predict_raw
-from explainers.tree import TreeShap
+from explainers.trees import leaf_tables
+from explainers.trees.leaf_tables import LeafBoxes, LeafTables, _games
+from explainers.trees.onnx_trees import parse_onnx_trees, predict_raw
+from explainers.trees.tree import TreeShap
 from tests.test_estimators import brute_force
 from tests.test_tree import (
     background,

@@ -20,9 +20,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from explainers.errors import ResourceExhausted
-from service.server import Sidelight, start
-from service.targets import resolve_target
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
+from service.plane.targets import resolve_target
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import settings_for

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.monitoring import exported_features
-from service.server import Sidelight, start
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
+from service.monitoring.monitors import exported_features
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for

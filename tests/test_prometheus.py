@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import yaml
 
-from service.server import Sidelight, start
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, ROOT, background_of, settings_for

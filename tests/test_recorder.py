@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.registry import Collector
 
 from explainers.base import Explanation
-from service.metrics import (
+from service.monitoring.metrics import (
     LATENCY_BUCKETS,
     Counters,
     Histograms,

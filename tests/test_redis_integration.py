@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.server import REDIS_HEALTH, Sidelight, start
-from service.tensors import from_array
+from service.api.server import REDIS_HEALTH, Sidelight, start
+from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for

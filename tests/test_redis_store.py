@@ -16,9 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from explainers.errors import FailedPrecondition, NotFound, Unavailable
-from service.metrics import Metrics
-from service.redis_store import ABSENT, NEWER, SEED, RedisOptions, RedisStore, masked
-from service.store import (
+from service.monitoring.metrics import Metrics
+from service.store.backgrounds import (
     BackgroundMeta,
     CorruptValue,
     MemoryStore,
@@ -26,6 +25,7 @@ from service.store import (
     encode_array,
     make_meta,
 )
+from service.store.redis import ABSENT, NEWER, SEED, RedisOptions, RedisStore, masked
 from tests.redis_process import RedisProcess, make_cert, wait_for
 
 PREFIX = "t:"
@@ -183,7 +183,7 @@ def test_conditional_writes_keep_the_newest_value(stores: Callable[..., RedisSto
     store.put(base, data)
 
     def write(mode: str, created: float, model_sha: str = "a" * 64) -> bool:
-        from service.redis_store import Local
+        from service.store.redis import Local
         meta = BackgroundMeta(**{**base.__dict__, "created": created, "model_sha256": model_sha})
         return store._write(store.key("model", "1", "bg"), Local(meta, data, 0.0), mode)
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from explainers.base import Explanation
-from service.dataplane import ExplainResult
-from service.redis_store import RedisOptions, RedisStore
-from service.result_cache import Codec, ResultCache, budget_class, request_key
-from service.store import BackgroundMeta, CorruptValue, frame
-from service.targets import Target
+from service.plane.dataplane import ExplainResult
+from service.plane.targets import Target
+from service.store.backgrounds import BackgroundMeta, CorruptValue, frame
+from service.store.redis import RedisOptions, RedisStore
+from service.store.results import Codec, ResultCache, budget_class, request_key
 from tests.redis_process import RedisProcess
 
 TYPES = (Explanation, Target, BackgroundMeta)

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from explainers import build_registry
-from service.server import Sidelight, start
-from service.tensors import from_array
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for

@@ -13,16 +13,15 @@ import pytest
 import shap
 from onnx import TensorProto, helper, numpy_helper
 
-from explainers.base import Array, Background, Budget
-from explainers.engine import Evaluator
+from explainers.base import Array, Background, Budget, Evaluator
 from explainers.errors import InvalidArgument
-from explainers.onnx_trees import (
+from explainers.trees.onnx_trees import (
     UnsupportedTrees,
     apply_post_transform,
     parse_onnx_trees,
     predict_margin,
 )
-from explainers.tree import MAX_WEIGHT_GROUPS, TreeShap
+from explainers.trees.tree import MAX_WEIGHT_GROUPS, TreeShap
 from tests.test_estimators import brute_force
 
 ATOL = 1e-5

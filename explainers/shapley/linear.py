@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Explanation, ModelFn
-from explainers.engine import Evaluator
+from explainers.base import Array, Background, Budget, Evaluator, Explanation, ModelFn
 from explainers.errors import FailedPrecondition
 
 TOLERANCE = 1e-4  # of f's spread over the probes: float32 models reproduce to ~1e-6

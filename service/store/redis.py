@@ -47,8 +47,8 @@ from redis.retry import Retry
 from explainers.base import Array
 from explainers.errors import NotFound, Unavailable
 from service.config import Settings
-from service.metrics import Metrics
-from service.store import FLOAT_DTYPES, BackgroundMeta, CorruptValue, little_endian
+from service.monitoring.metrics import Metrics
+from service.store.backgrounds import FLOAT_DTYPES, BackgroundMeta, CorruptValue, little_endian
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

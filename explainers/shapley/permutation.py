@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import Evaluator, path_values
-from explainers.sampling import require_stop_rule, run_rounds, single_feature
+from explainers.anytime import require_stop_rule, run_rounds, single_feature
+from explainers.base import Array, Background, Budget, Evaluator, Explanation
+from explainers.masking import path_values
 
 DOUBLE_EVERY = 2  # in the first sweep, one row in this many gets two pairs (the within spread)
 FOLD_CELLS = 2**18  # pair values held before they are folded into the per-row sums

@@ -8,7 +8,7 @@ import numpy as np
 
 from explainers.base import Array, Background, ModelFn
 from explainers.errors import InvalidArgument
-from service.repository import LoadedModel
+from service.models.repository import LoadedModel
 
 LOGIT_EPS = 1e-7
 SCALES = ("identity", "logit", "margin")

@@ -6,9 +6,9 @@ from math import comb
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import Evaluator, coalition_values
+from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument, ResourceExhausted
+from explainers.masking import coalition_values
 
 MAX_FEATURES = 16
 

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from explainers.base import Array
-from service.drift import DriftMonitor, DriftStats
+from service.monitoring.drift import DriftMonitor, DriftStats
 
 log = logging.getLogger(__name__)
 

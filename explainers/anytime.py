@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import SAFETY, Evaluator
+from explainers.base import SAFETY, Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument, ResourceExhausted
 
 MIN_UNITS = 8  # never report a standard error from fewer independent units than this

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import NodeProto, helper
 
-from explainers.onnx_trees import reachable_outputs
+from explainers.trees.onnx_trees import reachable_outputs
 
 ML_DOMAIN = "ai.onnx.ml"
 LINK_OPS = ("LinearClassifier", "LinearRegressor", "TreeEnsembleClassifier",

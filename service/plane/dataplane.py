@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Estimator, Explanation, ModelFn
-from explainers.engine import Evaluator
+from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation, ModelFn
 from explainers.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -25,13 +24,19 @@ from explainers.errors import (
 )
 from explainers.registry import build_registry
 from service.config import Settings
-from service.methods import Choice, MethodResolver, batch_explainer
-from service.metrics import UNKNOWN, Metrics, Record, answer_of
-from service.monitoring import DriftMonitors, DriftSettings, drift_reference
-from service.repository import LoadedModel, ModelRepository
-from service.requests import BackgroundUpload, ExplainQuery, assemble, check_name, check_upload
-from service.result_cache import ResultCache, budget_class, request_key
-from service.store import (
+from service.models.repository import LoadedModel, ModelRepository
+from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
+from service.monitoring.monitors import DriftMonitors, DriftSettings, drift_reference
+from service.plane.methods import Choice, MethodResolver, batch_explainer
+from service.plane.requests import (
+    BackgroundUpload,
+    ExplainQuery,
+    assemble,
+    check_name,
+    check_upload,
+)
+from service.plane.targets import Target, build_background, resolve_target, target_fn
+from service.store.backgrounds import (
     DEFAULT_NAME,
     DERIVED_TTL_S,
     BackgroundMeta,
@@ -42,7 +47,7 @@ from service.store import (
     make_meta,
     predictions_key,
 )
-from service.targets import Target, build_background, resolve_target, target_fn
+from service.store.results import ResultCache, budget_class, request_key
 
 log = logging.getLogger(__name__)
 BACKGROUND_CACHE_SIZE = 64

@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from explainers.base import Array
-from service.store import CorruptValue, frame, little_endian, unframe
+from service.store.backgrounds import CorruptValue, frame, little_endian, unframe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

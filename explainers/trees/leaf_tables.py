@@ -28,7 +28,7 @@ import numpy as np
 from scipy import sparse
 
 from explainers.base import Array
-from explainers.onnx_trees import ParsedTrees, ShapTree
+from explainers.trees.onnx_trees import ParsedTrees, ShapTree
 
 MAX_PATH_FEATURES = 9  # a leaf's table has 2^k rows; the build tensor is 4^k * k
 MAX_TABLE_ENTRIES = 4_000_000  # float64 table entries per background (32 MB)

@@ -1,65 +1,11 @@
-"""The coalition-evaluation engine shared by every sampler: counted, chunked model calls that
-learn their own throughput, and vectorised construction of masked batches."""
+"""Masked batches: the model rows that replace absent players by reference values, built
+vectorised and evaluated in bounded chunks through the Evaluator."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from explainers.base import Array, Background, Budget, ModelFn
-
-# Never plan to use more than this share of the remaining time: leaves room for the solve,
-# serialisation and the noise in the throughput estimate.
-SAFETY = 0.8
-
-
-class Evaluator:
-    """Evaluates any batch in bounded chunks, counts rows and learns rows/second as it goes.
-
-    One per request: the data plane seeds it with the throughput measured when the model loaded,
-    so the first round is planned from a real figure rather than a guess.
-    """
-
-    def __init__(self, fn: ModelFn, chunk_rows: int = 4096, rows_per_second: float = 1e5,
-                 call_overhead_s: float = 5e-5, dtype: type = np.float64) -> None:
-        self._fn = fn
-        self.dtype = dtype  # masked batches are built in the model's input type: no extra cast
-        self.chunk_rows = max(1, int(chunk_rows))
-        self.rows_per_second = float(rows_per_second)
-        self.call_overhead_s = call_overhead_s
-        self.evaluations = 0
-
-    def __call__(self, X: Array) -> Array:
-        """f(X) for X (rows, features), in chunks of at most `chunk_rows` rows."""
-        if X.shape[0] == 0:
-            return np.empty((0, 0))
-        step = self.chunk_rows
-        parts = [self._timed(X[i:i + step]) for i in range(0, X.shape[0], step)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _timed(self, X: Array) -> Array:
-        """One model call; folds its measured speed into the running estimate."""
-        start = time.perf_counter()
-        y = self._fn(X)
-        elapsed = time.perf_counter() - start
-        self.evaluations += X.shape[0]
-        if X.shape[0] >= 64 and elapsed > 0:  # tiny calls measure overhead, not throughput
-            rate = X.shape[0] / max(elapsed - self.call_overhead_s, 1e-9)
-            self.rows_per_second = 0.7 * self.rows_per_second + 0.3 * rate
-        return y
-
-    def seconds_for(self, rows: int) -> float:
-        """Predicted wall time to evaluate `rows` rows."""
-        calls = -(-rows // self.chunk_rows)
-        return rows / self.rows_per_second + calls * self.call_overhead_s
-
-    def affordable_rows(self, budget: Budget) -> int:
-        """Rows that fit in the budget's remaining time and evaluation cap."""
-        remaining = budget.remaining() * SAFETY
-        by_time = int(remaining * self.rows_per_second) if np.isfinite(remaining) else 2**62
-        cap = 2**62 if budget.max_evaluations is None else budget.max_evaluations - self.evaluations
-        return max(0, min(by_time, cap))
+from explainers.base import Array, Background, Evaluator
 
 
 def coalition_values(ev: Evaluator, masks: Array, x: Array, background: Background) -> Array:

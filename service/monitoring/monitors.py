@@ -15,9 +15,9 @@ import numpy as np
 from explainers.base import Array, Background, ModelFn
 from explainers.errors import SidelightError
 from service.config import ModelConfig, Settings
-from service.drift import DriftMonitor, Reference
-from service.metrics import Answer, DriftSource
-from service.repository import LoadedModel, read_background
+from service.models.repository import LoadedModel, read_background
+from service.monitoring.drift import DriftMonitor, Reference
+from service.monitoring.metrics import Answer, DriftSource
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import numpy as np
 from explainers.base import Array
 from explainers.errors import InvalidArgument
 from service.config import Settings
-from service.onnx_model import OIP_TO_NUMPY
-from service.repository import LoadedModel
+from service.models.onnx_model import OIP_TO_NUMPY
+from service.models.repository import LoadedModel
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

@@ -1,7 +1,7 @@
 """`tree`: exact interventional TreeSHAP for ONNX tree ensembles, with no model evaluations.
 
-The ensemble is read from the graph once (explainers.onnx_trees). Attributions come from
-per-leaf lookup tables built once per background (explainers.leaf_tables): exact, and 15-30x
+The ensemble is read from the graph once (explainers.trees.onnx_trees). Attributions come from
+per-leaf lookup tables built once per background (explainers.trees.leaf_tables): exact, and 15-30x
 faster per row than shap's C walk over every background row. Ensembles whose leaves have too
 many path features for tables use shap's interventional TreeSHAP instead. Everything is on the
 margin scale: the raw tree sums before the op's post_transform (for a LOGISTIC classifier, the
@@ -28,11 +28,10 @@ import numpy as np
 import onnx
 import shap
 
-from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import Evaluator
+from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument
-from explainers.leaf_tables import LeafBoxes, LeafTables, TablesTooLarge
-from explainers.onnx_trees import ParsedTrees, parse_onnx_trees, shap_model
+from explainers.trees.leaf_tables import LeafBoxes, LeafTables, TablesTooLarge
+from explainers.trees.onnx_trees import ParsedTrees, parse_onnx_trees, shap_model
 
 MAX_WEIGHT_GROUPS = 64  # distinct background weights on shap's path: one pass per request
 CACHE_SIZE = 4  # backgrounds whose shap explainers are kept per model

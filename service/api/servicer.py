@@ -11,10 +11,10 @@ import grpc
 
 from explainers.base import Explanation
 from explainers.errors import InvalidArgument, SidelightError
-from service.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
-from service.requests import BackgroundUpload, ExplainQuery
-from service.store import BackgroundMeta
-from service.tensors import to_array
+from service.api.tensors import to_array
+from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
+from service.plane.requests import BackgroundUpload, ExplainQuery
+from service.store.backgrounds import BackgroundMeta
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument
-from service.margins import margin_graph
+from service.models.margins import margin_graph
 
 ONNX_TO_OIP = {
     "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
@@ -153,7 +153,7 @@ class OnnxModel:
 
     def predict(self, X: Array, output: str, margin: bool = False) -> Array:
         """Output `output` for X (rows, features) as float64 (rows, columns), chunked; with
-        `margin`, the scores before the link op's post_transform (see service.margins)."""
+        `margin`, the scores before the link op's post_transform (see service.models.margins)."""
         step = self.chunk_rows
         parts = [self._run(X[i:i + step], output, margin) for i in range(0, X.shape[0], step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
-from explainers.base import Array, Background, Estimator, Explanation, ModelFn
-from explainers.engine import Evaluator
+from explainers.base import Array, Background, Estimator, Evaluator, Explanation, ModelFn
 from explainers.errors import InvalidArgument, ResourceExhausted
-from explainers.linear import AffineFit, LinearShap, fit_affine
-from explainers.onnx_trees import predict_margin
-from explainers.tree import TreeShap
+from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
+from explainers.trees.onnx_trees import predict_margin
+from explainers.trees.tree import TreeShap
 
 if TYPE_CHECKING:
-    from service.repository import LoadedModel
-    from service.targets import Target
+    from service.models.repository import LoadedModel
+    from service.plane.targets import Target
 
 MODEL_METHODS = ("tree", "linear")
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread

@@ -16,13 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
+from service.api.servicer import ExplainerServicer
 from service.config import Settings
-from service.dataplane import DataPlane
-from service.metrics import Metrics
-from service.redis_store import RedisOptions, RedisStore, masked
-from service.repository import ModelRepository
-from service.servicer import ExplainerServicer
-from service.store import BackgroundStore, MemoryStore
+from service.models.repository import ModelRepository
+from service.monitoring.metrics import Metrics
+from service.plane.dataplane import DataPlane
+from service.store.backgrounds import BackgroundStore, MemoryStore
+from service.store.redis import RedisOptions, RedisStore, masked
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 

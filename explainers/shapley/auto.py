@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Estimator, Explanation
-from explainers.engine import Evaluator
-from explainers.exact import MAX_FEATURES
+from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation
+from explainers.shapley.exact import MAX_FEATURES
 
 EXACT_SHARE = 0.5  # exact may use at most this share of the remaining budget
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Explanation
-from explainers.engine import Evaluator, coalition_values, hybrid_values, sample_rows
-from explainers.sampling import (
+from explainers.anytime import (
     MIN_UNITS,
     require_rows,
     require_stop_rule,
     run_rounds,
     single_feature,
 )
+from explainers.base import Array, Background, Budget, Evaluator, Explanation
+from explainers.masking import coalition_values, hybrid_values, sample_rows
 
 JACKKNIFE_GROUPS = 16
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from explainers.base import Array
 from explainers.errors import InvalidArgument
-from service.onnx_model import OIP_TO_NUMPY
+from service.models.onnx_model import OIP_TO_NUMPY
 from sidelight.v1 import explainer_pb2 as pb
 
 CONTENTS_FIELD = {

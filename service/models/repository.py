@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, NotFound, SidelightError
-from explainers.onnx_trees import ParsedTrees, UnsupportedTrees, parse_onnx_trees
+from explainers.trees.onnx_trees import ParsedTrees, UnsupportedTrees, parse_onnx_trees
 from service.config import ModelConfig, Settings
-from service.onnx_model import OnnxModel
+from service.models.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Exact interventional TreeSHAP for tree ensembles read straight from the ONNX graph."""

@@ -1,0 +1,1 @@
+"""The gRPC layer: protos to domain types and back, one error mapping, the server process."""

@@ -1,0 +1,1 @@
+"""The model repository (Triton layout + explain.yaml) and the onnxruntime sessions."""

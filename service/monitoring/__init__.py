@@ -1,0 +1,1 @@
+"""Prometheus series and drift windows, fed off the request path."""

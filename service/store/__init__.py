@@ -1,0 +1,1 @@
+"""Named backgrounds and caches: in memory, or in Redis shared by every replica."""
