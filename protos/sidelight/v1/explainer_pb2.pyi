@@ -728,6 +728,9 @@ class ModelInfo(_message.Message):
     BATCH_ROWS_FIELD_NUMBER: _builtins.int
     TREE_UNSUPPORTED_FIELD_NUMBER: _builtins.int
     SCALES_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    DRIFT_ACTIVE_FIELD_NUMBER: _builtins.int
+    DRIFT_STATUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     state: _builtins.str
@@ -746,6 +749,10 @@ class ModelInfo(_message.Message):
     batch_rows: _builtins.int
     tree_unsupported: _builtins.str
     """"" when exact TreeSHAP can be read from the graph (method "tree"), else why it cannot."""
+    drift_active: _builtins.bool
+    """Whether attribution/prediction/input drift is measured for this version, and why not."""
+    drift_status: _builtins.str
+    """"active", "pending" (the reference is being computed after start-up), or the reason it is off."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -760,6 +767,13 @@ class ModelInfo(_message.Message):
     def scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Scales the main output can be explained on: "identity", "logit" and, for models whose last
         op applies a post_transform (LOGISTIC, SOFTMAX, ...), "margin" (the scores before it).
+        """
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What an operator should know about this version: an unusable default background or drift
+        reference it started without, how to provide a background when it has none, config defaults
+        chosen for it. Empty when there is nothing to say.
         """
 
     def __init__(
@@ -784,10 +798,13 @@ class ModelInfo(_message.Message):
         batch_rows: _builtins.int = ...,
         tree_unsupported: _builtins.str = ...,
         scales: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+        drift_active: _builtins.bool = ...,
+        drift_status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "error", b"error", "feature_names", b"feature_names", "inputs", b"inputs", "name", b"name", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "drift_active", b"drift_active", "drift_status", b"drift_status", "error", b"error", "feature_names", b"feature_names", "inputs", b"inputs", "name", b"name", "notes", b"notes", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
