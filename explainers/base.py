@@ -167,7 +167,7 @@ class Explanation:
 
     @staticmethod
     def build(method: str, values: Array, std_errors: Array, base: Array, pred: Array,
-              **meta: int | float | bool | tuple[str, ...] | Array) -> Explanation:
+              **meta: object) -> Explanation:
         """Freeze the arrays; every estimator returns through here."""
         for key in ("dofs", "map"):
             if isinstance(meta.get(key), np.ndarray):
