@@ -329,7 +329,7 @@ class DataPlane:
         self.metrics.count_cache("derived", "miss" if predictions is None else "hit")
         if predictions is not None:
             return Background.build(X, predictions)
-        background = build_background(model, data, target)
+        background = build_background(model, data, target, meta.name)
         self.store.put_blob(key, encode_array(background.predictions), DERIVED_TTL_S)
         return background
 

@@ -69,16 +69,18 @@ def target_fn(model: LoadedModel, target: Target) -> ModelFn:
     return f
 
 
-def build_background(model: LoadedModel, data: Array, target: Target) -> Background:
+def build_background(model: LoadedModel, data: Array, target: Target,
+                     name: str = "") -> Background:
     """Background rows with f(background) for the target; logit needs probabilities.
 
     A background the model cannot take (a value its input type cannot hold, NaN where missing
-    values are not allowed) or on which it returns inf/NaN is refused: every attribution and
-    base value against it would be inf or NaN.
+    values are not allowed) or on which it returns inf/NaN is refused, naming it: every
+    attribution and base value against it would be inf or NaN.
     """
     X = np.asarray(data, np.float64)  # (rows, features)
+    field = f"background {name!r}" if name else "background"
     try:
-        check_finite(X, model, "background")
+        check_finite(X, model, field)
     except InvalidArgument as err:
         raise FailedPrecondition(f"{err}; upload a background the model can take") from err
     if target.scale == "logit" and target.output not in model.onnx.logit_is_margin:
@@ -90,7 +92,7 @@ def build_background(model: LoadedModel, data: Array, target: Target) -> Backgro
     bad = ~np.isfinite(predictions)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
-        raise FailedPrecondition(f"background: the model returns {predictions[row].tolist()} "
+        raise FailedPrecondition(f"{field}: the model returns {predictions[row].tolist()} "
                                  f"on row {row}; upload a background on which it is finite")
     return Background.build(X, predictions)
 
