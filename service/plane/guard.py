@@ -42,6 +42,7 @@ SAMPLERS = ("exact", "permutation", "kernel")
 CLOSED_FORMS = ("linear", "tree")  # fall back to the sampler when their answer fails
 SAMPLER_TOLERANCE = 1e-9
 CLOSED_FORM_TOLERANCE = {"FP64": 1e-9, "FP32": 1e-5, "FP16": 1e-2, "BF16": 1e-1}
+TINY = float(np.finfo(np.float64).tiny)  # sizes are at least this: 0 / 0 never happens
 
 Rows = tuple[Explanation, ...]
 
@@ -91,16 +92,26 @@ def tolerance(method: str, precision: str) -> float | None:
 def find_failure(rows: Rows, precision: str, background: Background | None) -> Failure | None:
     """The most telling failure over all rows (the input, then the background, then the
     attributions), or None. `background` is the one of the answer's target, when known: its
-    E f must then equal the rows' base values (TreeSHAP computes its own)."""
-    for check in (_prediction, _base, _values):
-        for i, row in enumerate(rows):
-            found = check(i, row)
-            if found is not None:
-                return found
-    for i, row in enumerate(rows):
-        found = _gap(i, row, precision, background)
-        if found is not None:
-            return found
+    E f must then equal the rows' base values (TreeSHAP computes its own). Vectorised over
+    rows: 0.05-0.15 ms for one row, ~1 ms for 256 rows of 30 features (busy 2-core machine)."""
+    if not rows:
+        return None
+    pred, base, values, errors = (_stacked([getattr(r, name) for r in rows]) for name in (
+        "prediction", "base_values", "values", "std_errors"))  # (rows, outputs[, features])
+    return _non_finite(rows, pred, base, values, errors) \
+        or _gap(rows, relative_gaps(pred, base, values, background), precision)
+
+
+def _non_finite(rows: Rows, pred: Array, base: Array, values: Array,
+                errors: Array) -> Failure | None:
+    """The first row with an inf/NaN prediction, else base value, else attribution."""
+    finite = np.isfinite(values).all(axis=(1, 2)) & np.isfinite(errors).all(axis=(1, 2))
+    for kind, ok in (("prediction", np.isfinite(pred).all(axis=1)),
+                     ("base", np.isfinite(base).all(axis=1)), ("values", finite)):
+        if not ok.all():
+            i = int(np.argmin(ok))
+            shown = {"prediction": _shown(pred[i]), "base": _shown(base[i])}
+            return Failure(i, rows[i].method, kind, shown.get(kind, "non-finite attributions"))
     return None
 
 
@@ -122,44 +133,37 @@ def checked(choice: Choice, rows: Rows, target: Target, background: Background,
     raise failure.error(precision, background_name)
 
 
-def relative_gap(row: Explanation, background: Background | None) -> Array:
-    """max of |f(x) - base - sum(phi)| and |base - E f| over the size of the numbers,
-    max(|f(x)|, |E f|, std of f(background)), per output: (outputs,)."""
-    gap = np.abs(row.prediction - row.base_values - row.values.sum(axis=1))  # (outputs,)
-    size = np.maximum(np.abs(row.prediction), np.abs(row.base_values))
+def relative_gaps(pred: Array, base: Array, values: Array,
+                  background: Background | None) -> Array:
+    """Per row, the largest over outputs of |f(x) - base - sum(phi)| and |base - E f| over
+    the size of the numbers, max(|f(x)|, |base|, |E f|, std of f(background)): (rows,).
+    pred and base are (rows, outputs), values (rows, outputs, features)."""
+    gap = np.abs(pred - base - values.sum(axis=2))  # (rows, outputs)
+    size = np.maximum(np.abs(pred), np.abs(base))
     if background is not None:
-        expected = background.base_values
-        gap = np.maximum(gap, np.abs(row.base_values - expected))
+        expected = background.base_values  # (outputs,)
+        gap = np.maximum(gap, np.abs(base - expected))
         spread = np.sqrt(background.weights @ (background.predictions - expected) ** 2)
         size = np.maximum(size, np.maximum(np.abs(expected), spread))
-    return np.asarray(gap / np.maximum(size, np.finfo(np.float64).tiny))
+    return np.asarray((gap / np.maximum(size, TINY)).max(axis=1))
 
 
-def _prediction(i: int, row: Explanation) -> Failure | None:
-    bad = not np.all(np.isfinite(row.prediction))
-    return Failure(i, row.method, "prediction", _shown(row.prediction)) if bad else None
-
-
-def _base(i: int, row: Explanation) -> Failure | None:
-    bad = not np.all(np.isfinite(row.base_values))
-    return Failure(i, row.method, "base", _shown(row.base_values)) if bad else None
-
-
-def _values(i: int, row: Explanation) -> Failure | None:
-    bad = not (np.all(np.isfinite(row.values)) and np.all(np.isfinite(row.std_errors)))
-    return Failure(i, row.method, "values", "non-finite attributions") if bad else None
-
-
-def _gap(i: int, row: Explanation, precision: str,
-         background: Background | None) -> Failure | None:
-    tol = tolerance(row.method, precision)
-    if tol is None:
+def _gap(rows: Rows, gaps: Array, precision: str) -> Failure | None:
+    """The first row whose relative gap exceeds its method's tolerance."""
+    by_method = {m: tolerance(m, precision) or np.inf for m in {r.method for r in rows}}
+    tol = np.array([by_method[r.method] for r in rows])  # (rows,)
+    over = np.flatnonzero(~(gaps <= tol))
+    if over.size == 0:
         return None
-    worst = float(relative_gap(row, background).max(initial=0.0))
-    if worst <= tol:
-        return None
-    return Failure(i, row.method, "gap", f"sum(attributions) misses f(x) - E f by {worst:.3g} "
-                                         f"of the outputs' size; tolerance {tol:g}")
+    i = int(over[0])
+    return Failure(i, rows[i].method, "gap", f"sum(attributions) misses f(x) - E f by "
+                                             f"{gaps[i]:.3g} of the outputs' size; tolerance "
+                                             f"{tol[i]:g}")
+
+
+def _stacked(arrays: list[Array]) -> Array:
+    """Equal-shaped arrays as one (len, *shape) array (concatenate: ~2x np.array here)."""
+    return np.concatenate(arrays).reshape((len(arrays), *arrays[0].shape))
 
 
 def _shown(values: Array) -> str:
