@@ -81,7 +81,7 @@ class ModelConfig(BaseModel):
     output: str | None = None
     classes: list[int] | None = None
     class_names: list[str] | None = None
-    scale: Literal["identity", "logit"] = "identity"
+    scale: Literal["identity", "logit", "margin"] = "identity"
     method: str = "auto"
     budget_ms: float | None = Field(None, gt=0)
     background: BackgroundConfig | None = None

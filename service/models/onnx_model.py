@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument
+from service.models.graph import discrete_inputs, precision
 from service.models.margins import margin_graph
 
 ONNX_TO_OIP = {
@@ -109,6 +110,8 @@ class OnnxModel:
         self.logit_is_margin: frozenset[str] = frozenset()  # set by check_margins
         self.inputs = [_info(a) for a in self.session.get_inputs()]
         self.outputs = [_info(a) for a in self.session.get_outputs()]
+        self.discrete_inputs = discrete_inputs(self.proto)  # name -> why it takes only ids
+        self.precision = precision(self.proto)  # FP16, FP32 or FP64: the outputs' rounding
         self._check_tabular()
         self.offsets = np.cumsum([0] + [i.columns for i in self.inputs])  # (inputs + 1,)
         self.chunk_rows = 4096

@@ -137,8 +137,21 @@ def load_version(name: str, vdir: Path, config: ModelConfig, settings: Settings)
     model.measure(probe, output)
     model.check_margins(probe)
     trees, why = read_trees(model)
+    config = tree_default_scale(config, model, output, trees)
     return LoadedModel(name, vdir.name, model, config, feature_names(config, model), output,
                        background, trees, why)
+
+
+def tree_default_scale(config: ModelConfig, model: OnnxModel, output: str,
+                       trees: ParsedTrees | None) -> ModelConfig:
+    """A tree classifier without a configured scale is explained where TreeSHAP is exact (in
+    milliseconds, where probabilities need a sampler and seconds): the logit of a LOGISTIC
+    output, read off the margin, else the margin. An explicit `scale:` always wins."""
+    if "scale" in config.model_fields_set or trees is None \
+            or output not in trees["score_outputs"] or output not in model.margin_outputs:
+        return config
+    scale = "logit" if output in model.logit_is_margin else "margin"
+    return config.model_copy(update={"scale": scale})
 
 
 def read_trees(model: OnnxModel) -> tuple[ParsedTrees | None, str]:

@@ -27,6 +27,7 @@ from service.config import Settings
 from service.models.repository import LoadedModel, ModelRepository
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring.monitors import DriftMonitors, DriftSettings, drift_reference
+from service.plane.guard import checked, find_failure
 from service.plane.methods import Choice, MethodResolver, batch_explainer
 from service.plane.requests import (
     BackgroundUpload,
@@ -241,6 +242,10 @@ class DataPlane:
                              p.meta.sha256, X.shape[0], deadline - time.monotonic())
         rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator, q,
                                   deadline)
+        choice, rows = checked(choice, rows, p.target, p.background, model.onnx.precision,
+                               p.meta.name, lambda c: self._explain_rows(
+                                   model, X, c.target, p.background, c.estimator, q, deadline),
+                               self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
                              elapsed, 1e3 * p.budget_s, p.source, p.meta, spread_of(p.background),
@@ -324,7 +329,7 @@ class DataPlane:
         self.metrics.count_cache("derived", "miss" if predictions is None else "hit")
         if predictions is not None:
             return Background.build(X, predictions)
-        background = build_background(model, data, target)
+        background = build_background(model, data, target, meta.name)
         self.store.put_blob(key, encode_array(background.predictions), DERIVED_TTL_S)
         return background
 
@@ -348,6 +353,8 @@ class DataPlane:
             return self._explain(p)
         key = result_key(p)
         hit = self.results.get(key)
+        if hit is not None and find_failure(hit.rows, p.model.onnx.precision, None):
+            hit = None  # stored by a replica without the guard: never served
         self.metrics.count_cache("result", "miss" if hit is None else "hit")
         if hit is not None:  # this call's budget and time; the answer's own evaluations
             return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
