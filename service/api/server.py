@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
-from service.api.servicer import ExplainerServicer
+from service.api.servicer import ExplainerServicer, message_limit
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
@@ -31,7 +31,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
-MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 
 
 @dataclass
@@ -102,8 +101,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
     metrics = Metrics(registry or CollectorRegistry())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                         options=[("grpc.max_receive_message_length",
-                                   settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES),
+                         options=[("grpc.max_receive_message_length", message_limit(settings)),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                          maximum_concurrent_rpcs=4 * settings.max_in_flight)
     health_servicer = health.HealthServicer()

@@ -12,6 +12,7 @@ import grpc
 from explainers.base import Explanation
 from explainers.errors import InvalidArgument, SidelightError
 from service.api.tensors import to_array
+from service.config import Settings
 from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
 from service.plane.requests import BackgroundUpload, ExplainQuery
 from service.store.backgrounds import BackgroundMeta
@@ -21,6 +22,21 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_DEADLINE_S = 1e9
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
+MAX_DETAILS_BYTES = 1024  # status details travel in a header: gRPC refuses them past 16 KiB
+
+
+def message_limit(settings: Settings) -> int:
+    """The largest request the server accepts, in bytes (also the cap on a decoded tensor)."""
+    return settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES
+
+
+def capped(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """Status details of at most `limit` UTF-8 bytes (percent-encoding can triple them)."""
+    raw = details.encode()
+    if len(raw) <= limit:
+        return details
+    return raw[:limit].decode(errors="ignore") + f"... ({len(raw)} bytes)"
 
 
 def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
@@ -28,7 +44,7 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except SidelightError as err:
-        context.abort(grpc.StatusCode[err.code], str(err))
+        context.abort(grpc.StatusCode[err.code], capped(str(err)))
     except Exception as err:  # the one place unknown errors are turned into INTERNAL
         where = traceback.extract_tb(err.__traceback__)[-1]
         log.error("internal error in %s: %s: %s at %s:%d", rpc, type(err).__name__, err,
@@ -45,8 +61,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     def Explain(self, request: pb.ExplainRequest,
                 context: grpc.ServicerContext) -> pb.ExplainResponse:
-        return call(context, "Explain",
-                    lambda: to_response(self._plane().explain(to_query(request, context))))
+        def explain() -> pb.ExplainResponse:
+            plane = self._plane()
+            query = to_query(request, context, message_limit(plane.settings))
+            return to_response(plane.explain(query))
+        return call(context, "Explain", explain)
 
     def ListModels(self, request: pb.ListModelsRequest,
                    context: grpc.ServicerContext) -> pb.ListModelsResponse:
@@ -86,9 +105,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                                                     request.name)))
 
 
-def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext) -> ExplainQuery:
+def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext,
+             max_bytes: int) -> ExplainQuery:
     """The request in domain terms; tensors decoded, the deadline read off the context."""
-    inputs = tuple((t.name, to_array(t, f"inputs[{i}]")) for i, t in enumerate(r.inputs))
+    inputs = tuple((t.name, to_array(t, f"inputs[{i}]", max_bytes))
+                   for i, t in enumerate(r.inputs))
     return ExplainQuery(
         model=r.model, version=r.version, inputs=inputs, method=r.method,
         output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
@@ -110,7 +131,8 @@ def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
     if size > max_bytes:
         raise InvalidArgument(f"data: {size} bytes exceeds max_upload_bytes {max_bytes}")
     return BackgroundUpload(model=r.model, version=r.version, name=r.name,
-                            data=to_array(r.data, "data"), feature_names=tuple(r.feature_names))
+                            data=to_array(r.data, "data", max_bytes),
+                            feature_names=tuple(r.feature_names))
 
 
 def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:
@@ -167,3 +189,4 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     margin = ["margin"] if m.output in m.onnx.margin_outputs else []
     info.scales.extend(["identity", "logit", *margin])
     return info
+

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from explainers.base import Array
-from explainers.errors import FailedPrecondition, InvalidArgument
+from explainers.errors import FailedPrecondition, InvalidArgument, quoted
 from service.models.margins import margin_graph
 
 ONNX_TO_OIP = {
@@ -143,7 +143,8 @@ class OnnxModel:
             if o.name == name:
                 return o
         known = ", ".join(o.name for o in self.outputs)
-        raise InvalidArgument(f"target.output: model has no output {name!r}; outputs: {known}")
+        raise InvalidArgument(f"target.output: model has no output {quoted(name)}; outputs: "
+                              f"{known}")
 
     def output_columns(self, output: str) -> int:
         """Number of columns of an output, from a one-row probe (shapes are often dynamic)."""
