@@ -1,19 +1,25 @@
 """What reaches the wire when a client sends something wrong: shapes that overflow, huge strings
-echoed in messages. All through real servers."""
+echoed in messages, values onnxruntime refuses. All through real servers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import urllib.request
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
+import onnx
 import pytest
+import yaml
+from onnx import TensorProto, helper
 
+from service.api.server import Sidelight, start
 from service.api.servicer import capped
 from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
-from tests.conftest import background_of
+from tests.conftest import background_of, settings_for
 
 LONG = "x" * 20_000  # 20 kB: over gRPC's 16 KiB metadata limit when echoed whole
 WIDE = "é" * 20_000  # 40 kB of UTF-8, about 120 kB once percent-encoded in the status header
@@ -28,6 +34,22 @@ def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 def explain(model: str, X: np.ndarray, **kw: object) -> pb.ExplainRequest:
     return pb.ExplainRequest(model=model, inputs=[from_array("input", X)], **kw)  # type: ignore[arg-type]
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the series `name` with exactly these labels, None when absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{"):
+            series, value = line.rsplit(" ", 1)
+            got = ",".join(sorted(series[len(name) + 1:-1].split(",")))
+            if got == want:
+                return float(value)
+    return None
 
 
 # --- item 4: shapes ----------------------------------------------------------------------------
@@ -97,3 +119,109 @@ def test_the_error_mapping_caps_any_message() -> None:
     assert capped("short") == "short"
     long = capped("é" * 5000)
     assert len(long.encode()) <= MAX_DETAILS and long.endswith("(10000 bytes)")
+
+
+# --- item 9: onnxruntime refusing the caller's values -----------------------------------------
+def _graph_model(nodes: list[onnx.NodeProto], constants: dict[str, list[int]]) -> onnx.ModelProto:
+    """input FP32 [N, 2] -> y FP32 [N, 1] through `nodes`; `c0` is column 0 of the input."""
+    inits = [helper.make_tensor(k, TensorProto.INT64, [] if k == "zero" else [len(v)], v)
+             for k, v in constants.items()]  # "zero" is a scalar: Gather on it drops the axis
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["input", "zero"], ["c0"], axis=1), *nodes], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def lookup_model() -> onnx.ModelProto:
+    """y = w[int(x0)] + x1: a categorical code looked up in a table of 10 (Gather)."""
+    h = helper.make_node
+    return _graph_model([
+        h("Gather", ["input", "one"], ["c1"], axis=1),
+        h("Cast", ["c0"], ["code"], to=TensorProto.INT64),
+        h("Cast", ["table_i"], ["table"], to=TensorProto.FLOAT),
+        h("Gather", ["table", "code"], ["w"], axis=0),
+        h("Unsqueeze", ["w", "one"], ["w1"]),
+        h("Add", ["w1", "c1"], ["y"])],
+        {"zero": [0], "one": [1], "table_i": list(range(10))})
+
+
+def reshape_model() -> onnx.ModelProto:
+    """sum(x) per row, through a Reshape to [-1, min(x0)]: fine while x0 >= 1."""
+    h = helper.make_node
+    return _graph_model([
+        h("ReduceMin", ["c0"], ["low"], keepdims=1),
+        h("Cast", ["low"], ["k"], to=TensorProto.INT64),
+        h("Concat", ["minus1", "k"], ["shape"], axis=0),
+        h("Reshape", ["input", "shape"], ["flat"]),
+        h("Shape", ["input"], ["x_shape"]),
+        h("Reshape", ["flat", "x_shape"], ["back"]),
+        h("ReduceSum", ["back", "axis1"], ["y"], keepdims=1)],
+        {"zero": [0], "minus1": [-1], "axis1": [1]})
+
+
+def expand_model() -> onnx.ModelProto:
+    """sum(x) per row, through max(x0) copies of x: a huge x0 cannot be allocated."""
+    h = helper.make_node
+    return _graph_model([
+        h("ReduceMax", ["c0"], ["high"], keepdims=1),
+        h("Cast", ["high"], ["k"], to=TensorProto.INT64),
+        h("Concat", ["k", "one", "one"], ["shape"], axis=0),
+        h("Expand", ["input", "shape"], ["copies"]),  # (k, N, 2)
+        h("ReduceMean", ["copies"], ["mean"], axes=[0], keepdims=0),
+        h("ReduceSum", ["mean", "one"], ["y"], keepdims=1)],
+        {"zero": [0], "one": [1]})
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidelight]:
+    """A server with three small models that onnxruntime refuses some values for."""
+    repo = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    background = np.column_stack([rng.integers(1, 3, 20), rng.normal(size=20)])  # (20, 2)
+    for name, model in (("lookup", lookup_model()), ("reshape", reshape_model()),
+                        ("expand", expand_model())):
+        (repo / name / "1").mkdir(parents=True)
+        onnx.save(model, repo / name / "1" / "model.onnx")
+        np.save(repo / name / "background.npy", background.astype(np.float32))
+        (repo / name / "explain.yaml").write_text(yaml.safe_dump(
+            {"method": "exact", "background": {"path": "background.npy"}}))
+    running = start(settings_for(repo))
+    yield running
+    running.stop(grace=0)
+
+
+def test_values_onnxruntime_refuses_are_invalid_argument_not_server_errors(
+        odd: Sidelight, capfd: pytest.CaptureFixture[str]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{odd.port}") as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        assert stub.Explain(explain("lookup", np.array([[3.0, 0.5]]))).rows  # in the table
+        code, details = code_of(lambda: stub.Explain(explain("lookup", np.array([[50.0, 0.5]]))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("inputs: the model cannot evaluate these values: Gather node")
+        assert "out of data bounds" in details and "[ONNXRuntimeError]" not in details
+        code, details = code_of(lambda: stub.Explain(explain("reshape", np.array([[-3.0, 1]]))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "Reshape node" in details
+        assert "was false" not in details  # onnxruntime's source location is dropped
+    text = scrape(odd.metrics_port)
+    for model in ("lookup", "reshape"):
+        assert sample(text, "sidelight_explain_requests_total", model=model, method="auto",
+                      code="INVALID_ARGUMENT") == 1
+        assert (sample(text, "sidelight_explain_requests_total", model=model, method="auto",
+                       code="INTERNAL") or 0) == 0
+    assert "sequential_executor" not in capfd.readouterr().err  # onnxruntime logs nothing
+
+
+def test_an_allocation_onnxruntime_cannot_make_stays_internal_with_one_log_line(
+        odd: Sidelight, caplog: pytest.LogCaptureFixture) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{odd.port}") as channel, \
+            caplog.at_level(logging.ERROR):
+        code, details = code_of(lambda: pb_grpc.ExplainerStub(channel).Explain(
+            explain("expand", np.array([[1e15, 1.0]]))))
+    assert (code, details) == (grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "Failed to allocate" in errors[0].getMessage()
+    assert errors[0].exc_info is None
