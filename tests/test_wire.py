@@ -1,5 +1,6 @@
 """What reaches the wire when a client sends something wrong: shapes that overflow, huge strings
-echoed in messages, values onnxruntime refuses. All through real servers."""
+echoed in messages, values onnxruntime refuses, bytes that do not decode. All through real
+servers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 
 from service.api.server import Sidelight, start
@@ -225,3 +227,28 @@ def test_an_allocation_onnxruntime_cannot_make_stays_internal_with_one_log_line(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "Failed to allocate" in errors[0].getMessage()
     assert errors[0].exc_info is None
+
+
+# --- item 10: undecodable bytes ---------------------------------------------------------------
+def test_undecodable_bytes_are_invalid_argument_with_one_log_line(
+        channel: grpc.Channel, caplog: pytest.LogCaptureFixture) -> None:
+    def raw(method: str) -> Callable[[bytes], bytes]:
+        return channel.unary_unary(method, request_serializer=lambda b: b,  # type: ignore[no-any-return]
+                                   response_deserializer=lambda b: b)
+
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            code, details = code_of(lambda: raw("/sidelight.v1.Explainer/Explain")(b"\xff\xff"))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert details == "request: could not be decoded as sidelight.v1.ExplainRequest"
+        code, details = code_of(lambda: raw("/sidelight.v1.Explainer/GetModel")(b"\x0a\x05ab"))
+        assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "request: could not be "
+                                   "decoded as sidelight.v1.GetModelRequest")
+        code, _ = code_of(lambda: raw("/grpc.health.v1.Health/Check")(b"\xff"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info or "deserializ" in r.getMessage()]
+    assert len([r for r in caplog.records if "could not be decoded" in r.getMessage()]) <= 1
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert raw("/sidelight.v1.Explainer/GetModel")(
+        pb.GetModelRequest(model="diabetes_linear").SerializeToString())

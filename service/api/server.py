@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
-from service.api.servicer import ExplainerServicer, message_limit
+from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
@@ -103,6 +103,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
                          options=[("grpc.max_receive_message_length", message_limit(settings)),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                         interceptors=[DecodeGuard()],
                          maximum_concurrent_rpcs=4 * settings.max_in_flight)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -24,6 +26,7 @@ T = TypeVar("T")
 NO_DEADLINE_S = 1e9
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 MAX_DETAILS_BYTES = 1024  # status details travel in a header: gRPC refuses them past 16 KiB
+UNDECODABLE_LOG_EVERY_S = 60.0
 
 
 def message_limit(settings: Settings) -> int:
@@ -190,3 +193,74 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     info.scales.extend(["identity", "logit", *margin])
     return info
 
+
+class Undecodable:
+    """What a guarded deserializer returns for bytes that are not a valid request message
+    (grpcio treats a raised exception, or None, as its own INTERNAL error)."""
+
+    __slots__ = ()
+
+
+UNDECODABLE = Undecodable()
+
+
+class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Requests whose bytes do not decode get INVALID_ARGUMENT naming the message type, and the
+    log at most one line per `log_every_s`, where grpcio answers INTERNAL and logs a traceback
+    per call. Covers every method with a single request message (Explainer, health, ...)."""
+
+    def __init__(self, log_every_s: float = UNDECODABLE_LOG_EVERY_S) -> None:
+        self._guarded: dict[str, Any] = {}  # method -> guarded handler; registered methods only
+        self._log = RateLimitedLog(log_every_s)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        guarded = self._guarded.get(details.method)
+        if guarded is None:
+            guarded = self._guarded[details.method] = self._guard(handler, details.method)
+        return guarded
+
+    def _guard(self, handler: Any, method: str) -> Any:
+        """The same handler with a deserializer that cannot raise and a behavior that answers
+        INVALID_ARGUMENT to what it could not decode."""
+        decode, behavior = handler.request_deserializer, handler.unary_unary or handler.unary_stream
+        message = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+        name = message.full_name if message is not None else f"the request of {method}"
+
+        def safe_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:
+                return UNDECODABLE
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if request is UNDECODABLE:
+                self._log.event(method)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request: could not be decoded as {name}")
+            return behavior(request, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
+            else grpc.unary_stream_rpc_method_handler
+        return make(guarded, request_deserializer=safe_decode,
+                    response_serializer=handler.response_serializer)
+
+
+class RateLimitedLog:
+    """Counts undecodable requests; logs one line at most every `every_s` seconds."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every_s, self._lock = every_s, threading.Lock()
+        self._count, self._last = 0, -float("inf")
+
+    def event(self, method: str) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                return
+            count, self._count, self._last = self._count, 0, now
+        log.warning("%d request(s) could not be decoded since the last report (latest: %s)",
+                    count, method)
