@@ -1,6 +1,6 @@
 """What reaches the wire when a client sends something wrong: shapes that overflow, huge strings
-echoed in messages, values onnxruntime refuses, bytes that do not decode. All through real
-servers."""
+echoed in messages, values onnxruntime refuses, bytes that do not decode; and a port held by
+another server. All through real servers."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 
-from service.api.server import Sidelight, start
+from service.api import server as server_module
+from service.api.server import Sidelight, StartupError, start
 from service.api.servicer import capped
 from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
-from tests.conftest import background_of, settings_for
+from tests.conftest import MODELS, background_of, settings_for
 
 LONG = "x" * 20_000  # 20 kB: over gRPC's 16 KiB metadata limit when echoed whole
 WIDE = "é" * 20_000  # 40 kB of UTF-8, about 120 kB once percent-encoded in the status header
@@ -252,3 +253,20 @@ def test_undecodable_bytes_are_invalid_argument_with_one_log_line(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert raw("/sidelight.v1.Explainer/GetModel")(
         pb.GetModelRequest(model="diabetes_linear").SerializeToString())
+
+
+# --- item 15: a port another server holds -----------------------------------------------------
+def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
+        app: Sidelight, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_for(MODELS, port=app.port, metrics_port=-1)
+    with pytest.raises(StartupError, match=f"gRPC port {app.port} on 127.0.0.1 is in use"):
+        start(settings, load=False)
+    monkeypatch.setattr(server_module, "_in_use", lambda host, port: False)
+    with pytest.raises(StartupError, match="cannot listen"):  # grpcio itself, SO_REUSEPORT off
+        start(settings, load=False)
+
+
+def test_a_busy_metrics_port_is_a_startup_error(app: Sidelight) -> None:
+    with pytest.raises(StartupError, match=f"metrics port {app.metrics_port} on 127.0.0.1: "
+                                           "Address already in use"):
+        start(settings_for(MODELS, metrics_port=app.metrics_port), load=False)
