@@ -1,12 +1,14 @@
 """What reaches the wire when a client sends something wrong: shapes that overflow, huge strings
-echoed in messages, values onnxruntime refuses, bytes that do not decode; and a port held by
-another server. All through real servers."""
+echoed in messages, values onnxruntime refuses, bytes that do not decode; a port held by another
+server; metric series that exist before the first call. All through real servers."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -270,3 +272,27 @@ def test_a_busy_metrics_port_is_a_startup_error(app: Sidelight) -> None:
     with pytest.raises(StartupError, match=f"metrics port {app.metrics_port} on 127.0.0.1: "
                                            "Address already in use"):
         start(settings_for(MODELS, metrics_port=app.metrics_port), load=False)
+
+
+# --- item 20: series that exist before the first call -----------------------------------------
+def test_a_fresh_server_exports_zero_series_for_what_panels_and_rules_query(
+        tmp_path: Path) -> None:
+    shutil.copytree(MODELS / "diabetes_linear", tmp_path / "diabetes_linear")
+    fresh = start(settings_for(tmp_path))
+    try:
+        text = scrape(fresh.metrics_port)
+    finally:
+        fresh.stop(grace=0)
+    assert sample(text, "sidelight_explain_rejected_total", reason="overload") == 0
+    model = {"model": "diabetes_linear"}
+    for code in ("OK", "INVALID_ARGUMENT", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        assert sample(text, "sidelight_explain_requests_total", method="auto", code=code,
+                      **model) == 0
+    for name in ("rows", "budget_exhausted", "converged"):
+        for method in ("exact", "permutation", "kernel", "tree", "linear"):
+            assert sample(text, f"sidelight_explain_{name}_total", method=method, **model) == 0
+    assert sample(text, "sidelight_explain_cpu_seconds_total", **model) == 0
+    for cache in ("background", "derived", "result"):
+        for result in ("hit", "miss"):
+            assert sample(text, "sidelight_cache_requests_total", cache=cache,
+                          result=result) is not None

@@ -71,6 +71,7 @@ class Sidelight:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
                  "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
 
