@@ -41,16 +41,6 @@ ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\.
                       r"Name:'([^']*)' Status Message: (?:\S+:\d+ .*? was false\. )?")
 
 
-def _quiet_run_options() -> ort.RunOptions:
-    """Runs that log nothing themselves: an error raised to the caller is logged once above."""
-    options = ort.RunOptions()
-    options.log_severity_level = 4
-    return options
-
-
-_QUIET = _quiet_run_options()  # read-only once built; onnxruntime takes it by const reference
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """A model input or output: name, OIP datatype and shape (-1 = dynamic)."""
@@ -94,11 +84,12 @@ def strip_zipmap(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
 
 
 def _session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    """A CPU session with `threads` intra-op threads and quiet logging."""
+    """A CPU session with `threads` intra-op threads that logs nothing itself: what fails is
+    raised, and mapped or logged once by the caller (a bad request must not print a line)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     return ort.InferenceSession(proto.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
@@ -194,7 +185,7 @@ class OnnxModel:
             feeds[info.name] = cols[:, 0] if len(info.shape) == 1 else cols
         session = self._margin_session if margin and self._margin_session else self.session
         try:
-            y = np.asarray(session.run([output], feeds, _QUIET)[0], dtype=np.float64)
+            y = np.asarray(session.run([output], feeds)[0], dtype=np.float64)
         except (OrtInvalidArgument, OrtFail) as err:
             mapped = _caller_error(err)
             if mapped is None:
