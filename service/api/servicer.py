@@ -205,9 +205,9 @@ UNDECODABLE = Undecodable()
 
 
 class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Requests whose bytes do not decode get INVALID_ARGUMENT naming the message type, and the
-    log at most one line per `log_every_s`, where grpcio answers INTERNAL and logs a traceback
-    per call. Covers every method with a single request message (Explainer, health, ...)."""
+    """Requests whose bytes do not decode get INVALID_ARGUMENT naming the message type and at
+    most one log line per `log_every_s` (grpcio would answer INTERNAL and log a traceback per
+    call). Covers every method with a single request message (Explainer, health, ...)."""
 
     def __init__(self, log_every_s: float = UNDECODABLE_LOG_EVERY_S) -> None:
         self._guarded: dict[str, Any] = {}  # method -> guarded handler; registered methods only
