@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from explainers.base import Array
-from explainers.errors import FailedPrecondition, NotFound, SidelightError
+from explainers.errors import FailedPrecondition, NotFound, SidelightError, quoted
 from explainers.trees.onnx_trees import ParsedTrees, UnsupportedTrees, parse_onnx_trees
 from service.config import ModelConfig, Settings
 from service.models.onnx_model import OnnxModel
@@ -84,13 +84,14 @@ class ModelRepository:
         """A ready model version ("" = newest), or NOT_FOUND / FAILED_PRECONDITION saying why."""
         entry = self.entries.get(name)
         if entry is None:
-            raise NotFound(f"model: no model {name!r}; known: {', '.join(sorted(self.entries))}")
+            raise NotFound(f"model: no model {quoted(name)}; known: "
+                           f"{', '.join(sorted(self.entries))}")
         version = version or entry.newest() or max(entry.failures, key=_version_key, default="")
         if version in entry.failures:
             raise FailedPrecondition(f"model: {name!r} version {version} failed to load: "
                                      f"{entry.failures[version]}")
         if version not in entry.versions:
-            raise NotFound(f"version: model {name!r} has no version {version!r}")
+            raise NotFound(f"version: model {name!r} has no version {quoted(version)}")
         return entry.versions[version]
 
     def ready(self) -> list[LoadedModel]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import numpy as np
 
 from explainers.base import Array, Background, Estimator, Evaluator, Explanation, ModelFn
-from explainers.errors import InvalidArgument, ResourceExhausted
+from explainers.errors import InvalidArgument, ResourceExhausted, quoted
 from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
 from explainers.trees.onnx_trees import predict_margin
 from explainers.trees.tree import TreeShap
@@ -79,7 +79,7 @@ class MethodResolver:
             auto = self._auto(model, target, background, fn, background_key)
             return self._in_time(auto, rows, background, seconds, explicit=False)
         if key not in self.registry:
-            raise InvalidArgument(f"method: unknown method {name!r}; known: "
+            raise InvalidArgument(f"method: unknown method {quoted(name)}; known: "
                                   f"{', '.join(self.known())}")
         return Choice(self.registry[key], target)
 

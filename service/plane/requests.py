@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array
-from explainers.errors import InvalidArgument
+from explainers.errors import InvalidArgument, quoted
 from service.config import Settings
 from service.models.onnx_model import OIP_TO_NUMPY
 from service.models.repository import LoadedModel
@@ -132,7 +132,7 @@ def _range(dtype: type) -> str:
 def check_name(name: str) -> str:
     """Background names: 1-64 of letters, digits, '.', '_' and '-' (they become Redis keys)."""
     if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
+        raise InvalidArgument(f"name: {quoted(name)} must be 1-64 characters of [A-Za-z0-9._-]")
     return name
 
 
@@ -144,10 +144,10 @@ def _order_inputs(inputs: tuple[tuple[str, Array], ...],
     index: dict[str, int] = {}
     for i, (n, _) in enumerate(inputs):
         if n in index:
-            raise InvalidArgument(f"inputs[{i}].name: input {n!r} sent twice")
+            raise InvalidArgument(f"inputs[{i}].name: input {quoted(n)} sent twice")
         index[n] = i
         if n not in names:
-            raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
+            raise InvalidArgument(f"inputs[{i}].name: model has no input {quoted(n)}; inputs: "
                                   f"{', '.join(names)}")
     return [(index[n], inputs[index[n]][1]) for n in names]
 

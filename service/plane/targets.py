@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array, Background, ModelFn
-from explainers.errors import FailedPrecondition, InvalidArgument
+from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
 from service.models.repository import LoadedModel
 from service.plane.requests import check_finite
 
@@ -40,11 +40,11 @@ def resolve_target(model: LoadedModel, output: str, classes: tuple[int, ...],
     columns = tuple(classes) or tuple(default or range(len(names)))
     bad = [c for c in columns if not 0 <= c < len(names)]
     if bad:
-        raise InvalidArgument(f"target.classes: {bad} out of range; output {output!r} has "
-                              f"{len(names)} column(s)")
+        raise InvalidArgument(f"target.classes: {clip(str(bad))} out of range; output "
+                              f"{output!r} has {len(names)} column(s)")
     scale = scale or model.config.scale
     if scale not in SCALES:
-        raise InvalidArgument(f"target.scale: {scale!r}; use one of {', '.join(SCALES)}")
+        raise InvalidArgument(f"target.scale: {quoted(scale)}; use one of {', '.join(SCALES)}")
     if scale == "margin" and output not in model.onnx.margin_outputs:
         raise InvalidArgument(f"target.scale: output {output!r} has no margin (no "
                               "post_transform to remove); use 'identity' or 'logit'")
