@@ -12,19 +12,32 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import start
 from service.api.tensors import from_array
 from service.models.onnx_model import OnnxModel
-from service.store.backgrounds import DEFAULT_NAME, make_meta
-from service.store.redis import RedisOptions, RedisStore
+from service.store.backgrounds import DEFAULT_NAME, encode_array, make_meta, predictions_key
+from service.store.redis import RedisOptions, RedisStore, meta_from_header
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, background_of, settings_for
 from tests.redis_process import RedisProcess, free_port, wait_for
 from tests.test_server import code_of, request
 from tests.test_startup import add_model, poisoned
+
+
+def poison_derived_blob(url: str, models: Path, model: str) -> None:
+    """Replace the shared f(background) of a model's default target by NaN: well framed and
+    matching its sha256, as a buggy replica would have written it."""
+    client = redis.Redis.from_url(url)
+    sha = OnnxModel(models / model / "1" / "model.onnx").sha256
+    background = f"sidelight:v1:bg:{model}:1:default"
+    meta = meta_from_header(client.hget(background, "header"), background)  # type: ignore[arg-type]
+    key = "sidelight:v1:" + predictions_key(meta.sha256, sha, "variable", (0,), "identity")
+    assert client.exists(key)
+    client.set(key, encode_array(np.full((meta.rows, 1), np.nan)))
 
 
 def store_as_an_older_version_would(url: str, model: str, sha256: str, data: np.ndarray) -> None:
@@ -93,6 +106,7 @@ def test_poisoned_stored_and_file_backgrounds_leave_every_replica_serving(
     first.stop(grace=0)  # seeded every usable explain.yaml default into Redis
     sha = OnnxModel(mlp / "1" / "model.onnx").sha256
     store_as_an_older_version_would(url, "mlp", sha, poisoned("breast_cancer_mlp", 1e39))
+    poison_derived_blob(url, models, "linear")  # a cache: recomputed, never used
 
     with replica_process(models, url) as (proc, port):
         inprocess = start(settings_for(models, redis_url=url, metrics_port=-1))

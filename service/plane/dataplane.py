@@ -497,7 +497,8 @@ class DataPlane:
             log.error("%s", err)
             self.metrics.redis_errors.inc()
             return None
-        ok = predictions is not None and predictions.ndim == 2 and predictions.shape[0] == rows
+        ok = predictions is not None and predictions.ndim == 2 and predictions.shape[0] == rows \
+            and bool(np.all(np.isfinite(predictions)))  # else recomputed: a blob is only a cache
         return predictions if ok else None
 
     # --- result cache -----------------------------------------------------------------------
