@@ -294,18 +294,19 @@ class DataPlane:
         return np.asarray(phi)
 
     def _startup_note(self, model: LoadedModel, doing: str, err: Exception) -> None:
-        """One log line and, unless GetModel already says it (no or an unusable background),
-        a note on the version; its drift is off with the reason."""
+        """One log line; drift off with the reason; and a note on the version unless the
+        cause is the default background (absent, unusable or unreachable: GetModel's notes
+        follow the store, and the first explanation that finds one warms the model)."""
         why = shorten(str(err) if isinstance(err, SidelightError)
                       else f"{type(err).__name__}: {err}")
         level = logging.WARNING if isinstance(err, NotFound) else logging.ERROR
         log.log(level, "model %s version %s: %s failed: %s", model.name, model.version, doing,
                 why)
         status = f"off: {why}"
-        if isinstance(err, NotFound | UnusableBackground):  # GetModel's notes say it already
+        if isinstance(err, NotFound | UnusableBackground | Unavailable):  # none usable (yet)
             self._cold.add((model.name, model.version))
-            status = ("off: no usable default background yet; drift starts with the first "
-                      "explanation against one")
+            status = (f"off: no usable default background at start-up ({why}); drift starts "
+                      "with the first explanation against one")
         else:
             self._notes.setdefault((model.name, model.version), []).append(
                 f"start-up: {doing} failed ({why})")
