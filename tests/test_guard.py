@@ -124,8 +124,8 @@ def test_a_stored_background_that_overflows_fails_every_call_and_poisons_nothing
     for method in ("", "linear", "exact", "permutation"):
         code, details = refused(stub, "stored_overflow", BG[:2], method=method)
         assert code == grpc.StatusCode.FAILED_PRECONDITION  # was OK with NaN attributions
-        assert details.startswith("background 'default': value 1e+39 at row 4, feature 0")
-        assert "upload" in details
+        assert details.startswith("background: 'default' of model 'stored_overflow'")
+        assert "row 4, feature 0: 1e+39" in details and "PutBackground" in details
     assert ok_calls(server, "stored_overflow") == 0
     for method in ("linear", "exact", "permutation", "_unknown"):
         assert gap_sum(server, "stored_overflow", method) in (None, 0.0)

@@ -82,6 +82,8 @@ class Sidelight:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
+        if self.plane is not None:
+            self.plane.close()
         self._stop.set()
         self.metrics.recorder.fold()
         for server in self._http:

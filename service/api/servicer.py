@@ -191,6 +191,8 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     info.tree_unsupported = "" if m.trees is not None else m.tree_error
     margin = ["margin"] if m.output in m.onnx.margin_outputs else []
     info.scales.extend(["identity", "logit", *margin])
+    info.notes.extend(s.notes)
+    info.drift_active, info.drift_status = s.drift_active, s.drift_status
     return info
 
 
