@@ -89,3 +89,11 @@ def test_default_backgrounds_are_intact(fuzzed: FuzzRun) -> None:
 def test_an_ordinary_explanation_still_works(fuzzed: FuzzRun) -> None:
     failing = {name: answer for name, answer in fuzzed.explains_after.items() if answer != "OK"}
     assert failing == {}
+
+
+def test_the_generator_is_deterministic(fuzzed: FuzzRun) -> None:
+    def payloads(seed: int) -> list[tuple[str, str, bytes, float]]:
+        return [(c.rpc, c.kind, c.payload, c.timeout_s)
+                for c in Fuzzer(fuzzed.specs, seed).cases(300)]
+
+    assert payloads(SEED) == payloads(SEED) != payloads(SEED + 1)
