@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install prometheus serve test lint typecheck protos bench models clean
+.PHONY: install prometheus serve test lint typecheck protos bench fuzz models clean
 
 install: $(STAMP) prometheus
 
@@ -48,6 +48,10 @@ models: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# 10,000 random and malformed requests over every RPC; per-status counts into docs/benchmarks.md.
+fuzz: install
+	$(PY) -m benchmarks.fuzz --count 10000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

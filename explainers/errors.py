@@ -44,3 +44,17 @@ class DeadlineExceeded(SidelightError):
     """The caller's deadline passed before an answer could be produced."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+ECHO_CHARS = 80  # client text quoted in a message is cut to this many characters
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was: messages that echo what a
+    caller sent stay short (gRPC refuses status details over its metadata limit)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quoted(text: str, limit: int = ECHO_CHARS) -> str:
+    """Client text as a message quotes it: repr() of at most `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

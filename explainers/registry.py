@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from explainers.base import Estimator
-from explainers.errors import InvalidArgument
+from explainers.errors import InvalidArgument, quoted
 from explainers.perturbation.lime import Lime
 from explainers.shapley.auto import AutoShapley
 from explainers.shapley.exact import ExactShapley
@@ -36,5 +36,5 @@ def lookup(registry: Mapping[str, Estimator], name: str) -> Estimator:
     key = name.strip().lower() or "auto"
     if key not in registry:
         known = ", ".join(sorted(registry))
-        raise InvalidArgument(f"method: unknown method {name!r}; known: {known}")
+        raise InvalidArgument(f"method: unknown method {quoted(name)}; known: {known}")
     return registry[key]

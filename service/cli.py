@@ -1,31 +1,43 @@
-"""`sidelight serve` runs the sidecar; `sidelight explain` and `sidelight models` call one."""
+"""`sidelight serve` runs the sidecar; `sidelight explain` and `sidelight models` call one.
+
+The client commands import gRPC, numpy and the stubs only (a fraction of a second); `serve`
+imports the server stack (onnx, onnxruntime, shap: seconds) when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from service.api.server import Sidelight, start
-from service.api.tensors import from_array
-from service.config import Settings
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from service.api.server import Sidelight
+
+LOOKUP_TIMEOUT_S = 10.0  # ListModels and GetModel; Explain's deadline is --timeout only
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `sidelight` command."""
     args = parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sidelight explain ... | head`: the reader has gone, so be quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--classes", default="", help="comma-separated output columns")
     explain.add_argument("--json", action="store_true", help="print the response as JSON")
     explain.add_argument("--address", default="localhost:50051")
+    explain.add_argument("--timeout", type=float, help="seconds to wait for the explanation "
+                         "(default none; a deadline also sets the budget when --budget-ms is 0)")
     explain.set_defaults(run=run_explain)
     models = sub.add_parser("models", help="list the models of a running server")
     models.add_argument("--address", default="localhost:50051")
@@ -56,11 +70,18 @@ def parser() -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Build the settings once (flags override SIDELIGHT_* variables) and serve until killed."""
+    from explainers.errors import SidelightError
+    from service.api.server import StartupError, start
+    from service.config import Settings
+
     flags = {"models_dir": args.models, "port": args.port, "metrics_port": args.metrics_port}
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = start(settings)
+    try:
+        app = start(settings)
+    except (StartupError, SidelightError) as err:  # a port in use, no repository: one line
+        sys.exit(f"sidelight: {err}")
     print(banner(app), flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,20 +99,42 @@ def banner(app: Sidelight) -> str:
     example = next((m for m in ready if m.background is not None), None)
     if example is not None and example.background is not None:
         row = ",".join(f"{v:.6g}" for v in example.background[0])
-        cmd = Path(sys.argv[0]).name if sys.argv[0] else "sidelight"
-        lines.append(f"try: {cmd} explain --address localhost:{app.port} --model "
+        lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
                      f"{shlex.quote(example.name)} --row={row}")
     return "\n".join(lines)
+
+
+def command() -> str:
+    """This `sidelight` as it can be pasted here: the running script's path (relative when it
+    is under the working directory; it need not be on PATH), or `python -m service.cli`."""
+    script = Path(os.path.abspath(sys.argv[0])) if sys.argv[0] else None
+    if script is None or script.suffix == ".py" or not os.access(script, os.X_OK):
+        return f"{pasteable(Path(sys.executable))} -m service.cli"
+    return pasteable(script)
+
+
+def pasteable(path: Path) -> str:
+    """`path` for a shell in the working directory: relative below it, else absolute."""
+    try:
+        relative = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(relative if "/" in relative else f"./{relative}")
+
+
+def failed(err: grpc.RpcError) -> str:
+    """A failed call as one line: `CODE: details`."""
+    return f"{err.code().name}: {' '.join((err.details() or '').split())}"
 
 
 def run_explain(args: argparse.Namespace) -> None:
     with grpc.insecure_channel(args.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         try:
-            info = stub.GetModel(pb.GetModelRequest(model=args.model))
-            response = stub.Explain(build_request(args, info))
+            info = stub.GetModel(pb.GetModelRequest(model=args.model), timeout=LOOKUP_TIMEOUT_S)
+            response = stub.Explain(build_request(args, info), timeout=args.timeout)
         except grpc.RpcError as err:
-            sys.exit(f"{err.code().name}: {err.details()}")
+            sys.exit(failed(err))
     print(json.dumps(MessageToDict(response), indent=2) if args.json else render(response))
 
 
@@ -105,13 +148,19 @@ def build_request(args: argparse.Namespace, info: pb.ModelInfo) -> pb.ExplainReq
     if rows.shape[1] != sum(widths):
         sys.exit(f"--row: {rows.shape[1]} values; model {info.name} takes {sum(widths)}")
     edges = np.cumsum([0, *widths])
-    inputs = [from_array(s.name, rows[:, a:b] if len(s.shape) > 1 else rows[:, a])
+    inputs = [fp64_tensor(s.name, rows[:, a:b] if len(s.shape) > 1 else rows[:, a])
               for s, a, b in zip(info.inputs, edges[:-1], edges[1:], strict=True)]
     classes = [int(c) for c in args.classes.split(",") if c.strip()]
     return pb.ExplainRequest(model=args.model, inputs=inputs, method=args.method,
                              budget_ms=args.budget_ms, seed=args.seed,
                              target_error=args.target_error,
                              target=pb.Target(classes=classes))
+
+
+def fp64_tensor(name: str, values: np.ndarray) -> pb.Tensor:
+    """Values as an FP64 tensor (raw little-endian); the server casts to the input's type."""
+    return pb.Tensor(name=name, datatype="FP64", shape=list(values.shape),
+                     raw=np.ascontiguousarray(values, dtype="<f8").tobytes())
 
 
 def render(r: pb.ExplainResponse) -> str:
@@ -135,7 +184,11 @@ def render(r: pb.ExplainResponse) -> str:
 
 def run_models(args: argparse.Namespace) -> None:
     with grpc.insecure_channel(args.address) as channel:
-        response = pb_grpc.ExplainerStub(channel).ListModels(pb.ListModelsRequest())
+        try:
+            response = pb_grpc.ExplainerStub(channel).ListModels(pb.ListModelsRequest(),
+                                                                  timeout=LOOKUP_TIMEOUT_S)
+        except grpc.RpcError as err:
+            sys.exit(failed(err))
     for m in response.models:
         detail = m.error or f"{len(m.feature_names)} features, output {m.output}"
         print(f"{m.name} v{m.version} {m.state}: {detail}")

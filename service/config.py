@@ -37,8 +37,9 @@ class Settings(BaseSettings):
                                 "drift and export it as metrics.")
     drift_window_seconds: float = Field(300.0, gt=0, description="Sliding window of recent "
                                         "requests that drift is computed over.")
-    drift_reference_rows: int = Field(16, ge=0, description="Background rows explained at "
-                                      "start-up as the attribution-drift reference (0 = off).")
+    drift_reference_rows: int = Field(16, ge=0, description="Reference rows explained (at "
+                                      "start-up, or just after it for slow models) as the "
+                                      "attribution-drift reference (0 = off).")
     drift_max_features: int = Field(64, ge=1, description="Feature labels per model on drift "
                                     "metrics (the most important ones).")
     log_level: str = Field("INFO", description="Python logging level.")
@@ -81,7 +82,7 @@ class ModelConfig(BaseModel):
     output: str | None = None
     classes: list[int] | None = None
     class_names: list[str] | None = None
-    scale: Literal["identity", "logit"] = "identity"
+    scale: Literal["identity", "logit", "margin"] = "identity"
     method: str = "auto"
     budget_ms: float | None = Field(None, gt=0)
     background: BackgroundConfig | None = None

@@ -198,7 +198,7 @@ def test_logistic_regression_behind_a_scaler_is_linear_on_the_exact_logit(
 def test_softmax_tree_classifier_is_exact_on_the_margin_only(
         stub: pb_grpc.ExplainerStub) -> None:
     X = rows()
-    auto = explain(stub, "gbc3", X)
+    auto = explain(stub, "gbc3", X, scale="identity")  # the default is the margin: test_tree_links
     assert auto.method == "exact" and auto.scale == "identity" and len(auto.output_names) == 3
     tree = explain(stub, "gbc3", X, scale="margin")
     exact = explain(stub, "gbc3", X, scale="margin", method="exact")

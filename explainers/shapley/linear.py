@@ -3,9 +3,18 @@
 Whether a model is affine is checked on the function itself, not read off its graph: any ONNX
 graph whose explained output is affine in the request's features (LinearRegressor, a
 LinearClassifier on the logit scale, Gemm or MatMul+Add, behind a Scaler or an Imputer) passes,
-and attributions land on the request's features rather than on internal columns. The check is
-strict: the affine fit must reproduce f on every probe row, including points pushed past the
-background's range, to within `tol` of f's spread; otherwise the model is not treated as linear.
+and attributions land on the request's features rather than on internal columns.
+
+The check must not be fooled by the background. A one-row background, or one whose rows are
+multiples of each other, spans no volume, so probes built from its rows alone cannot see a
+Sigmoid after a MatMul. Probes therefore span every input dimension whatever the background:
+the weights come from central differences of one scale per feature (the background's spread,
+else |centre| or 1 where the spread is 0 or there are fewer rows than features), and the fit
+must reproduce f on at least max(2d + 2, 32) random points up to a few scales around the centre
+(outside the background's hull), on background rows and on rows pushed 1.5x past them, to
+within `tol` of f's spread. Probes are rounded to the model's input type first, so the fit is
+checked on the points the model actually sees. The caller must not probe models whose inputs
+are ids (integer or index-like inputs): those are not functions of real-valued features.
 """
 
 from __future__ import annotations
@@ -19,7 +28,12 @@ from explainers.errors import FailedPrecondition
 from explainers.groups import Groups, ungrouped
 
 TOLERANCE = 1e-4  # of f's spread over the probes: float32 models reproduce to ~1e-6
-PROBE_ROWS = 64
+ROUNDING = 1e-3  # the spread counts at least this share of max |f| (float32 offsets)
+PROBE_ROWS = 32  # background rows used as probes (and as many pushed past them)
+MIN_RANDOM_PROBES = 32  # random probes: at least this many, and 2d + 2
+RANDOM_REACH = 2.0  # random probes: centre + RANDOM_REACH * scale * N(0, 1) per feature
+NO_SPREAD = 1e-6  # a spread below this share of max(|centre|, 1) counts as none
+PROBE_SEED = 20261122  # probes are deterministic: the same fit for the same background
 
 
 @dataclass(frozen=True)
@@ -30,28 +44,59 @@ class AffineFit:
     intercept: Array  # (outputs,)
 
 
-def fit_affine(fn: ModelFn, background: Background, tol: float = TOLERANCE) -> AffineFit | None:
-    """Central differences around the background mean, verified on probe rows; None if f is not
-    affine there."""
-    centre = background.weights @ background.data  # (features,)
-    step = np.maximum(background.data.std(axis=0), 1e-3)  # (features,) scale-aware steps
+def fit_affine(fn: ModelFn, background: Background, tol: float = TOLERANCE,
+               dtype: type = np.float64) -> AffineFit | None:
+    """Central differences around the background mean, verified on probes that span every
+    feature; None if f is not affine there. `dtype` is the model's input type."""
+    centre = _rounded(background.weights @ background.data, dtype)  # (features,)
+    step = _rounded(centre + probe_scales(background), dtype) - centre  # (features,)
+    if not np.all(step > 0):  # the input type cannot resolve a step at this centre
+        return None
     d = centre.size
     X = np.concatenate([centre + np.diag(step), centre - np.diag(step), centre[None]])
-    y = fn(X)  # (2d + 1, outputs)
+    y = fn(_rounded(X, dtype))  # (2d + 1, outputs)
     w = ((y[:d] - y[d:2 * d]) / (2 * step[:, None])).T  # (outputs, features)
     fit = AffineFit(w, y[-1] - w @ centre)
-    return fit if _verified(fn, fit, background, centre, tol) else None
+    probes = _rounded(verification_probes(background, centre), dtype)
+    return fit if _verified(fn, fit, probes, tol) else None
 
 
-def _verified(fn: ModelFn, fit: AffineFit, background: Background, centre: Array,
-              tol: float) -> bool:
-    """The fit reproduces f on background rows and on points pushed 1.5x past them."""
-    rows = background.data[:PROBE_ROWS]  # (probes, features)
-    probes = np.concatenate([rows, centre + 1.5 * (rows - centre)])
-    y = fn(probes)  # (2 probes, outputs)
+def probe_scales(background: Background) -> Array:
+    """One probe scale per feature: the weighted spread of the background, or max(|centre|, 1)
+    where the spread is 0 (below NO_SPREAD of that: float sums of equal rows are not exactly
+    equal) or where the rows are too few to span the features: (features,)."""
+    centre = background.weights @ background.data  # (features,)
+    spread = np.sqrt(background.weights @ (background.data - centre) ** 2)  # (features,)
+    fallback = np.maximum(np.abs(centre), 1.0)
+    if background.rows <= centre.size:
+        return np.asarray(np.maximum(spread, fallback))
+    return np.asarray(np.where(spread > NO_SPREAD * fallback, spread, fallback))
+
+
+def verification_probes(background: Background, centre: Array) -> Array:
+    """Random points around the centre in every direction (outside the background's hull),
+    background rows, and those rows pushed 1.5x past the centre: (probes, features)."""
+    d = centre.size
+    rng = np.random.default_rng(PROBE_SEED)
+    noise = rng.standard_normal((max(2 * d + 2, MIN_RANDOM_PROBES), d))  # (random, features)
+    spread = centre + RANDOM_REACH * probe_scales(background) * noise
+    rows = background.data[:PROBE_ROWS]  # (rows, features)
+    return np.concatenate([spread, rows, centre + 1.5 * (rows - centre)])
+
+
+def _verified(fn: ModelFn, fit: AffineFit, probes: Array, tol: float) -> bool:
+    """The fit reproduces f on every probe to within tol of f's spread over them."""
+    y = fn(probes)  # (probes, outputs)
+    if not np.all(np.isfinite(y)):
+        return False
     predicted = probes @ fit.weights.T + fit.intercept
-    spread = np.maximum(y.max(axis=0) - y.min(axis=0), 1e-12)
+    spread = np.maximum(np.ptp(y, axis=0), ROUNDING * np.abs(y).max(axis=0))  # (outputs,)
     return bool(np.all(np.abs(y - predicted) <= tol * spread))
+
+
+def _rounded(X: Array, dtype: type) -> Array:
+    """X as the model sees it (cast to its input type), back in float64."""
+    return np.asarray(np.asarray(X).astype(dtype).astype(np.float64))
 
 
 class LinearShap:

@@ -1,8 +1,9 @@
 """Read the tree ensemble of an ONNX graph into shap's custom tree format.
 
 Handles ai.onnx.ml TreeEnsembleRegressor / TreeEnsembleClassifier (opsets 1 and 3) and TreeEnsemble
-(opset 5). The trees give the raw margin; the op's post_transform is reported, never applied, so
-the caller can say "explained on the margin scale". Every split is rewritten to shap's single rule,
+(opset 5). The trees give the raw margin; the op's post_transform (or the Sigmoid/Softmax node
+that some converters put after an op without one) is reported, never applied, so the caller can
+say "explained on the margin scale". Every split is rewritten to shap's single rule,
 "x <= threshold goes left, NaN goes to children_default", so that shap's interventional TreeSHAP
 and `predict_margin` route each row exactly as onnxruntime 1.32 does. Anything that cannot be
 rewritten exactly raises `UnsupportedTrees`, and the caller falls back to a sampling estimator.
@@ -34,6 +35,9 @@ AGGREGATES = ("AVERAGE", "SUM", "MIN", "MAX")  # index = opset-5 code
 # shap's interventional code (tree_shap.h, tree_shap_indep) indexes nodes with 16-bit shorts.
 MAX_TREE_NODES = 32767
 PASS_THROUGH = ("Identity", "ZipMap", "Cast")
+NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}  # x op c == x when c is all this
+# a link applied by a node after the op (the op's post_transform then NONE): op -> transform
+LINK_NODES = {"Sigmoid": "LOGISTIC", "Softmax": "SOFTMAX"}
 FLOAT_TYPES: dict[int, type[np.floating[Any]]] = {int(TensorProto.FLOAT): np.float32,
                                                    int(TensorProto.DOUBLE): np.float64}
 
@@ -72,8 +76,9 @@ class ParsedTrees(TypedDict):
     output_map: Array  # (outputs, targets)
     output_offset: Array  # (outputs,)
     post_transform: str  # NONE, LOGISTIC, SOFTMAX or SOFTMAX_ZERO, as onnxruntime applies it
+    # (the op's own, or a Sigmoid/Softmax node's right after an op that applies none)
     n_features: int  # columns of the input the op reads
-    score_outputs: tuple[str, ...]  # graph outputs that carry the op's scores unchanged
+    score_outputs: tuple[str, ...]  # graph outputs carrying post_transform(scores) unchanged
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,22 @@ def parse_onnx_trees(model: onnx.ModelProto) -> ParsedTrees:
     orders = [_preorder(int(root), table, routing) for root in table.roots]
     _check_scored(table, [order for order, _, _ in orders], head.always_scored)
     trees = [_shap_tree(order, table, routing) for order in orders]
+    transform, outputs = _link(graph, _score_tensor(node), head.post_transform)
     return ParsedTrees(trees=trees, base_offset=_frozen(head.base), input_dtype=input_dtype,
                        internal_dtype=np.float64, tree_output="raw_value",
                        output_map=_frozen(head.output_map),
                        output_offset=_frozen(head.output_offset),
-                       post_transform=head.post_transform, n_features=n_features,
-                       score_outputs=reachable_outputs(graph, _score_tensor(node)))
+                       post_transform=transform, n_features=n_features,
+                       score_outputs=outputs)
+
+
+def _link(graph: GraphProto, scores: str, transform: str) -> tuple[str, tuple[str, ...]]:
+    """The transform after the trees and the graph outputs it yields: the op's own, or a
+    Sigmoid/Softmax node's when the op applies none and the scores reach no output directly
+    (the outputs then carry link(margin), just as with the op's post_transform)."""
+    outputs = reachable_outputs(graph, scores)
+    link = following_link(graph, scores) if transform == "NONE" and not outputs else None
+    return (link.transform, link.outputs) if link else (transform, outputs)
 
 
 def shap_model(parsed: ParsedTrees, targets: list[int] | None = None) -> dict[str, Any]:
@@ -261,18 +276,75 @@ def _score_tensor(node: NodeProto) -> str:
 
 
 def reachable_outputs(graph: GraphProto, scores: str) -> tuple[str, ...]:
-    """Graph outputs reached from the tensor `scores` through Identity, ZipMap or Cast only."""
-    consumers: dict[str, list[NodeProto]] = {}
+    """Graph outputs that carry the tensor `scores` unchanged: reached through Identity,
+    ZipMap, Cast or neutral arithmetic (onnxmltools writes Mul(probabilities, 1)) only."""
+    reached = _carried(graph, scores)
+    return tuple(o.name for o in graph.output if o.name in reached)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link function applied by its own node after the op, e.g. LightGBM's Sigmoid."""
+
+    node: int  # position in graph.node
+    transform: str  # LOGISTIC or SOFTMAX, as if it were the op's post_transform
+    outputs: tuple[str, ...]  # graph outputs carrying the node's result unchanged
+
+
+def following_link(graph: GraphProto, scores: str) -> Link | None:
+    """The one Sigmoid, or Softmax over the class axis, that the unchanged `scores` feed and
+    whose result reaches graph outputs unchanged; None when there is no such single node."""
+    reached = _carried(graph, scores)
+    found = [(i, n) for i, n in enumerate(graph.node)
+             if n.op_type in LINK_NODES and n.input and n.input[0] in reached
+             and _attributes(n).get("axis", -1) in (1, -1)]
+    if len(found) != 1:
+        return None
+    i, node = found[0]
+    outputs = reachable_outputs(graph, node.output[0])
+    return Link(i, LINK_NODES[node.op_type], outputs) if outputs else None
+
+
+def _carried(graph: GraphProto, scores: str) -> set[str]:
+    """Tensors equal to `scores`: it and what pass-through nodes make of it."""
+    consumers: dict[str, list[tuple[NodeProto, int]]] = {}
     for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+        for slot, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, slot))
+    constants = _constants(graph)
     reached, frontier = {scores}, [scores]
     while frontier:
-        for n in consumers.get(frontier.pop(), []):
-            if n.op_type in PASS_THROUGH and n.output[0] not in reached:
+        for n, slot in consumers.get(frontier.pop(), []):
+            if _passes(n, slot, constants) and n.output[0] not in reached:
                 reached.add(n.output[0])
                 frontier.append(n.output[0])
-    return tuple(o.name for o in graph.output if o.name in reached)
+    return reached
+
+
+def _passes(node: NodeProto, slot: int, constants: dict[str, Array]) -> bool:
+    """Whether `node` hands on the value arriving at input `slot` unchanged."""
+    if node.op_type in PASS_THROUGH:
+        return slot == 0
+    neutral = NEUTRAL.get(node.op_type)
+    if neutral is None or len(node.input) != 2 or (slot == 1 and node.op_type in ("Div", "Sub")):
+        return False
+    other = constants.get(node.input[1 - slot])
+    return other is not None and other.ndim <= 1 and bool(np.all(other == neutral))
+
+
+def _constants(graph: GraphProto) -> dict[str, Array]:
+    """Initializers and Constant-node tensors by name (small ones only matter here)."""
+    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer if _small(t)}
+    for n in graph.node:
+        value = _attributes(n).get("value") if n.op_type == "Constant" else None
+        if isinstance(value, np.ndarray):
+            found[n.output[0]] = value
+    return found
+
+
+def _small(tensor: TensorProto) -> bool:
+    """At most 64 elements: neutral operands are scalars or one value per column."""
+    return int(np.prod(tensor.dims)) <= 64
 
 
 def _attributes(node: NodeProto) -> dict[str, Any]:

@@ -3,7 +3,9 @@ with health checking and reflection, plus the Prometheus HTTP endpoint."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
-from service.api.servicer import ExplainerServicer
+from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
@@ -31,7 +33,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
-MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
+
+
+class StartupError(Exception):
+    """The sidecar cannot start (a port in use, no model repository): one line for the user."""
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Sidelight:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
                  "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
 
@@ -76,6 +82,8 @@ class Sidelight:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
+        if self.plane is not None:
+            self.plane.close()
         self._stop.set()
         self.metrics.recorder.fold()
         for server in self._http:
@@ -102,31 +110,71 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
     metrics = Metrics(registry or CollectorRegistry())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                         options=[("grpc.max_receive_message_length",
-                                   settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                         options=[("grpc.max_receive_message_length", message_limit(settings)),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.so_reuseport", 0)],  # a second server must not share
+                         interceptors=[DecodeGuard()],
                          maximum_concurrent_rpcs=4 * settings.max_in_flight)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    app = Sidelight(settings, server, health_servicer, metrics, port)
+    app = Sidelight(settings, server, health_servicer, metrics, _bind(server, settings))
     pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(app.data_plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
-    _start_metrics(app)
-    if load:
-        app.load()
+    try:
+        _start_metrics(app)
+        if load:
+            app.load()
+    except BaseException:
+        app.stop(grace=0)
+        raise
     return app
 
 
+def _bind(server: grpc.Server, settings: Settings) -> int:
+    """Listen on the gRPC port, or StartupError when another process does: grpcio would
+    otherwise share it (SO_REUSEPORT) and split the traffic between the two."""
+    host, port = settings.host, settings.port
+    if port and _in_use(host, port):  # checked first: grpcio's refusal also logs a C++ line
+        raise StartupError(f"gRPC port {port} on {host} is in use (another sidelight?); choose "
+                           "another with --port or SIDELIGHT_PORT")
+    try:
+        return int(server.add_insecure_port(f"{host}:{port}"))
+    except RuntimeError:
+        raise StartupError(f"gRPC: cannot listen on {host}:{port} (in use, or not an address "
+                           "of this host); see --port, SIDELIGHT_HOST and SIDELIGHT_PORT") from None
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails with EADDRINUSE (a listening socket holds it)."""
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # grpcio reports the bad address itself
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio sets it
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def _start_metrics(app: Sidelight) -> None:
-    if app.settings.metrics_port < 0:
+    port = app.settings.metrics_port
+    if port < 0:
         return
-    http, _ = start_http_server(app.settings.metrics_port, addr=app.settings.host,
-                                registry=app.metrics.registry)
+    try:
+        http, _ = start_http_server(port, addr=app.settings.host, registry=app.metrics.registry)
+    except OSError as err:
+        raise StartupError(f"metrics port {port} on {app.settings.host}: {err.strerror}; choose "
+                           "another with --metrics-port or SIDELIGHT_METRICS_PORT") from None
     app._http.append(http)
     app.metrics_port = int(http.server_port)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from explainers.base import Explanation
 from explainers.errors import InvalidArgument, SidelightError
 from service.api.tensors import to_array
+from service.config import Settings
 from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
 from service.plane.requests import BackgroundUpload, ExplainQuery
 from service.store.backgrounds import BackgroundMeta
@@ -21,6 +24,22 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_DEADLINE_S = 1e9
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
+MAX_DETAILS_BYTES = 1024  # status details travel in a header: gRPC refuses them past 16 KiB
+UNDECODABLE_LOG_EVERY_S = 60.0
+
+
+def message_limit(settings: Settings) -> int:
+    """The largest request the server accepts, in bytes (also the cap on a decoded tensor)."""
+    return settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES
+
+
+def capped(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """Status details of at most `limit` UTF-8 bytes (percent-encoding can triple them)."""
+    raw = details.encode()
+    if len(raw) <= limit:
+        return details
+    return raw[:limit].decode(errors="ignore") + f"... ({len(raw)} bytes)"
 
 
 def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
@@ -28,7 +47,7 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except SidelightError as err:
-        context.abort(grpc.StatusCode[err.code], str(err))
+        context.abort(grpc.StatusCode[err.code], capped(str(err)))
     except Exception as err:  # the one place unknown errors are turned into INTERNAL
         where = traceback.extract_tb(err.__traceback__)[-1]
         log.error("internal error in %s: %s: %s at %s:%d", rpc, type(err).__name__, err,
@@ -45,8 +64,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     def Explain(self, request: pb.ExplainRequest,
                 context: grpc.ServicerContext) -> pb.ExplainResponse:
-        return call(context, "Explain",
-                    lambda: to_response(self._plane().explain(to_query(request, context))))
+        def explain() -> pb.ExplainResponse:
+            plane = self._plane()
+            query = to_query(request, context, message_limit(plane.settings))
+            return to_response(plane.explain(query))
+        return call(context, "Explain", explain)
 
     def ListModels(self, request: pb.ListModelsRequest,
                    context: grpc.ServicerContext) -> pb.ListModelsResponse:
@@ -86,9 +108,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                                                     request.name)))
 
 
-def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext) -> ExplainQuery:
+def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext,
+             max_bytes: int) -> ExplainQuery:
     """The request in domain terms; tensors decoded, the deadline read off the context."""
-    inputs = tuple((t.name, to_array(t, f"inputs[{i}]")) for i, t in enumerate(r.inputs))
+    inputs = tuple((t.name, to_array(t, f"inputs[{i}]", max_bytes))
+                   for i, t in enumerate(r.inputs))
     return ExplainQuery(
         model=r.model, version=r.version, inputs=inputs, method=r.method,
         output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
@@ -110,7 +134,8 @@ def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
     if size > max_bytes:
         raise InvalidArgument(f"data: {size} bytes exceeds max_upload_bytes {max_bytes}")
     return BackgroundUpload(model=r.model, version=r.version, name=r.name,
-                            data=to_array(r.data, "data"), feature_names=tuple(r.feature_names))
+                            data=to_array(r.data, "data", max_bytes),
+                            feature_names=tuple(r.feature_names))
 
 
 def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:
@@ -166,4 +191,78 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     info.tree_unsupported = "" if m.trees is not None else m.tree_error
     margin = ["margin"] if m.output in m.onnx.margin_outputs else []
     info.scales.extend(["identity", "logit", *margin])
+    info.notes.extend(s.notes)
+    info.drift_active, info.drift_status = s.drift_active, s.drift_status
     return info
+
+
+class Undecodable:
+    """What a guarded deserializer returns for bytes that are not a valid request message
+    (grpcio treats a raised exception, or None, as its own INTERNAL error)."""
+
+    __slots__ = ()
+
+
+UNDECODABLE = Undecodable()
+
+
+class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Requests whose bytes do not decode get INVALID_ARGUMENT naming the message type and at
+    most one log line per `log_every_s` (grpcio would answer INTERNAL and log a traceback per
+    call). Covers every method with a single request message (Explainer, health, ...)."""
+
+    def __init__(self, log_every_s: float = UNDECODABLE_LOG_EVERY_S) -> None:
+        self._guarded: dict[str, Any] = {}  # method -> guarded handler; registered methods only
+        self._log = RateLimitedLog(log_every_s)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        guarded = self._guarded.get(details.method)
+        if guarded is None:
+            guarded = self._guarded[details.method] = self._guard(handler, details.method)
+        return guarded
+
+    def _guard(self, handler: Any, method: str) -> Any:
+        """The same handler with a deserializer that cannot raise and a behavior that answers
+        INVALID_ARGUMENT to what it could not decode."""
+        decode, behavior = handler.request_deserializer, handler.unary_unary or handler.unary_stream
+        message = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+        name = message.full_name if message is not None else f"the request of {method}"
+
+        def safe_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:
+                return UNDECODABLE
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if request is UNDECODABLE:
+                self._log.event(method)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request: could not be decoded as {name}")
+            return behavior(request, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
+            else grpc.unary_stream_rpc_method_handler
+        return make(guarded, request_deserializer=safe_decode,
+                    response_serializer=handler.response_serializer)
+
+
+class RateLimitedLog:
+    """Counts undecodable requests; logs one line at most every `every_s` seconds."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every_s, self._lock = every_s, threading.Lock()
+        self._count, self._last = 0, -float("inf")
+
+    def event(self, method: str) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                return
+            count, self._count, self._last = self._count, 0, now
+        log.warning("%d request(s) could not be decoded since the last report (latest: %s)",
+                    count, method)

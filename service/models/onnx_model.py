@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from explainers.base import Array
-from explainers.errors import FailedPrecondition, InvalidArgument
+from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
+from service.models.graph import discrete_inputs, precision
 from service.models.margins import margin_graph
 
 ONNX_TO_OIP = {
@@ -32,6 +36,10 @@ OIP_TO_NUMPY: dict[str, type] = {
 PROBE_BATCHES = (64, 256, 1024, 4096, 16384)
 MEASURE_REPEATS = 3  # timings per probe batch size; the fastest counts
 MEASURE_TOLERANCE = 0.05  # prefer a larger batch whose rate is within 5% of the best
+ORT_MESSAGE_CHARS = 300
+ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. "
+                      r"Name:'([^']*)' Status Message: (?:\S+:\d+ .*? was false\. )?")
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,12 @@ def strip_zipmap(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
 
 
 def _session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    """A CPU session with `threads` intra-op threads and quiet logging."""
+    """A CPU session with `threads` intra-op threads that logs nothing itself: what fails is
+    raised, and mapped or logged once by the caller (a bad request must not print a line)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     return ort.InferenceSession(proto.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
@@ -109,6 +118,8 @@ class OnnxModel:
         self.logit_is_margin: frozenset[str] = frozenset()  # set by check_margins
         self.inputs = [_info(a) for a in self.session.get_inputs()]
         self.outputs = [_info(a) for a in self.session.get_outputs()]
+        self.discrete_inputs = discrete_inputs(self.proto)  # name -> why it takes only ids
+        self.precision = precision(self.proto)  # FP16, FP32 or FP64: the outputs' rounding
         self._check_tabular()
         self.offsets = np.cumsum([0] + [i.columns for i in self.inputs])  # (inputs + 1,)
         self.chunk_rows = 4096
@@ -143,7 +154,8 @@ class OnnxModel:
             if o.name == name:
                 return o
         known = ", ".join(o.name for o in self.outputs)
-        raise InvalidArgument(f"target.output: model has no output {name!r}; outputs: {known}")
+        raise InvalidArgument(f"target.output: model has no output {quoted(name)}; outputs: "
+                              f"{known}")
 
     def output_columns(self, output: str) -> int:
         """Number of columns of an output, from a one-row probe (shapes are often dynamic)."""
@@ -175,7 +187,13 @@ class OnnxModel:
             cols = cols.astype(OIP_TO_NUMPY[info.datatype], copy=False)
             feeds[info.name] = cols[:, 0] if len(info.shape) == 1 else cols
         session = self._margin_session if margin and self._margin_session else self.session
-        y = np.asarray(session.run([output], feeds)[0], dtype=np.float64)
+        try:
+            y = np.asarray(session.run([output], feeds)[0], dtype=np.float64)
+        except (OrtInvalidArgument, OrtFail) as err:
+            mapped = _caller_error(err)
+            if mapped is None:
+                raise
+            raise mapped from None
         return y.reshape(X.shape[0], -1)  # (rows, columns)
 
     def measure(self, probe: Array, output: str, seconds: float = 0.3) -> None:
@@ -201,3 +219,21 @@ class OnnxModel:
         start = time.perf_counter()
         self._run(X, output)
         return max(time.perf_counter() - start, 1e-9)
+
+
+def _caller_error(err: Exception) -> InvalidArgument | None:
+    """onnxruntime's refusal of the values it was given, as INVALID_ARGUMENT naming `inputs`.
+
+    The adapter always feeds the declared ranks and dtypes, so onnxruntime's INVALID_ARGUMENT
+    (a Gather index out of range, an invalid Expand shape) and a node that FAILs on the values
+    (a Reshape to a shape read from them) come from the request's values: the model ran on
+    its background at load. A failed allocation, or a FAIL outside a node, stays the server's.
+    """
+    text = ORT_PREFIX.sub("", str(err).strip())
+    node = ORT_NODE.search(text)
+    if isinstance(err, OrtFail) and (node is None or "allocate" in text):
+        return None
+    if node is not None:
+        text = f"{node.group(1)} node {node.group(2)!r}: {text[node.end():]}"
+    return InvalidArgument(f"inputs: the model cannot evaluate these values: "
+                           f"{clip(text, ORT_MESSAGE_CHARS)}")

@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -42,8 +42,14 @@ EVALUATION_BUCKETS = tuple(float(10**e) for e in range(1, 9))
 RELATIVE_ERROR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GAP_BUCKETS = (1e-12, 1e-9, 1e-6, 1e-3, 1.0)
 UNKNOWN = "_unknown"  # label for names not in the repository: keeps label sets bounded
+REJECT_REASONS = ("overload",)  # why an Explain call is shed before any work
+CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+         "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")  # what an Explain call can end with
+CACHE_LABELS = tuple((cache, result) for cache in ("background", "derived", "result")
+                     for result in ("hit", "miss"))  # (cache, result) of a lookup
 FOLD_AT = 20_000  # queued records that make the recording thread fold inline (bounds memory)
 
+T = TypeVar("T")
 Record = tuple[Any, ...]
 """("call", model, method, code, seconds, cpu_seconds, Answer or None) or ("cache", cache,
 outcome). Records hold strings, numbers and arrays, never the result objects, which are
@@ -130,8 +136,8 @@ class Recorder:
         with self._lock:
             self._fold()
 
-    def folded(self, read: Callable[[], list[Metric]]) -> list[Metric]:
-        """Fold, then run `read` before any other fold can change what it reads."""
+    def folded(self, read: Callable[[], T]) -> T:
+        """Fold, then run `read` before any other fold can change what it reads (or writes)."""
         with self._lock:
             self._fold()
             return read()
@@ -239,9 +245,17 @@ class Metrics:
         self.rejected = Counter("sidelight_explain_rejected",
                                 "Explain calls shed before any work, by reason.", ["reason"],
                                 registry=registry)
+        for reason in REJECT_REASONS:  # a series at 0 from the start: panels and rate() work
+            self.rejected.labels(reason)
         self._calls = CallSeries()
         self.recorder.subscribe(self._calls.fold)
         registry.register(_Folded(self.recorder, self._calls.families))
+
+    def initialise(self, models: Iterable[str], methods: Iterable[str]) -> None:
+        """Zero series for the label values known once the models are loaded, so panels and
+        alert rules read 0 instead of "no data", and a first increment is seen by rate()."""
+        names, known = list(models), list(methods)
+        self.recorder.folded(lambda: self._calls.initialise(names, known))
 
     def record_call(self, model: str, method: str, code: str, seconds: float,
                     cpu_seconds: float, answer: Answer | None = None) -> None:
@@ -273,6 +287,19 @@ class CallSeries:
         self.relative_error = Histograms.of(RELATIVE_ERROR_BUCKETS)
         self.gap = Histograms.of(GAP_BUCKETS)
         self.cache = Counters()
+        for labels in CACHE_LABELS:
+            self.cache.add(labels, 0.0)
+
+    def initialise(self, models: list[str], methods: list[str]) -> None:
+        """Zero counters: outcomes per model for the default method ("auto"), rows per model
+        and method that can run (the requested "auto" never labels a row)."""
+        for model in models:
+            self.cpu_seconds.add((model,), 0.0)
+            for code in CODES:
+                self.requests.add((model, "auto", code), 0.0)
+            for method in (m for m in methods if m != "auto"):
+                for series in (self.rows, self.exhausted, self.converged):
+                    series.add((model, method), 0.0)
 
     def fold(self, batch: list[Record]) -> None:
         """Add a batch of records: one pass in Python to group them by label set, then numpy

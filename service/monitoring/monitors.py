@@ -1,7 +1,8 @@
 """Drift monitors per model version: built at start-up against a reference (explain.yaml's
 `drift_reference` rows, else the default background), fed by the data plane after each
 explanation (in batches, off the request path), read by the metrics collector at scrape
-time."""
+time. Each version has a status GetModel reports: "active", "pending" (the attribution
+reference is still being computed) or why drift is off or partial."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array, Background, ModelFn
-from explainers.errors import SidelightError
-from service.config import ModelConfig, Settings
-from service.models.repository import LoadedModel, read_background
-from service.monitoring.drift import DriftMonitor, Reference
+from service.models.repository import LoadedModel
+from service.monitoring.drift import AttributionWindow, DriftMonitor, Reference
 from service.monitoring.metrics import Answer, DriftSource
 
 log = logging.getLogger(__name__)
+ACTIVE, PENDING = "active", "pending"
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,16 @@ class DriftMonitors:
     def __init__(self, settings: DriftSettings) -> None:
         self.settings = settings
         self._sources: dict[tuple[str, str], DriftSource] = {}
+        self._status: dict[tuple[str, str], str] = {}
+        self._all_features: dict[tuple[str, str], tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
     def add(self, model: str, version: str, features: tuple[str, ...], outputs: tuple[str, ...],
-            background: Background, reference_phi: Array | None, target: object = None) -> None:
+            background: Background, reference_phi: Array | None, target: object = None,
+            status: str = ACTIVE) -> None:
         """Monitor a model against reference rows (`background`); reference_phi: (rows,
         features) or None, both for the explained `target` (requests for another target feed
-        input drift only)."""
+        input drift only). `status` is what GetModel reports."""
         s = self.settings
         reference_abs = None if reference_phi is None else np.abs(reference_phi).mean(axis=0)
         monitor = DriftMonitor(
@@ -53,6 +56,31 @@ class DriftMonitors:
                              monitor, getattr(target, "key", target))
         with self._lock:
             self._sources[(model, version)] = source
+            self._status[(model, version)] = status
+            self._all_features[(model, version)] = features
+
+    def set_reference(self, model: str, version: str, reference_phi: Array) -> None:
+        """Start attribution drift on a monitored version once its reference (rows, features)
+        is known; the input and prediction windows keep what they counted."""
+        s, key = self.settings, (model, version)
+        reference_abs = np.abs(reference_phi).mean(axis=0)  # (features,)
+        with self._lock:
+            old, features = self._sources[key], self._all_features[key]
+            old.monitor.attributions = AttributionWindow(reference_abs, s.top_k, s.window_seconds)
+            index = exported_features(len(features), reference_abs, s.max_features)
+            self._sources[key] = DriftSource(model, version, tuple(features[j] for j in index),
+                                             index, old.outputs, old.monitor, old.target)
+            self._status[key] = ACTIVE
+
+    def set_status(self, model: str, version: str, status: str) -> None:
+        with self._lock:
+            self._status[(model, version)] = status
+
+    def status(self, model: str, version: str) -> tuple[bool, str]:
+        """Whether drift is measured for this version, and "active", "pending" or why not."""
+        with self._lock:
+            monitored = (model, version) in self._sources
+            return monitored, self._status.get((model, version), "off: not monitored")
 
     def observe_answers(self, answers: Sequence[Answer]) -> None:
         """Many answered requests at once: one observe per monitor and kind, so a batch costs
@@ -91,19 +119,9 @@ def exported_features(d: int, importance: Array | None, cap: int) -> tuple[int, 
     return tuple(sorted(int(j) for j in np.argsort(-importance)[:cap]))
 
 
-def drift_reference(model: LoadedModel, settings: Settings, fn: ModelFn,
-                    background: Background) -> Background:
+def drift_reference(model: LoadedModel, fn: ModelFn, background: Background) -> Background:
     """The rows drift is measured against, with f on them: explain.yaml's `drift_reference` file
-    (a window of traffic the model is known to serve well), else the default background."""
-    configured = model.config.drift_reference
-    if configured is None:
-        return background
-    try:
-        rows = read_background(settings.models_dir / model.name,
-                               ModelConfig(background=configured), model.onnx.n_features, settings)
-        assert rows is not None
-        return Background.build(rows, fn(rows))  # (rows, features), (rows, outputs)
-    except (OSError, ValueError, SidelightError) as err:
-        log.error("model %s: drift_reference %s unusable (%s); measuring drift against the "
-                  "background instead", model.name, configured.path, err)
-        return background
+    (a window of traffic the model is known to serve well; read and checked at load, left out
+    with a note when unusable), else the default background."""
+    rows = model.drift_rows
+    return background if rows is None else Background.build(rows, fn(rows))

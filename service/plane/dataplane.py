@@ -19,14 +19,17 @@ from explainers.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     SidelightError,
+    Unavailable,
 )
 from explainers.registry import build_registry
 from service.config import Settings
-from service.models.repository import LoadedModel, ModelRepository
+from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
-from service.monitoring.monitors import DriftMonitors, DriftSettings, drift_reference
+from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
+from service.plane.guard import checked, find_failure
 from service.plane.methods import Choice, MethodResolver, batch_explainer
 from service.plane.requests import (
     BackgroundUpload,
@@ -51,11 +54,30 @@ from service.store.results import ResultCache, budget_class, request_key
 
 log = logging.getLogger(__name__)
 BACKGROUND_CACHE_SIZE = 64
-REFERENCE_BUDGET_S = 0.01  # per background row explained for the attribution-drift reference
+REFERENCE_BUDGET_S = 0.01  # per reference row at start-up; slower models get theirs after it
+DRIFT_OFF = "off: SIDELIGHT_DRIFT_ENABLED is false"
+HOW_TO_ADD = ("set `background:` in explain.yaml (a .npy or .csv file of rows) or upload one "
+              "with PutBackground")
 USAGE = {"permutation": "one row per permutation pair, rows visited in random sweeps "
                         "(stratified by row; a row's notes say when not every row was reached)",
          "exact": "all rows for every coalition", "kernel": "all rows for every coalition",
          "tree": "all rows (exact interventional TreeSHAP)", "linear": "the mean of all rows"}
+
+
+class UnusableBackground(FailedPrecondition):
+    """A stored background the model cannot take (a value its input dtype cannot hold, or
+    non-finite outputs on it): reported, never used."""
+
+
+@dataclass(frozen=True)
+class ReferenceJob:
+    """Rows to explain for a model's attribution-drift reference, and what they need."""
+
+    model: LoadedModel
+    target: Target
+    background: Background
+    rows: Array  # (rows, features)
+    background_sha: str
 
 
 @dataclass(frozen=True)
@@ -121,24 +143,46 @@ class DataPlane:
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
+        self._notes: dict[tuple[str, str], list[str]] = {}  # (model, version): start-up notes
+        # (model, version, name) -> (sha256, why) of a stored background found unusable
+        self._unusable: dict[tuple[str, str, str], tuple[str, str]] = {}
+        self._cold: set[tuple[str, str]] = set()  # versions that started without a background
+        self._closed = threading.Event()
+        self._check_methods()
         metrics.in_flight.set_function(lambda: self._in_flight)
         if self.drift is not None:
             metrics.watch_drift(self.drift.sources)
             metrics.recorder.subscribe(self._fold_drift)
 
     # --- start-up -------------------------------------------------------------------------
+    def _check_methods(self) -> None:
+        """A configured default method the estimators do not know fails its model at load."""
+        known = self.methods.known()
+        for model in self.repo.ready():
+            method = model.config.method.strip().lower() or "auto"
+            if method not in known:
+                self.repo.fail(model.name, model.version, f"explain.yaml method: unknown method "
+                               f"{model.config.method!r}; known: {', '.join(known)}")
+
     def seed_backgrounds(self) -> None:
-        """Store each model's explain.yaml background as 'default' unless one is stored."""
+        """Store each model's explain.yaml background as 'default' unless one is stored; a
+        model whose seeding fails is logged and noted, never fatal."""
         for model in self.repo.ready():
             self.metrics.model_ready.labels(model.name, model.version).set(1)
-            if model.background is None or self._has_default(model):
-                continue
-            meta = make_meta(model.name, model.version, DEFAULT_NAME, model.background,
-                             "explain.yaml", model.sha256, model.feature_names)
-            self.store.put(meta, model.background)
+            try:
+                self._seed(model)
+            except Exception as err:  # one model's data must never stop the others
+                self._startup_note(model, "storing the explain.yaml background", err)
         for entry in self.repo.entries.values():
             for version in entry.failures:
                 self.metrics.model_ready.labels(entry.name, version).set(0)
+
+    def _seed(self, model: LoadedModel) -> None:
+        if model.background is None or self._has_default(model):
+            return
+        meta = make_meta(model.name, model.version, DEFAULT_NAME, model.background,
+                         "explain.yaml", model.sha256, model.feature_names)
+        self.store.put(meta, model.background)
 
     def _has_default(self, model: LoadedModel) -> bool:
         """A usable default is stored: same version and same ONNX file (else it is stale)."""
@@ -147,43 +191,161 @@ class DataPlane:
 
     def warm(self) -> None:
         """Compute f(background) for every model's default target before traffic arrives, and
-        start drift monitoring against it."""
+        start drift monitoring against it. A model that cannot be warmed (no or an unusable
+        background, a failing session) is logged and noted, never fatal; attribution
+        references too slow for start-up are computed afterwards in one thread."""
+        late: list[ReferenceJob] = []
         for model in self.repo.ready():
             try:
-                target = resolve_target(model, "", (), "")
-                meta, background = self.background(model, DEFAULT_NAME, target)
-            except SidelightError as err:
-                log.warning("model %s: no default background yet (%s)", model.name, err)
-                continue
-            if self.drift is None:  # still fit and time the default method (tree: its speed)
-                self._reference_attributions(model, target, background, background.data[:2],
-                                             meta.sha256)
-                continue
-            rows = drift_reference(model, self.settings, target_fn(model, target), background)
-            reference = self._reference_attributions(
-                model, target, background, rows.data[:self.settings.drift_reference_rows],
-                meta.sha256)
-            self.drift.add(model.name, model.version, model.feature_names, target.names, rows,
-                           reference, target)
+                late += self._warm(model)
+            except Exception as err:  # one model's data must never stop the others
+                self._startup_note(model, "preparing the default background", err)
+        if late:
+            threading.Thread(target=self._late_references, args=(late,), daemon=True,
+                             name="sidelight-drift-reference").start()
 
-    def _reference_attributions(self, model: LoadedModel, target: Target,
-                                background: Background, rows: Array,
-                                background_sha: str) -> Array | None:
-        """Mean-|phi| of a few reference rows (rows, features), explained with the model's
-        default method at a small fixed budget; None when there are none or it cannot be done
-        (a model's configuration must never stop the sidecar from starting)."""
-        if rows.shape[0] == 0:
-            return None
-        seconds = REFERENCE_BUDGET_S * rows.shape[0]
+    def _warm(self, model: LoadedModel) -> list[ReferenceJob]:
+        """f(background) and drift monitoring for one model; the reference job if it is late."""
+        target = resolve_target(model, "", (), "")
+        meta, background = self.background(model, DEFAULT_NAME, target)
+        if self.drift is None:  # still fit and time the default method (tree: its speed)
+            self._quick_reference(ReferenceJob(model, target, background, background.data[:2],
+                                               meta.sha256))
+            return []
+        rows = drift_reference(model, target_fn(model, target), background)
+        job = ReferenceJob(model, target, background,
+                           rows.data[:self.settings.drift_reference_rows], meta.sha256)
+        reference, status = self._quick_reference(job)
+        self.drift.add(model.name, model.version, model.feature_names, target.names, rows,
+                       reference, target, status)
+        return [job] if status == PENDING else []
+
+    def _quick_reference(self, job: ReferenceJob) -> tuple[Array | None, str]:
+        """The attribution reference at the fixed start-up budget, and the drift status:
+        active, pending (too slow for start-up: computed later) or why there is none."""
+        if job.rows.shape[0] == 0:
+            return None, ("input and prediction drift only: SIDELIGHT_DRIFT_REFERENCE_ROWS "
+                          "is 0")
         try:
-            choice = self.choose(model.config.method, model, target, background, background_sha,
-                                 rows.shape[0], seconds)
-            out = self._explain_rows(model, rows, choice.target, background, choice.estimator,
-                                     ExplainQuery(model.name, ()), time.monotonic() + seconds)
-        except SidelightError as err:
-            log.warning("model %s: no attribution-drift reference (%s)", model.name, err)
-            return None
-        return np.asarray(np.abs(np.stack([e.values for e in out])).mean(axis=1))  # (rows, feat.)
+            return self._reference_attributions(job, REFERENCE_BUDGET_S), "active"
+        except ResourceExhausted:
+            return None, PENDING
+        except Exception as err:  # input and prediction drift still work
+            return None, self._no_reference(job.model, err)
+
+    def _late_references(self, jobs: list[ReferenceJob]) -> None:
+        """References of the models too slow for start-up, sized to each model: per-row
+        budgets grow 4x from the start-up one up to the model's default budget (what its
+        default method gets per request) until one fits. Stops when the plane is closed."""
+        for job in jobs:
+            m = job.model
+            try:
+                reference = self._sized_reference(job)
+            except Exception as err:  # input and prediction drift still work
+                self._set_drift_status(m, self._no_reference(m, err))
+                continue
+            if reference is not None and self.drift is not None:
+                self.drift.set_reference(m.name, m.version, reference)
+                log.info("model %s: attribution-drift reference ready", m.name)
+
+    def _sized_reference(self, job: ReferenceJob) -> Array | None:
+        """The reference at the smallest per-row budget that fits; None once closed."""
+        cap = min(job.model.config.budget_ms or self.settings.default_budget_ms,
+                  self.settings.max_budget_ms) / 1e3
+        per_row = REFERENCE_BUDGET_S
+        while not self._closed.is_set():
+            per_row = min(4 * per_row, cap)
+            try:
+                return self._reference_attributions(job, per_row)
+            except ResourceExhausted:
+                if per_row >= cap:
+                    raise
+        return None
+
+    def close(self) -> None:
+        """Stop the background work of start-up (late drift references) at the next step."""
+        self._closed.set()
+
+    def _set_drift_status(self, model: LoadedModel, status: str) -> None:
+        if self.drift is not None:
+            self.drift.set_status(model.name, model.version, status)
+
+    def _no_reference(self, model: LoadedModel, err: Exception) -> str:
+        why = str(err) if isinstance(err, SidelightError) else f"{type(err).__name__}: {err}"
+        log.warning("model %s: no attribution-drift reference (%s)", model.name, why)
+        return f"input and prediction drift only: no attribution reference ({shorten(why)})"
+
+    def _reference_attributions(self, job: ReferenceJob, per_row_s: float) -> Array:
+        """Mean-|phi| over outputs of the reference rows (rows, features), explained with the
+        model's default method at `per_row_s` seconds per row, each row on its own clock (a
+        row that overran on a busy machine does not starve the next)."""
+        m, rows = job.model, job.rows
+        choice = self.choose(m.config.method, m, job.target, job.background, job.background_sha,
+                             rows.shape[0], per_row_s * rows.shape[0])
+        out: list[Explanation] = []
+        for x in rows:
+            if self._closed.is_set():
+                raise Unavailable("the server is stopping")
+            out += self._explain_rows(m, x[None], choice.target, job.background,
+                                      choice.estimator, ExplainQuery(m.name, ()),
+                                      time.monotonic() + per_row_s)
+        phi = np.abs(np.stack([e.values for e in out])).mean(axis=1)  # (rows, features)
+        if not np.all(np.isfinite(phi)):
+            raise FailedPrecondition("the reference attributions are not finite")
+        return np.asarray(phi)
+
+    def _startup_note(self, model: LoadedModel, doing: str, err: Exception) -> None:
+        """One log line; drift off with the reason; and a note on the version unless the
+        cause is the default background (absent, unusable or unreachable: GetModel's notes
+        follow the store, and the first explanation that finds one warms the model)."""
+        why = shorten(str(err) if isinstance(err, SidelightError)
+                      else f"{type(err).__name__}: {err}")
+        level = logging.WARNING if isinstance(err, NotFound) else logging.ERROR
+        log.log(level, "model %s version %s: %s failed: %s", model.name, model.version, doing,
+                why)
+        status = f"off: {why}"
+        if isinstance(err, NotFound | UnusableBackground | Unavailable):  # none usable (yet)
+            self._cold.add((model.name, model.version))
+            status = (f"off: no usable default background at start-up ({why}); drift starts "
+                      "with the first explanation against one")
+        else:
+            self._notes.setdefault((model.name, model.version), []).append(
+                f"start-up: {doing} failed ({why})")
+        self._set_drift_status(model, status)
+
+    def _warm_later(self, model: LoadedModel) -> None:
+        """Warm, off the request path, a version that started without a usable default
+        background once a request finds one (uploaded, or repaired in Redis)."""
+        with self._lock:
+            if (model.name, model.version) not in self._cold:
+                return
+            self._cold.discard((model.name, model.version))
+
+        def run() -> None:
+            try:
+                self._late_references(self._warm(model))
+            except Exception as err:  # as at start-up: noted, never raised
+                self._startup_note(model, "preparing the default background", err)
+
+        threading.Thread(target=run, daemon=True, name="sidelight-warm").start()
+
+    def notes(self, model: LoadedModel, default: BackgroundMeta | None) -> tuple[str, ...]:
+        """What GetModel tells an operator about a ready version: files left out at load,
+        start-up failures, and whether (and how) it has a usable default background."""
+        notes = [*model.notes, *self._notes.get((model.name, model.version), ())]
+        rejected = self._unusable.get((model.name, model.version, DEFAULT_NAME))
+        if default is None:
+            notes.append(f"no background: {HOW_TO_ADD}")
+        elif rejected is not None and rejected[0] == default.sha256:
+            notes.append(f"stored background 'default' is unusable ({rejected[1]}); upload a "
+                         "usable one with PutBackground")
+        return tuple(notes)
+
+    def drift_status(self, model: LoadedModel) -> tuple[bool, str]:
+        """Whether drift is measured for a version, and "active", "pending" or why not."""
+        if self.drift is None:
+            return False, DRIFT_OFF
+        return self.drift.status(model.name, model.version)
 
     # --- Explain --------------------------------------------------------------------------
     def explain(self, q: ExplainQuery) -> ExplainResult:
@@ -241,6 +403,10 @@ class DataPlane:
                              p.meta.sha256, X.shape[0], deadline - time.monotonic())
         rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator, q,
                                   deadline)
+        choice, rows = checked(choice, rows, p.target, p.background, model.onnx.precision,
+                               p.meta.name, lambda c: self._explain_rows(
+                                   model, X, c.target, p.background, c.estimator, q, deadline),
+                               self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
                              elapsed, 1e3 * p.budget_s, p.source, p.meta, spread_of(p.background),
@@ -324,7 +490,7 @@ class DataPlane:
         self.metrics.count_cache("derived", "miss" if predictions is None else "hit")
         if predictions is not None:
             return Background.build(X, predictions)
-        background = build_background(model, data, target)
+        background = build_background(model, data, target, meta.name)
         self.store.put_blob(key, encode_array(background.predictions), DERIVED_TTL_S)
         return background
 
@@ -337,7 +503,8 @@ class DataPlane:
             log.error("%s", err)
             self.metrics.redis_errors.inc()
             return None
-        ok = predictions is not None and predictions.ndim == 2 and predictions.shape[0] == rows
+        ok = predictions is not None and predictions.ndim == 2 and predictions.shape[0] == rows \
+            and bool(np.all(np.isfinite(predictions)))  # else recomputed: a blob is only a cache
         return predictions if ok else None
 
     # --- result cache -----------------------------------------------------------------------
@@ -348,6 +515,8 @@ class DataPlane:
             return self._explain(p)
         key = result_key(p)
         hit = self.results.get(key)
+        if hit is not None and find_failure(hit.rows, p.model.onnx.precision, None):
+            hit = None  # stored by a replica without the guard: never served
         self.metrics.count_cache("result", "miss" if hit is None else "hit")
         if hit is not None:  # this call's budget and time; the answer's own evaluations
             return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
@@ -388,7 +557,12 @@ class DataPlane:
     def background(self, model: LoadedModel, name: str,
                    target: Target) -> tuple[BackgroundMeta, Background]:
         """The named background with f(background) for this target, cached per content."""
-        meta, data = self.store.get(model.name, model.version, name)
+        try:
+            meta, data = self.store.get(model.name, model.version, name)
+        except NotFound:
+            if name != DEFAULT_NAME:
+                raise
+            raise missing_background(model) from None
         if meta.model_sha256 and meta.model_sha256 != model.sha256 and name == DEFAULT_NAME \
                 and model.background is not None:  # a rolling update replaced the file
             meta = make_meta(model.name, model.version, name, model.background,
@@ -401,7 +575,28 @@ class DataPlane:
             raise FailedPrecondition(f"background: {name!r} has {meta.features} features; the "
                                      f"model has {model.onnx.n_features}")
         key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
-        return meta, self._cached(key, lambda: self._shared_background(model, meta, data, target))
+        found = self._cached(key, lambda: self._usable_background(model, meta, data, target))
+        if name == DEFAULT_NAME and (model.name, model.version) in self._cold:
+            self._warm_later(model)
+        return meta, found
+
+    def _usable_background(self, model: LoadedModel, meta: BackgroundMeta, data: Array,
+                           target: Target) -> Background:
+        """f(background) for the target, once the rows and f on them are found usable; an
+        unusable one is remembered (GetModel says so) and refused, never explained against."""
+        why = unusable_values(model.onnx, data, model.config.allow_missing)
+        background = None if why else self._shared_background(model, meta, data, target)
+        if background is not None and not np.all(np.isfinite(background.predictions)):
+            row = int(np.argwhere(~np.isfinite(background.predictions))[0, 0])
+            why = f"the model's output on row {row} is not finite"
+        key = (model.name, model.version, meta.name)
+        if background is not None and not why:
+            self._unusable.pop(key, None)
+            return background
+        self._unusable[key] = (meta.sha256, why)
+        raise UnusableBackground(f"background: {meta.name!r} of model {model.name!r} version "
+                                 f"{model.version} is unusable: {why}; upload a usable one with "
+                                 "PutBackground")
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
         with self._lock:
@@ -415,6 +610,22 @@ class DataPlane:
             while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
                 self._backgrounds.popitem(last=False)
         return value
+
+
+def no_background(model: LoadedModel) -> str:
+    """What Explain says to a model without a default background: both ways of giving one."""
+    return (f"background: model {model.name!r} version {model.version} has no background "
+            f"'default': {HOW_TO_ADD}")
+
+
+def missing_background(model: LoadedModel) -> SidelightError:
+    """NOT_FOUND when no background was ever given; FAILED_PRECONDITION, with the reason, when
+    explain.yaml names a file that was left out at load as unusable."""
+    why = next((n for n in model.notes if n.startswith("background file")), None)
+    if why is None:
+        return NotFound(no_background(model))
+    return UnusableBackground(f"background: 'default' of model {model.name!r} version "
+                              f"{model.version}: explain.yaml's {why}")
 
 
 def result_key(p: Prepared) -> str:
@@ -473,6 +684,9 @@ class ModelSummary:
     error: str = ""
     model: LoadedModel | None = None
     background_rows: int = 0
+    notes: tuple[str, ...] = ()
+    drift_active: bool = False
+    drift_status: str = ""
 
 
 def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
@@ -486,9 +700,13 @@ def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
     if version in entry.failures:
         return ModelSummary(name, version, versions, entry.failures[version])
     model = plane.repo.get(name, version)
-    rows = next((m.rows for m in plane.store.list(name)
-                 if m.version == model.version and m.name == DEFAULT_NAME), 0)
-    return ModelSummary(name, version, versions, model=model, background_rows=rows)
+    default = next((m for m in plane.store.list(name)
+                    if m.version == model.version and m.name == DEFAULT_NAME), None)
+    active, status = plane.drift_status(model)
+    return ModelSummary(name, version, versions, model=model,
+                        background_rows=0 if default is None else default.rows,
+                        notes=plane.notes(model, default), drift_active=active,
+                        drift_status=status)
 
 
 def summarize_all(plane: DataPlane) -> list[ModelSummary]:

@@ -5,6 +5,7 @@ answer, never a silent switch."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import numpy as np
 
 from explainers.base import Array, Background, Estimator, Evaluator, Explanation, ModelFn
-from explainers.errors import InvalidArgument, ResourceExhausted
+from explainers.errors import InvalidArgument, ResourceExhausted, quoted
 from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
 from explainers.trees.onnx_trees import predict_margin
 from explainers.trees.tree import TreeShap
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from service.models.repository import LoadedModel
     from service.plane.targets import Target
 
+log = logging.getLogger(__name__)
 MODEL_METHODS = ("tree", "linear")
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread
 CACHE_SIZE = 256
@@ -56,7 +58,7 @@ class MethodResolver:
     def __init__(self, registry: Mapping[str, Estimator]) -> None:
         self.registry = registry
         self._trees: _Lru[tuple[object, ...], TreeShap | str] = _Lru(CACHE_SIZE)
-        self._affine: _Lru[tuple[object, ...], AffineFit | None] = _Lru(CACHE_SIZE)
+        self._affine: _Lru[tuple[object, ...], AffineFit | str] = _Lru(CACHE_SIZE)
 
     def known(self) -> tuple[str, ...]:
         """Every method name a request may use."""
@@ -77,7 +79,7 @@ class MethodResolver:
             auto = self._auto(model, target, background, fn, background_key)
             return self._in_time(auto, rows, background, seconds, explicit=False)
         if key not in self.registry:
-            raise InvalidArgument(f"method: unknown method {name!r}; known: "
+            raise InvalidArgument(f"method: unknown method {quoted(name)}; known: "
                                   f"{', '.join(self.known())}")
         return Choice(self.registry[key], target)
 
@@ -140,13 +142,37 @@ class MethodResolver:
     def _linear(self, model: LoadedModel, target: Target, background: Background,
                 fn: Callable[[Target], ModelFn], background_key: str, explicit: bool) -> Choice:
         """Closed-form attributions when f is affine on this background, else a sampler."""
-        key = (model.sha256, background_key, target.output, target.columns, target.scale)
-        fit = self._affine.get_or_build(key, lambda: fit_affine(fn(target), background))
-        if fit is not None:
+        fit = self._fit(model, target, background, fn, background_key)
+        if isinstance(fit, AffineFit):
             return Choice(LinearShap(fit), target)
-        note = (f"method linear unavailable (the {target.scale} scale of {target.output!r} is "
-                "not affine in the inputs); fell back to auto",)
+        note = (f"method linear unavailable ({fit}); fell back to auto",)
         return Choice(self.registry["auto"], target, note if explicit else ())
+
+    def _fit(self, model: LoadedModel, target: Target, background: Background,
+             fn: Callable[[Target], ModelFn], background_key: str) -> AffineFit | str:
+        """The target's affine fit on this background, or why there is none (cached). A model
+        whose inputs are ids is never probed: between or beyond valid ids it is undefined."""
+        if model.onnx.discrete_inputs:
+            name, why = next(iter(model.onnx.discrete_inputs.items()))
+            return f"input {name!r} {why}: the model takes ids, not real-valued features"
+        key = (model.sha256, background_key, target.output, target.columns, target.scale)
+        return self._affine.get_or_build(
+            key, lambda: _probed_fit(fn(target), background, target, model.onnx.batch_dtype))
+
+
+def _probed_fit(f: ModelFn, background: Background, target: Target,
+                dtype: type) -> AffineFit | str:
+    """fit_affine, or why not. The probes are ours, not the caller's: a model that fails on
+    them is not linear, and the request must not fail for it."""
+    try:
+        fit = fit_affine(f, background, dtype=dtype)
+    except Exception as err:
+        log.warning("linear: the model failed on the affine probes: %s: %s",
+                    type(err).__name__, err)
+        return f"the model failed on the probe points ({type(err).__name__})"
+    if fit is None:
+        return f"the {target.scale} scale of {target.output!r} is not affine in the inputs"
+    return fit
 
 
 def tree_computes(model: LoadedModel, target: Target) -> bool:

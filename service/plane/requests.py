@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array
-from explainers.errors import InvalidArgument
+from explainers.errors import InvalidArgument, quoted
 from service.config import Settings
 from service.models.onnx_model import OIP_TO_NUMPY
 from service.models.repository import LoadedModel
@@ -66,7 +66,7 @@ def assemble(model: LoadedModel, inputs: tuple[tuple[str, Array], ...], max_rows
         raise InvalidArgument(f"inputs[0].shape: {parts[0].shape[0]} rows; at most "
                               f"{max_rows} per request (max_rows_per_request)")
     X = np.concatenate(parts, axis=1)  # (rows, features)
-    check_finite(X, model.config.allow_missing)
+    check_finite(X, model)
     return X
 
 
@@ -81,23 +81,58 @@ def check_upload(model: LoadedModel, data: Array, settings: Settings) -> Array:
         raise InvalidArgument(f"data.shape: {list(data.shape)} exceeds the limits "
                               f"max_background_rows={s.max_background_rows}, "
                               f"max_background_cells={s.max_background_cells}")
-    check_finite(data, model.config.allow_missing, "data")
+    check_finite(data, model, "data")
     return data
 
 
-def check_finite(X: Array, allow_missing: bool, field: str = "inputs") -> None:
-    """Reject infinities always, NaN unless the model declares it accepts missing values."""
-    bad = np.isinf(X) if allow_missing else ~np.isfinite(X)
+def check_finite(X: Array, model: LoadedModel, field: str = "inputs") -> None:
+    """Reject infinities always, NaN unless the model declares it accepts missing values, and
+    values the model's input type cannot hold: checked in float64 alone, 1e39 would pass and
+    become inf inside an FP32 model (and NaN cannot reach an integer input)."""
+    bad = np.isinf(X) if model.config.allow_missing else ~np.isfinite(X)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         raise InvalidArgument(f"{field}: non-finite value at row {row}, feature {col} (NaN is "
                               "accepted only by models whose explain.yaml sets allow_missing)")
+    offsets = model.onnx.offsets
+    for k, info in enumerate(model.onnx.inputs):
+        cols = X[:, offsets[k]:offsets[k + 1]]  # (rows, columns of this input)
+        out = unrepresentable(cols, OIP_TO_NUMPY[info.datatype])
+        if out.any():
+            row, col = map(int, np.argwhere(out)[0])
+            raise InvalidArgument(
+                f"{field}: value {cols[row, col]:.6g} at row {row}, feature "
+                f"{offsets[k] + col} does not fit the model's {info.datatype} input "
+                f"{info.name!r}{_range(OIP_TO_NUMPY[info.datatype])}")
+
+
+def unrepresentable(values: Array, dtype: type) -> Array:
+    """Where float64 `values` would not survive the cast to `dtype`: finite values that
+    overflow a float type, NaN or out-of-range values for an integer type. Same shape."""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        with np.errstate(over="ignore"):
+            return np.asarray(np.isfinite(values) & ~np.isfinite(values.astype(dtype)))
+    if kind in "iu":
+        limits = np.iinfo(dtype)  # max + 1.0 is exact in float64, max itself may not be
+        return np.asarray(np.isnan(values) | (values < limits.min)
+                          | (values >= float(limits.max) + 1.0))
+    return np.zeros(values.shape, bool)
+
+
+def _range(dtype: type) -> str:
+    """ " (largest finite 3.40282e+38)" for float types, the range for integer types."""
+    if np.dtype(dtype).kind == "f":
+        return f" (largest finite {float(np.finfo(dtype).max):.6g})"
+    if np.dtype(dtype).kind in "iu":
+        return f" (range {np.iinfo(dtype).min} to {np.iinfo(dtype).max})"
+    return ""
 
 
 def check_name(name: str) -> str:
     """Background names: 1-64 of letters, digits, '.', '_' and '-' (they become Redis keys)."""
     if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
+        raise InvalidArgument(f"name: {quoted(name)} must be 1-64 characters of [A-Za-z0-9._-]")
     return name
 
 
@@ -109,10 +144,10 @@ def _order_inputs(inputs: tuple[tuple[str, Array], ...],
     index: dict[str, int] = {}
     for i, (n, _) in enumerate(inputs):
         if n in index:
-            raise InvalidArgument(f"inputs[{i}].name: input {n!r} sent twice")
+            raise InvalidArgument(f"inputs[{i}].name: input {quoted(n)} sent twice")
         index[n] = i
         if n not in names:
-            raise InvalidArgument(f"inputs[{i}].name: model has no input {n!r}; inputs: "
+            raise InvalidArgument(f"inputs[{i}].name: model has no input {quoted(n)}; inputs: "
                                   f"{', '.join(names)}")
     return [(index[n], inputs[index[n]][1]) for n in names]
 

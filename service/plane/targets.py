@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array, Background, ModelFn
-from explainers.errors import InvalidArgument
+from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
 from service.models.repository import LoadedModel
+from service.plane.requests import check_finite
 
 LOGIT_EPS = 1e-7
 SCALES = ("identity", "logit", "margin")
@@ -39,11 +40,11 @@ def resolve_target(model: LoadedModel, output: str, classes: tuple[int, ...],
     columns = tuple(classes) or tuple(default or range(len(names)))
     bad = [c for c in columns if not 0 <= c < len(names)]
     if bad:
-        raise InvalidArgument(f"target.classes: {bad} out of range; output {output!r} has "
-                              f"{len(names)} column(s)")
+        raise InvalidArgument(f"target.classes: {clip(str(bad))} out of range; output "
+                              f"{output!r} has {len(names)} column(s)")
     scale = scale or model.config.scale
     if scale not in SCALES:
-        raise InvalidArgument(f"target.scale: {scale!r}; use one of {', '.join(SCALES)}")
+        raise InvalidArgument(f"target.scale: {quoted(scale)}; use one of {', '.join(SCALES)}")
     if scale == "margin" and output not in model.onnx.margin_outputs:
         raise InvalidArgument(f"target.scale: output {output!r} has no margin (no "
                               "post_transform to remove); use 'identity' or 'logit'")
@@ -68,15 +69,32 @@ def target_fn(model: LoadedModel, target: Target) -> ModelFn:
     return f
 
 
-def build_background(model: LoadedModel, data: Array, target: Target) -> Background:
-    """Background rows with f(background) for the target; logit needs probabilities."""
+def build_background(model: LoadedModel, data: Array, target: Target,
+                     name: str = "") -> Background:
+    """Background rows with f(background) for the target; logit needs probabilities.
+
+    A background the model cannot take (a value its input type cannot hold, NaN where missing
+    values are not allowed) or on which it returns inf/NaN is refused, naming it: every
+    attribution and base value against it would be inf or NaN.
+    """
     X = np.asarray(data, np.float64)  # (rows, features)
+    field = f"background {name!r}" if name else "background"
+    try:
+        check_finite(X, model, field)
+    except InvalidArgument as err:
+        raise FailedPrecondition(f"{err}; upload a background the model can take") from err
     if target.scale == "logit" and target.output not in model.onnx.logit_is_margin:
         raw = model.onnx.predict(X, target.output)[:, list(target.columns)]  # (rows, outputs)
         if np.any((raw < 0) | (raw > 1)):
             raise InvalidArgument(f"target.scale: logit needs probabilities; output "
                                   f"{target.output!r} is not in [0, 1]")
-    return Background.build(X, target_fn(model, target)(X))
+    predictions = target_fn(model, target)(X)  # (rows, outputs)
+    bad = ~np.isfinite(predictions)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise FailedPrecondition(f"{field}: the model returns {predictions[row].tolist()} "
+                                 f"on row {row}; upload a background on which it is finite")
+    return Background.build(X, predictions)
 
 
 def apply_scale(y: Array, scale: str) -> Array:

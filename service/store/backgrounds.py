@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from explainers.base import Array
-from explainers.errors import FailedPrecondition, InvalidArgument, NotFound
+from explainers.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
 
 DEFAULT_NAME = "default"
 FLOAT_DTYPES = ("float32", "float64")
@@ -122,7 +122,7 @@ class MemoryStore:
         with self._lock:
             item = self._items.get((model, version, name))
         if item is None:
-            raise NotFound(f"background: no background {name!r} for model {model!r} "
+            raise NotFound(f"background: no background {quoted(name)} for model {model!r} "
                            f"version {version}")
         return item
 

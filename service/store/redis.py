@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from explainers.base import Array
-from explainers.errors import NotFound, Unavailable
+from explainers.errors import NotFound, Unavailable, quoted
 from service.config import Settings
 from service.monitoring.metrics import Metrics
 from service.store.backgrounds import FLOAT_DTYPES, BackgroundMeta, CorruptValue, little_endian
@@ -502,7 +502,8 @@ def as_bytes(value: object) -> bytes | None:
 
 
 def not_found(model: str, version: str, name: str) -> NotFound:
-    return NotFound(f"background: no background {name!r} for model {model!r} version {version}")
+    return NotFound(f"background: no background {quoted(name)} for model {model!r} "
+                    f"version {version}")
 
 
 def header_of(m: BackgroundMeta) -> bytes:
