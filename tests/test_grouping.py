@@ -6,28 +6,26 @@ import numpy as np
 import pytest
 
 from explainers.errors import InvalidArgument
-from service.models.inputs import InputSpec, Layout
+from service.models.inputs import Layout, Modality, TensorInfo, infer_modality
 from service.plane.baselines import BaselineSpec, baseline_rows, blur, check_baseline
 from service.plane.grouping import (
     GroupRequest,
-    Modality,
     cells_for,
     column_groups,
     halves,
     image_groups,
-    infer_modality,
     mask_groups,
     token_groups,
 )
 
-IMAGE = InputSpec("image", "FP32", (-1, 1, 8, 8))
-TOKENS = InputSpec("tokens", "INT64", (-1, -1))
-TABLE = InputSpec("x", "FP32", (-1, 5))
+IMAGE = TensorInfo("image", "FP32", (-1, 1, 8, 8))
+TOKENS = TensorInfo("tokens", "INT64", (-1, -1))
+TABLE = TensorInfo("x", "FP32", (-1, 5))
 
 
 def test_modality_is_read_off_the_inputs() -> None:
     assert infer_modality([IMAGE], frozenset()) == Modality("image", 0, "NCHW")
-    assert infer_modality([InputSpec("i", "FP32", (-1, 32, 32, 3))], frozenset()).layout == "NHWC"
+    assert infer_modality([TensorInfo("i", "FP32", (-1, 32, 32, 3))], frozenset()).layout == "NHWC"
     assert infer_modality([TABLE, TOKENS], frozenset({"tokens"})) == Modality("text", 1)
     assert infer_modality([TOKENS], frozenset()).kind == "tabular"  # ints not indexing: numbers
     assert infer_modality([IMAGE], frozenset(), configured="tabular").kind == "tabular"

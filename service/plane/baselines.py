@@ -10,8 +10,7 @@ from scipy import ndimage
 
 from explainers.base import Array
 from explainers.errors import InvalidArgument
-from service.models.inputs import Layout
-from service.plane.grouping import Modality
+from service.models.inputs import Layout, Modality
 
 KINDS = ("background", "zeros", "mean", "blur", "constant", "mask")
 PER_ROW = ("blur", "mask")  # baselines that depend on the explained row
@@ -39,6 +38,12 @@ class BaselineSpec:
                 "blur": f"blur (sigma {self.sigma:g} px)",
                 "constant": f"constant {self.value:g}",
                 "mask": f"mask token {self.mask_token}"}[self.kind]
+
+
+def baselines_for(modality: Modality) -> tuple[str, ...]:
+    """The baseline kinds a request may ask for on this modality."""
+    return tuple(k for k in KINDS if (k != "blur" or modality.kind == "image")
+                 and (k != "mask" or modality.kind == "text"))
 
 
 def check_baseline(spec: BaselineSpec, modality: Modality) -> BaselineSpec:

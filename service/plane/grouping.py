@@ -13,30 +13,10 @@ import numpy as np
 from explainers.base import Array
 from explainers.errors import InvalidArgument
 from explainers.groups import NO_GROUP, Groups, Hierarchy, grid, quadtree, tokens
-from service.models.inputs import FLOAT_TYPES, InputSpec, Layout
+from service.models.inputs import Layout, Modality
 
-MODALITIES = ("tabular", "image", "text")
-IMAGE_LAYOUTS = ("NCHW", "NHWC", "HW")
 GRID_CHOICES = (8, 4, 2, 1)  # patches per spatial axis tried by the default, largest first
 MAX_GROUPS = 4096  # players a request may form (masks, patches, tokens)
-
-
-@dataclass(frozen=True)
-class Modality:
-    """How the inputs are read: the kind, the input it concerns (image, token ids) and, for
-    images, which axes are spatial."""
-
-    kind: str
-    input: int = 0
-    layout: str = ""
-
-    def spatial_axes(self, rank: int) -> tuple[int, ...]:
-        """Spatial axes of the image input's element shape (batch excluded)."""
-        if self.layout == "NHWC":
-            return tuple(range(rank - 1))
-        if self.layout == "NCHW":
-            return tuple(range(1, rank))
-        return tuple(range(rank))
 
 
 @dataclass(frozen=True)
@@ -53,40 +33,6 @@ class GroupRequest:
     @property
     def empty(self) -> bool:
         return self.mask is None and not self.patch and not self.grid and not self.hierarchy
-
-
-def infer_modality(specs: Sequence[InputSpec], index_inputs: frozenset[str],
-                   configured: str | None = None, image_layout: str | None = None) -> Modality:
-    """Text: an integer input that indexes an embedding (feeds Gather); image: a float input
-    of rank 3 or 4 (batch included); tabular otherwise. explain.yaml's `modality:` wins."""
-    kinds = [_kind(s, index_inputs) for s in specs]
-    kind = configured or next((k for k in ("text", "image") if k in kinds), "tabular")
-    if kind not in MODALITIES:
-        raise InvalidArgument(f"modality: {kind!r}; use one of {', '.join(MODALITIES)}")
-    if kind == "tabular":
-        return Modality("tabular")
-    candidates = [i for i, k in enumerate(kinds) if k == kind] or [0]
-    if kind == "text":
-        return Modality("text", candidates[0])
-    spec = specs[candidates[0]]
-    return Modality("image", candidates[0], image_layout or _image_layout(spec.element_dims))
-
-
-def _kind(spec: InputSpec, index_inputs: frozenset[str]) -> str:
-    if spec.name in index_inputs and len(spec.shape) == 2:
-        return "text"
-    if spec.datatype in FLOAT_TYPES and len(spec.shape) in (3, 4):
-        return "image"
-    return "tabular"
-
-
-def _image_layout(dims: tuple[int, ...]) -> str:
-    """NCHW when the first element axis looks like channels, NHWC when the last does."""
-    if len(dims) == 2:
-        return "HW"
-    if dims[0] in (1, 3, 4) or dims[-1] not in (1, 3, 4):
-        return "NCHW"
-    return "NHWC"
 
 
 def column_groups(names: Sequence[str], blocks: Sequence[tuple[str, Sequence[str]]] = ()

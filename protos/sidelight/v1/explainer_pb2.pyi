@@ -977,6 +977,7 @@ class ModelInfo(_message.Message):
     GROUP_LABELS_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
     BASELINES_FIELD_NUMBER: _builtins.int
+    VOCABULARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     state: _builtins.str
@@ -1034,6 +1035,10 @@ class ModelInfo(_message.Message):
     def group_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def baselines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def vocabulary(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Text models: the token of each id (explain.yaml text.vocabulary), for labels and clients."""
+
     def __init__(
         self,
         *,
@@ -1064,10 +1069,11 @@ class ModelInfo(_message.Message):
         group_labels: _abc.Iterable[_builtins.str] | None = ...,
         baseline: _builtins.str = ...,
         baselines: _abc.Iterable[_builtins.str] | None = ...,
+        vocabulary: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "baseline", b"baseline", "baselines", b"baselines", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "drift_active", b"drift_active", "drift_status", b"drift_status", "error", b"error", "feature_names", b"feature_names", "group_labels", b"group_labels", "grouping", b"grouping", "inputs", b"inputs", "modality", b"modality", "name", b"name", "notes", b"notes", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "baseline", b"baseline", "baselines", b"baselines", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "drift_active", b"drift_active", "drift_status", b"drift_status", "error", b"error", "feature_names", b"feature_names", "group_labels", b"group_labels", "grouping", b"grouping", "inputs", b"inputs", "modality", b"modality", "name", b"name", "notes", b"notes", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions", "vocabulary", b"vocabulary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
