@@ -15,6 +15,9 @@ Freshness: a local copy is served without asking Redis for `check_s` seconds aft
 check; the next use reads the 64-byte `sha256` field (one round trip) and moves the data only when
 it changed. So a replacement is used by every replica within `check_s` (SIDELIGHT_REDIS_CHECK_MS).
 
+Memory: local copies and held uploads together stay within `local_bytes`
+(SIDELIGHT_BACKGROUND_STORE_BYTES), held uploads within half of it.
+
 Failure: a failed command marks Redis down. While down, the hot path never touches Redis: it
 serves local copies, holds uploads locally (PutBackground answers persisted=false) and refuses
 deletes (UNAVAILABLE). A background thread reconnects with backoff (50 ms doubling to 2 s), then
@@ -36,7 +39,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,16 +49,23 @@ from redis.retry import Retry
 
 from explainers.base import Array
 from explainers.errors import NotFound, Unavailable
+from explainers.memory import nbytes_of
 from service.config import Settings
 from service.monitoring.metrics import Metrics
-from service.store.backgrounds import FLOAT_DTYPES, BackgroundMeta, CorruptValue, little_endian
+from service.store.backgrounds import (
+    FLOAT_DTYPES,
+    BackgroundMeta,
+    CorruptValue,
+    little_endian_view,
+    read_only,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ALWAYS, ABSENT, SEED, NEWER = "always", "absent", "seed", "newer"  # write modes of PUT_SCRIPT
 SEED_SOURCE = "explain.yaml"
 MIN_BACKOFF_S, MAX_BACKOFF_S, PROBE_S = 0.05, 2.0, 1.0
-MAX_PENDING = 256
+LOCAL_BYTES = 512 * 1024**2  # SIDELIGHT_BACKGROUND_STORE_BYTES's default at a 2 GiB limit
 HEADER_FORMAT = 1
 
 # KEYS: background hash, index set. ARGV: mode, header, data, sha256, created, model_sha256.
@@ -91,6 +101,7 @@ class RedisOptions:
     tls_ca: str | None = None
     check_s: float = 0.5
     local_size: int = 64
+    local_bytes: int = LOCAL_BYTES
 
     @staticmethod
     def from_settings(s: Settings) -> RedisOptions:
@@ -99,7 +110,8 @@ class RedisOptions:
         return RedisOptions(s.redis_url, s.redis_key_prefix, s.redis_timeout_ms / 1e3,
                             s.redis_connect_timeout_ms / 1e3, s.redis_max_connections,
                             str(s.redis_tls_ca) if s.redis_tls_ca else None,
-                            s.redis_check_ms / 1e3, s.background_local_cache)
+                            s.redis_check_ms / 1e3, s.background_local_cache,
+                            s.background_store_bytes)
 
 
 def connect(o: RedisOptions) -> redis.Redis:
@@ -134,6 +146,10 @@ class Local:
     data: Array  # (rows, features) read-only
     checked: float  # time.monotonic() of the last sha256 check against Redis
     pending: str = ""  # write mode while held for Redis; "" once written
+    nbytes: int = field(init=False)  # what holding it costs (rows, metadata)
+
+    def __post_init__(self) -> None:
+        self.nbytes = nbytes_of(self.meta, self.data)
 
 
 class RedisStore:
@@ -164,9 +180,8 @@ class RedisStore:
     # --- BackgroundStore ------------------------------------------------------------------
     def put(self, meta: BackgroundMeta, data: Array) -> BackgroundMeta:
         """Write to Redis now, or hold it locally (persisted() false) until Redis returns."""
-        frozen = np.array(data, copy=True)
-        frozen.setflags(write=False)
-        key, entry = self.key(meta.model, meta.version, meta.name), Local(meta, frozen, 0.0)
+        key, entry = self.key(meta.model, meta.version, meta.name), Local(meta, read_only(data),
+                                                                          0.0)
         mode = SEED if meta.source == SEED_SOURCE else ALWAYS
         if self._up:
             try:
@@ -290,13 +305,18 @@ class RedisStore:
             and time.monotonic() - local.checked >= self.options.check_s
 
     def _remember(self, key: str, entry: Local) -> None:
-        """Insert as most recent; evict the oldest copies that are not waiting for Redis."""
+        """Insert as most recent; evict the oldest copies that are not waiting for Redis until
+        at most local_size copies remain and everything held fits local_bytes."""
         with self._lock:
             self._local[key] = entry
             self._local.move_to_end(key)
-            extra = len(self._local) - self.options.local_size
-            for old in [k for k, e in self._local.items() if not e.pending][:max(extra, 0)]:
-                del self._local[old]
+            copies = [k for k, e in self._local.items() if not e.pending]  # oldest first
+            held = sum(e.nbytes for e in self._local.values())
+            for n, old in enumerate(copies):
+                if len(copies) - n <= self.options.local_size \
+                        and held <= self.options.local_bytes:
+                    break
+                held -= self._local.pop(old).nbytes
 
     def _forget(self, key: str) -> Local | None:
         with self._lock:
@@ -314,12 +334,15 @@ class RedisStore:
         return local
 
     def _hold(self, key: str, entry: Local, mode: str) -> BackgroundMeta:
-        """Keep an upload locally until Redis returns; refuse when too many are waiting."""
+        """Keep an upload locally until Redis returns; UNAVAILABLE when the held uploads would
+        pass half of local_bytes."""
+        limit = self.options.local_bytes // 2
         with self._lock:
-            waiting = sum(1 for k, e in self._local.items() if e.pending and k != key)
-        if waiting >= MAX_PENDING:
-            raise Unavailable(f"background: Redis is unreachable and {waiting} uploads already "
-                              "wait for it; retry later")
+            waiting = sum(e.nbytes for k, e in self._local.items() if e.pending and k != key)
+        if waiting + entry.nbytes > limit:
+            raise Unavailable(f"background: Redis is unreachable and the uploads held for it "
+                              f"would take {waiting + entry.nbytes} bytes, past half of "
+                              f"SIDELIGHT_BACKGROUND_STORE_BYTES ({limit}); retry later")
         entry.pending, entry.checked = mode, time.monotonic()
         self._remember(key, entry)
         log.warning("Redis unreachable: background %s held locally until it returns", key)
@@ -388,8 +411,9 @@ class RedisStore:
     def _write(self, key: str, entry: Local, mode: str) -> bool:
         """One atomic script: header, data and index together, or nothing."""
         m = entry.meta
-        args: builtins.list[str | bytes] = [mode, header_of(m), little_endian(entry.data),
-                                            m.sha256, repr(m.created), m.model_sha256]
+        args: builtins.list[str | bytes | memoryview] = [
+            mode, header_of(m), little_endian_view(entry.data), m.sha256, repr(m.created),
+            m.model_sha256]
         return bool(self._call(lambda r: self._put_script(keys=[key, self._index], args=args,
                                                           client=r)))
 
