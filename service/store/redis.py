@@ -15,15 +15,20 @@ Freshness: a local copy is served without asking Redis for `check_s` seconds aft
 check; the next use reads the 64-byte `sha256` field (one round trip) and moves the data only when
 it changed. So a replacement is used by every replica within `check_s` (SIDELIGHT_REDIS_CHECK_MS).
 
-Memory: local copies and held uploads together stay within `local_bytes`
-(SIDELIGHT_BACKGROUND_STORE_BYTES), held uploads within half of it.
-
 Failure: a failed command marks Redis down. While down, the hot path never touches Redis: it
 serves local copies, holds uploads locally (PutBackground answers persisted=false) and refuses
 deletes (UNAVAILABLE). A background thread reconnects with backoff (50 ms doubling to 2 s), then
 writes held uploads (unless Redis meanwhile got a newer one) and, if the epoch changed, restores
 its local copies where Redis has none. Every decoded value is checked against its sha256 and
 size; a corrupt one is logged, counted in sidelight_redis_errors and never used.
+
+Full: a Redis at its `maxmemory` is not down. Reads, deletes and the liveness probe (a read of
+the epoch) work; an upload that would not fit once every evictable (TTL) key is gone is refused
+(RESOURCE_EXHAUSTED naming the limit) before it is sent, and so is one Redis itself refuses
+(OOM). Cached blobs are simply not written.
+
+Memory: local copies and held uploads together stay within `local_bytes`
+(SIDELIGHT_BACKGROUND_STORE_BYTES), held uploads within half of it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from explainers.base import Array
-from explainers.errors import NotFound, Unavailable
+from explainers.errors import NotFound, ResourceExhausted, Unavailable
 from explainers.memory import nbytes_of
 from service.config import Settings
 from service.monitoring.metrics import Metrics
@@ -71,6 +76,9 @@ HEADER_FORMAT = 1
 # KEYS: background hash, index set. ARGV: mode, header, data, sha256, created, model_sha256.
 # Modes: always; absent (only if no value); seed (unless a value for the same model file exists);
 # newer (unless the stored value was created at or after this one). Returns 1 when written.
+# HSET is the first write: Redis refuses a script's first write that could grow memory when it
+# was over maxmemory as the script started (OOM), and lets every later write through, so a
+# DEL before it would let a replacement write past the limit. HSET replaces every field.
 PUT_SCRIPT = """
 local mode = ARGV[1]
 if mode ~= 'always' and redis.call('EXISTS', KEYS[1]) == 1 then
@@ -81,9 +89,9 @@ if mode ~= 'always' and redis.call('EXISTS', KEYS[1]) == 1 then
     if created and created >= tonumber(ARGV[5]) then return 0 end
   end
 end
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'header', ARGV[2], 'data', ARGV[3], 'sha256', ARGV[4],
            'created', ARGV[5], 'model_sha256', ARGV[6])
+redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], KEYS[1])
 return 1
 """
@@ -138,6 +146,10 @@ class RedisDown(Exception):
     """Internal: one Redis operation failed; callers fall back to local copies."""
 
 
+class RedisFull(RedisDown):
+    """Internal: Redis is at its maxmemory and a write would not fit; the message says why."""
+
+
 @dataclass
 class Local:
     """A verified, decoded background held by this replica."""
@@ -168,6 +180,7 @@ class RedisStore:
         self._corrupt: dict[str, bytes] = {}  # key -> "sha256@created" of a value found corrupt
         self._lock, self._state_lock = threading.Lock(), threading.Lock()
         self._up: bool | None = None
+        self._full = False  # the last write was refused for Redis's maxmemory
         self._epoch: str | None = None
         self._stop, self._wake = threading.Event(), threading.Event()
         self._sync()  # first contact now, so start-up knows whether Redis answers
@@ -179,7 +192,8 @@ class RedisStore:
 
     # --- BackgroundStore ------------------------------------------------------------------
     def put(self, meta: BackgroundMeta, data: Array) -> BackgroundMeta:
-        """Write to Redis now, or hold it locally (persisted() false) until Redis returns."""
+        """Write to Redis now, or hold it locally (persisted() false) until Redis returns.
+        RESOURCE_EXHAUSTED when Redis is full (an explain.yaml seed is held instead)."""
         key, entry = self.key(meta.model, meta.version, meta.name), Local(meta, read_only(data),
                                                                           0.0)
         mode = SEED if meta.source == SEED_SOURCE else ALWAYS
@@ -188,6 +202,11 @@ class RedisStore:
                 entry.checked = time.monotonic() if self._write(key, entry, mode) else -math.inf
                 self._remember(key, entry)
                 return meta
+            except RedisFull as full:
+                if mode != SEED:
+                    raise ResourceExhausted(f"background: {full}; delete backgrounds or raise "
+                                            "Redis's maxmemory") from None
+                return self._hold(key, entry, SEED, f"Redis is full ({full})")
             except RedisDown:
                 pass
         return self._hold(key, entry, SEED if mode == SEED else NEWER)
@@ -333,19 +352,20 @@ class RedisStore:
                               f"of {key!r}; retry when Redis is back")
         return local
 
-    def _hold(self, key: str, entry: Local, mode: str) -> BackgroundMeta:
-        """Keep an upload locally until Redis returns; UNAVAILABLE when the held uploads would
-        pass half of local_bytes."""
+    def _hold(self, key: str, entry: Local, mode: str,
+              why: str = "Redis is unreachable") -> BackgroundMeta:
+        """Keep an upload locally until Redis can take it; UNAVAILABLE when the held uploads
+        would pass half of local_bytes."""
         limit = self.options.local_bytes // 2
         with self._lock:
             waiting = sum(e.nbytes for k, e in self._local.items() if e.pending and k != key)
         if waiting + entry.nbytes > limit:
-            raise Unavailable(f"background: Redis is unreachable and the uploads held for it "
-                              f"would take {waiting + entry.nbytes} bytes, past half of "
+            raise Unavailable(f"background: {why} and the uploads held for it would take "
+                              f"{waiting + entry.nbytes} bytes, past half of "
                               f"SIDELIGHT_BACKGROUND_STORE_BYTES ({limit}); retry later")
         entry.pending, entry.checked = mode, time.monotonic()
         self._remember(key, entry)
-        log.warning("Redis unreachable: background %s held locally until it returns", key)
+        log.warning("%s: background %s held locally until it can be written", why, key)
         self._wake.set()
         return entry.meta
 
@@ -396,26 +416,84 @@ class RedisStore:
 
     # --- Redis ----------------------------------------------------------------------------
     def _call(self, fn: Callable[[redis.Redis], T]) -> T:
-        """Run one operation; failures are counted, and connection failures mark Redis down."""
+        """Run one operation; failures are counted, and connection failures mark Redis down
+        (a full Redis is not down: RedisFull)."""
         try:
             return fn(self._redis)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self._error()
             self._set_up(False, err)
             raise RedisDown from err
+        except redis.exceptions.OutOfMemoryError as err:
+            self._error()
+            self._note_full(True)
+            raise RedisFull(f"Redis refused the write at its maxmemory ({err})") from err
         except redis.RedisError as err:
             self._error()
             log.warning("Redis error: %s: %s", type(err).__name__, err)
             raise RedisDown from err
 
     def _write(self, key: str, entry: Local, mode: str) -> bool:
-        """One atomic script: header, data and index together, or nothing."""
+        """One atomic script: header, data and index together, or nothing. RedisFull when the
+        value does not fit under Redis's maxmemory."""
         m = entry.meta
         args: builtins.list[str | bytes | memoryview] = [
             mode, header_of(m), little_endian_view(entry.data), m.sha256, repr(m.created),
             m.model_sha256]
-        return bool(self._call(lambda r: self._put_script(keys=[key, self._index], args=args,
-                                                          client=r)))
+        size = sum(stored_bytes(len(a)) for a in args)
+
+        def write(r: redis.Redis) -> bool:
+            limit = self._check_room(r, key, size)
+            try:
+                return bool(self._put_script(keys=[key, self._index], args=args, client=r))
+            except redis.exceptions.OutOfMemoryError:  # another writer was faster
+                raise RedisFull(f"Redis is at its memory limit (maxmemory {limit} bytes) and "
+                                f"refused {size} more bytes") from None
+        try:
+            written = self._call(write)
+        except RedisFull:
+            self._error()
+            self._note_full(True)
+            raise
+        self._note_full(False)
+        return written
+
+    def _check_room(self, r: redis.Redis, key: str, size: int) -> int:
+        """Redis's maxmemory (0 = none); RedisFull unless `size` more bytes fit under it once
+        Redis has evicted what it may. Kept: Redis's own overhead (client buffers included) and,
+        under a volatile-* policy, the backgrounds (but `key`, which is replaced), or under
+        noeviction everything. Keys without a TTL of other applications are not seen."""
+        info: dict[str, Any] = r.info("memory")
+        limit, used = int(info.get("maxmemory", 0)), int(info.get("used_memory", 0))
+        if limit <= 0 or used + size <= limit:
+            return limit
+        if info.get("maxmemory_policy") == "noeviction":
+            kept = used
+        else:
+            kept = int(info.get("used_memory_overhead", 0)) + self._pinned(r, key)
+        if kept + size > limit:
+            raise RedisFull(f"Redis is at its memory limit (maxmemory {limit} bytes): {size} "
+                            f"more bytes do not fit beside the {kept} it cannot evict")
+        return limit
+
+    def _pinned(self, r: redis.Redis, key: str) -> int:
+        """Bytes of the keys Redis never evicts: every background but `key`, the index, the
+        epoch."""
+        keys = [k for k in r.smembers(self._index) if k != key.encode()]  # type: ignore[union-attr]
+        pipe = r.pipeline(transaction=False)
+        for k in [*keys, self._index, self._epoch_key]:
+            pipe.memory_usage(k)
+        return sum(int(n or 0) for n in pipe.execute())
+
+    def _note_full(self, full: bool) -> None:
+        """Log when writes start and stop being refused for Redis's maxmemory."""
+        if full != self._full:
+            self._full = full
+            if full:
+                log.warning("Redis at %s is at its maxmemory: uploads are refused and results "
+                            "not shared until memory is freed", masked(self.options.url))
+            else:
+                log.info("Redis at %s takes writes again", masked(self.options.url))
 
     def _delete(self, r: redis.Redis, key: str) -> int:
         pipe = r.pipeline(transaction=True)
@@ -496,10 +574,14 @@ class RedisStore:
         return True
 
     def _read_epoch(self, r: redis.Redis) -> str:
-        pipe = r.pipeline(transaction=True)
-        pipe.set(self._epoch_key, uuid.uuid4().hex, nx=True)
-        pipe.get(self._epoch_key)
-        return bytes(pipe.execute()[1]).decode()
+        """The dataset's epoch: a read, so a full Redis answers this liveness probe. Created
+        when missing; "" when it cannot be (Redis full)."""
+        epoch = r.get(self._epoch_key)
+        if epoch is None:
+            with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                r.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            epoch = r.get(self._epoch_key)
+        return "" if epoch is None else bytes(epoch).decode()  # type: ignore[arg-type]
 
     def _flush(self, restore: bool) -> bool:
         """Write held uploads (and, after data loss, every local copy Redis lacks)."""
@@ -508,6 +590,8 @@ class RedisStore:
         for key, entry, mode in todo:
             try:
                 written = self._write(key, entry, mode or ABSENT)
+            except RedisFull:
+                continue  # held (or not restored) until there is room; Redis is up
             except RedisDown:
                 return False
             with self._lock:
@@ -518,6 +602,12 @@ class RedisStore:
                 log.info("background %s %s", key, "written to Redis" if written
                          else "superseded in Redis by a newer one")
         return True
+
+
+def stored_bytes(n: int) -> int:
+    """What Redis's allocator (jemalloc: four size classes per doubling) takes for n bytes."""
+    step = 1 << max(n.bit_length() - 3, 4)
+    return -(-n // step) * step
 
 
 def as_bytes(value: object) -> bytes | None:
