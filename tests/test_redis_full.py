@@ -1,6 +1,7 @@
 """A Redis at its maxmemory is full, not down: uploads are refused with RESOURCE_EXHAUSTED naming
 the limit and never written past it, while the replica stays up, reads, explanations and deletes
-keep working, a new replica sees every background, and cached data is evicted to make room."""
+keep working, a new replica sees every background, cached data is evicted to make room, and an
+explain.yaml default that does not fit is held until it does."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from service.api.server import REDIS_HEALTH
+from service.store.backgrounds import make_meta
+from service.store.redis import SEED_SOURCE, RedisOptions, RedisStore
 from sidelight.v1 import explainer_pb2 as pb
 from tests import test_redis_integration
 from tests.conftest import background_of
@@ -134,3 +137,22 @@ def test_a_replica_started_on_a_redis_filled_by_others_is_up(
     assert not wait_for(lambda: b.health(REDIS_HEALTH) != SERVING, seconds=2.5)
     assert b.stub.DeleteBackground(pb.DeleteBackgroundRequest(model=MODEL, name="kept")).deleted
     assert "kept" not in listed(first)
+
+
+def test_a_default_that_does_not_fit_is_held_until_there_is_room(
+        full_redis: RedisProcess) -> None:
+    client = full_redis.client()
+    with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+        for i in range(100):
+            client.set(f"other:{i}", b"y" * 100_000)
+    store = RedisStore(RedisOptions(full_redis.url, prefix="seed:"))
+    try:
+        meta = make_meta("m", "1", "default", UPLOAD, SEED_SOURCE, "s" * 64)
+        store.put(meta, UPLOAD)  # at start-up: must not fail, must not be lost
+        assert not store.persisted(meta) and store.healthy() and store.pending() == 1
+        assert store.get("m", "1", "default")[0].sha256 == meta.sha256  # the held copy serves
+        client.delete(*client.keys("other:*"))
+        assert wait_for(lambda: store.persisted(meta), seconds=5)
+        assert client.hget("seed:bg:m:1:default", "sha256") == meta.sha256.encode()
+    finally:
+        store.close()
