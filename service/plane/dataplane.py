@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from explainers.errors import (
     SidelightError,
     Unavailable,
 )
+from explainers.memory import ByteLru, nbytes_of
 from explainers.registry import build_registry
 from service.config import Settings
 from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
@@ -53,7 +53,6 @@ from service.store.backgrounds import (
 from service.store.results import ResultCache, budget_class, request_key
 
 log = logging.getLogger(__name__)
-BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per reference row at start-up; slower models get theirs after it
 LATE_ROW_MAX_S = 2.0  # per reference row after start-up, at most (bounds how long close waits)
 DRIFT_OFF = "off: SIDELIGHT_DRIFT_ENABLED is false"
@@ -133,11 +132,13 @@ class DataPlane:
                  metrics: Metrics, registry: Mapping[str, Estimator] | None = None) -> None:
         self.repo, self.store, self.settings, self.metrics = repo, store, settings, metrics
         self.registry = registry or build_registry()
-        self.methods = MethodResolver(self.registry)
-        self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
+        self.methods = MethodResolver(self.registry, settings.tree_cache_bytes)
+        self._backgrounds: ByteLru[tuple[object, ...], Background] = ByteLru(
+            settings.background_cache_bytes)  # (content, target) -> rows and f(background)
         self.results = ResultCache(settings.result_cache_size, settings.result_cache_ttl_seconds,
                                    ExplainResult, (Explanation, Target, BackgroundMeta),
-                                   store if store.shared else None)
+                                   store if store.shared else None,
+                                   max_bytes=settings.result_cache_bytes, nbytes=result_nbytes)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._cores = usable_cores()
@@ -616,17 +617,8 @@ class DataPlane:
                                  "PutBackground")
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
-        with self._lock:
-            hit = self._backgrounds.get(key)
-            if hit is not None:
-                self._backgrounds.move_to_end(key)
-                return hit
-        value = build()
-        with self._lock:
-            self._backgrounds[key] = value
-            while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
-                self._backgrounds.popitem(last=False)
-        return value
+        """Decoded backgrounds per content and target, LRU within background_cache_bytes."""
+        return self._backgrounds.get_or_build(key, build)
 
 
 def no_background(model: LoadedModel) -> str:
@@ -652,6 +644,14 @@ def result_key(p: Prepared) -> str:
                        q.method or model.config.method, target.output, target.columns,
                        target.scale, p.meta.name, p.meta.sha256, q.seed, q.max_evaluations,
                        q.target_error, budget_class(1e3 * p.budget_s))
+
+
+def result_nbytes(r: ExplainResult) -> int:
+    """What a cached answer holds, its rows measured on the first (the rows of an answer have
+    the same shapes): walking every row costs ~15 us a row."""
+    if not r.rows:
+        return nbytes_of(r)
+    return nbytes_of(replace(r, rows=())) + len(r.rows) * nbytes_of(r.rows[0])
 
 
 def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
