@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MEMORY_LIMIT = 2 * 1024**3  # the shipped manifests' pod limit
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),  # cgroup v2; "max" when unlimited
+                 Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))  # v1; ~2^63 when unlimited
+
+
+def memory_limit(files: tuple[Path, ...] = CGROUP_LIMITS) -> int:
+    """The container's memory limit in bytes (cgroup v2, else v1), else DEFAULT_MEMORY_LIMIT."""
+    for path in files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text)
+    return DEFAULT_MEMORY_LIMIT
+
+
+def share_of_memory(fraction: float) -> Callable[[dict[str, Any]], int]:
+    """A default that is `fraction` of SIDELIGHT_MEMORY_LIMIT_BYTES."""
+    return lambda data: int(fraction * data["memory_limit_bytes"])
 
 
 class Settings(BaseSettings):
@@ -58,10 +80,29 @@ class Settings(BaseSettings):
                                   "this long after its last check, so a replaced background "
                                   "is used everywhere within this time.")
     background_local_cache: int = Field(64, ge=1, description="Decoded backgrounds each "
-                                        "replica keeps in memory (LRU; uploads waiting for "
-                                        "Redis are never evicted).")
+                                        "replica keeps in memory besides held uploads (LRU; "
+                                        "also bounded by SIDELIGHT_BACKGROUND_STORE_BYTES).")
     result_cache_size: int = Field(1024, ge=0, description="Explanations kept for identical "
-                                   "requests (LRU, per replica, and shared in Redis); 0 = off.")
+                                   "requests (LRU, per replica, and shared in Redis; also "
+                                   "bounded by SIDELIGHT_RESULT_CACHE_BYTES); 0 = off.")
+    memory_limit_bytes: int = Field(default_factory=memory_limit, ge=64 * 1024**2,
+                                    description="Memory this replica may use; the byte bounds "
+                                    "below default to shares of it. Default: the cgroup memory "
+                                    "limit (the pod's), else 2 GiB.")
+    background_store_bytes: int = Field(default_factory=share_of_memory(1 / 4), ge=0,
+                                        description="Backgrounds held in memory: every named "
+                                        "background of the in-memory store (uploads past it are "
+                                        "refused), or with Redis the local copies plus uploads "
+                                        "held while Redis is away (at most half).")
+    background_cache_bytes: int = Field(default_factory=share_of_memory(1 / 4), ge=0,
+                                        description="Backgrounds decoded for explaining (float64 "
+                                        "rows and f(background) per target; LRU).")
+    tree_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
+                                  description="TreeSHAP tables per background, parsed trees and "
+                                  "affine fits per target (LRU).")
+    result_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
+                                    description="Explanations kept for identical requests "
+                                    "(LRU, per replica); 0 = off.")
     result_cache_ttl_seconds: float = Field(600.0, gt=0, description="How long a cached "
                                             "explanation is served.")
 

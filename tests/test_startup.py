@@ -6,6 +6,9 @@ wrong in a different way each; every check goes through gRPC (issue 11, items 5,
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +24,8 @@ from service.api.server import Sidelight, start
 from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
-from tests.conftest import MODELS, background_of, settings_for
-from tests.redis_process import wait_for
+from tests.conftest import MODELS, ROOT, background_of, settings_for
+from tests.redis_process import free_port, wait_for
 from tests.test_server import code_of, request
 
 DIABETES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
@@ -203,17 +206,19 @@ def slow_model(features: int, hidden: int, layers: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def add_slow_model(root: Path) -> None:
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "model.onnx").write_bytes(slow_model(256, 1024, 2).SerializeToString())
+    np.save(root / "slow" / "bg.npy", np.random.default_rng(1).normal(size=(50, 256)))
+    (root / "slow" / "explain.yaml").write_text("background: {path: bg.npy}\nbudget_ms: 1000\n")
+
+
 def test_attribution_drift_starts_for_a_model_too_slow_for_the_start_up_budget(
         tmp_path: Path) -> None:
     """The reference for a slow default method is computed after start-up with the model's
     own budget per row; GetModel says pending, then active."""
     add_model(tmp_path, "good", "diabetes_linear", {})
-    (tmp_path / "slow" / "1").mkdir(parents=True)
-    (tmp_path / "slow" / "1" / "model.onnx").write_bytes(
-        slow_model(256, 1024, 2).SerializeToString())
-    np.save(tmp_path / "slow" / "bg.npy", np.random.default_rng(1).normal(size=(50, 256)))
-    (tmp_path / "slow" / "explain.yaml").write_text("background: {path: bg.npy}\n"
-                                                    "budget_ms: 1000\n")
+    add_slow_model(tmp_path)
     started = time.monotonic()
     app = start(settings_for(tmp_path, drift_reference_rows=1))
     try:
@@ -239,3 +244,33 @@ def test_drift_status_says_why_drift_is_off(tmp_path: Path) -> None:
         assert not m.drift_active and "SIDELIGHT_DRIFT_ENABLED" in m.drift_status
     finally:
         app.stop(grace=0)
+
+
+def test_a_replica_stopped_while_computing_a_late_reference_exits_cleanly(
+        tmp_path: Path) -> None:
+    """SIGTERM while the late reference runs: the thread is stopped and waited for (a thread
+    left inside onnxruntime at interpreter exit aborts the process)."""
+    add_slow_model(tmp_path)
+    port = free_port()
+    env = dict(os.environ, SIDELIGHT_DRIFT_REFERENCE_ROWS="16", SIDELIGHT_HOST="127.0.0.1",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--models",
+                             str(tmp_path), "--port", str(port), "--metrics-port", "-1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _status(port) == "pending" or proc.poll() is not None, 60)
+    finally:
+        proc.terminate()
+        started = time.monotonic()
+        code = proc.wait(timeout=30)
+    assert code == 0 and time.monotonic() - started < 10
+
+
+def _status(port: int) -> str:
+    """The slow model's drift status, on a fresh channel (no reconnect backoff to wait out)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return info(pb_grpc.ExplainerStub(channel), "slow").drift_status
+        except grpc.RpcError:
+            return ""

@@ -17,9 +17,7 @@ groups are combined with their total weights.
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +29,13 @@ import shap
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument
 from explainers.groups import Groups, ungrouped
+from explainers.memory import ByteLru, nbytes_of
 from explainers.trees.leaf_tables import LeafBoxes, LeafTables, TablesTooLarge
 from explainers.trees.onnx_trees import ParsedTrees, parse_onnx_trees, shap_model
 
 MAX_WEIGHT_GROUPS = 64  # distinct background weights on shap's path: one pass per request
-CACHE_SIZE = 4  # backgrounds whose shap explainers are kept per model
+CACHE_SIZE = 4  # backgrounds whose tables or shap explainers a TreeShap keeps on its own
+CACHE_BYTES = 64 * 1024**2  # ... and their bytes (a shared FitCache sets its own bound)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,16 @@ class _Fitted:
     tables: LeafTables | None
     parts: tuple[tuple[float, Any], ...]
 
+    def nbytes(self) -> int:
+        """What this entry holds: the tables (not the trees' boxes, which the TreeShap owns),
+        the shap explainers and the background it pins."""
+        tables = () if self.tables is None else (self.tables.tables, self.tables.weights,
+                                                 self.tables.expected)
+        return nbytes_of(self.background, self.parts, *tables)
+
+
+FitCache = ByteLru[tuple[object, bytes], _Fitted]  # (TreeShap, background digest) -> fitted
+
 
 class TreeShap:
     """Exact TreeSHAP on the trees of one ONNX model; explains the selected score columns."""
@@ -57,7 +67,8 @@ class TreeShap:
     name = "tree"
 
     def __init__(self, parsed: ParsedTrees, output_columns: Sequence[int] | None = None,
-                 cache_size: int = CACHE_SIZE, tables: bool = True) -> None:
+                 cache_size: int = CACHE_SIZE, tables: bool = True,
+                 fits: FitCache | None = None) -> None:
         outputs = parsed["output_map"].shape[0]
         cols = list(range(outputs)) if output_columns is None else [int(c) for c in output_columns]
         if not cols or min(cols) < 0 or max(cols) >= outputs:
@@ -70,9 +81,11 @@ class TreeShap:
         self.columns = tuple(cols)
         self.n_features = parsed["n_features"]
         self.post_transform = parsed["post_transform"]
-        self._cache: OrderedDict[bytes, _Fitted] = OrderedDict()
-        self._cache_size = max(1, cache_size)
-        self._lock = threading.Lock()
+        # fitted backgrounds, keyed by this object (`_owner`) and the background's digest; one
+        # cache may serve many TreeShaps, so that one byte bound covers them all
+        self._cache = fits if fits is not None else ByteLru(CACHE_BYTES, max(1, cache_size),
+                                                           _Fitted.nbytes)
+        self._owner = object()
         self._boxes, self.engine = (_boxes(parsed, self._targets) if tables
                                     else (None, "shap's interventional TreeSHAP (asked for)"))
         self._seconds_per_cell: float | None = None  # measured time per row (x bg row on shap)
@@ -176,24 +189,20 @@ class TreeShap:
         raw = np.asarray(fitted.parts[0][1].model.predict(X), np.float64).reshape(X.shape[0], -1)
         return phi, base, raw
 
+    @property
+    def nbytes(self) -> int:
+        """What this object holds besides its fitted backgrounds (in the fit cache): the leaf
+        boxes and the output maps (the parsed trees belong to the model)."""
+        return nbytes_of(self._boxes, self._map, self._offset, self._targets)
+
     def _fitted(self, background: Background) -> _Fitted:
         """The cached explainers for this background (same object or same bytes), or new ones."""
-        with self._lock:
-            for key, entry in self._cache.items():
-                if entry.background is background:
-                    self._cache.move_to_end(key)
-                    return entry
-        key = _digest(background)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        fitted = self._fit(background)
-        with self._lock:
-            self._cache[key] = fitted
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return fitted
+        for key, entry in reversed(self._cache.items()):
+            if key[0] is self._owner and entry.background is background:
+                self._cache.get(key)  # now the most recent
+                return entry
+        key = (self._owner, _digest(background))
+        return self._cache.get_or_build(key, lambda: self._fit(background))
 
     def _fit(self, background: Background) -> _Fitted:
         """Leaf tables for the background, or shap's explainers when the trees have no tables."""

@@ -100,7 +100,7 @@ def build_store(settings: Settings, metrics: Metrics,
     """Redis when SIDELIGHT_REDIS_URL is set (shared by every replica), else in memory."""
     if not settings.redis_url:
         metrics.redis_up.set(1)
-        return MemoryStore()
+        return MemoryStore(settings.background_store_bytes)
     log.info("backgrounds and results in Redis at %s", masked(settings.redis_url))
     return RedisStore(RedisOptions.from_settings(settings), metrics, on_state)
 

@@ -149,9 +149,9 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
-    """Decode an upload after checking its size against max_upload_bytes."""
-    size = len(r.data.raw) or 8 * len(r.data.contents.fp64_contents) + 4 * len(
-        r.data.contents.fp32_contents)
+    """Decode an upload after checking its size against max_upload_bytes (the tensor's encoded
+    size: reading `raw` would copy it)."""
+    size = r.data.ByteSize()
     if size > max_bytes:
         raise InvalidArgument(f"data: {size} bytes exceeds max_upload_bytes {max_bytes}")
     return BackgroundUpload(model=r.model, version=r.version, name=r.name,

@@ -33,11 +33,13 @@ def to_array(t: pb.Tensor, field: str, max_bytes: int) -> Array:
     dtype = np.dtype(OIP_TO_NUMPY[datatype]).newbyteorder("<")
     shape = check_shape(tuple(t.shape), dtype.itemsize, field, max_bytes)
     count = math.prod(shape)
-    if t.raw:
-        if len(t.raw) != count * dtype.itemsize:
-            raise InvalidArgument(f"{field}.raw: {len(t.raw)} bytes; shape {list(shape)} of "
+    raw = t.raw  # every read of a bytes field copies it: read it once
+    if raw:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(f"{field}.raw: {len(raw)} bytes; shape {list(shape)} of "
                                   f"{datatype} needs {count * dtype.itemsize}")
-        return np.frombuffer(t.raw, dtype=dtype).astype(dtype.newbyteorder("="))\
+        # a read-only view of those bytes; copied only on a big-endian machine
+        return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)\
             .reshape(shape)
     return _from_contents(t, datatype, shape, count, field)
 

@@ -6,7 +6,6 @@ reference is still being computed) or why drift is off or partial."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from service.models.repository import LoadedModel
 from service.monitoring.drift import AttributionWindow, DriftMonitor, Reference
 from service.monitoring.metrics import Answer, DriftSource
 
-log = logging.getLogger(__name__)
 ACTIVE, PENDING = "active", "pending"
 
 

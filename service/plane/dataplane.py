@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from explainers.errors import (
     SidelightError,
     Unavailable,
 )
+from explainers.memory import ByteLru, nbytes_of
 from explainers.perturbation.occlusion import Occlusion
 from explainers.registry import build_registry, lookup
 from service.config import Settings
@@ -72,8 +72,8 @@ from service.store.backgrounds import (
 from service.store.results import ResultCache, budget_class, request_key
 
 log = logging.getLogger(__name__)
-BACKGROUND_CACHE_SIZE = 64
 REFERENCE_BUDGET_S = 0.01  # per reference row at start-up; slower models get theirs after it
+LATE_ROW_MAX_S = 2.0  # per reference row after start-up, at most (bounds how long close waits)
 DRIFT_OFF = "off: SIDELIGHT_DRIFT_ENABLED is false"
 HOW_TO_ADD = ("set `background:` in explain.yaml (a .npy or .csv file of rows) or upload one "
               "with PutBackground")
@@ -164,12 +164,14 @@ class DataPlane:
                  metrics: Metrics, registry: Mapping[str, Estimator] | None = None) -> None:
         self.repo, self.store, self.settings, self.metrics = repo, store, settings, metrics
         self.registry = registry or build_registry()
-        self.methods = MethodResolver(self.registry)
-        self._backgrounds: OrderedDict[tuple[object, ...], Background] = OrderedDict()
+        self.methods = MethodResolver(self.registry, settings.tree_cache_bytes)
+        self._backgrounds: ByteLru[tuple[object, ...], Background] = ByteLru(
+            settings.background_cache_bytes)  # (content, target) -> rows and f(background)
         self.results = ResultCache(settings.result_cache_size, settings.result_cache_ttl_seconds,
                                    ExplainResult, (Explanation, Target, BackgroundMeta, Layout,
                                                    TensorInfo),
-                                   store if store.shared else None)
+                                   store if store.shared else None,
+                                   max_bytes=settings.result_cache_bytes, nbytes=result_nbytes)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._cores = usable_cores()
@@ -181,6 +183,7 @@ class DataPlane:
         self._unusable: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._cold: set[tuple[str, str]] = set()  # versions that started without a background
         self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []  # start-up work still running
         self._check_methods()
         metrics.in_flight.set_function(lambda: self._in_flight)
         if self.drift is not None:
@@ -234,8 +237,7 @@ class DataPlane:
             except Exception as err:  # one model's data must never stop the others
                 self._startup_note(model, "preparing the default background", err)
         if late:
-            threading.Thread(target=self._late_references, args=(late,), daemon=True,
-                             name="sidelight-drift-reference").start()
+            self._in_background(lambda: self._late_references(late))
 
     def _warm(self, model: LoadedModel) -> list[ReferenceJob]:
         """f(background) and drift monitoring for one model; the reference job if it is late.
@@ -275,7 +277,8 @@ class DataPlane:
     def _late_references(self, jobs: list[ReferenceJob]) -> None:
         """References of the models too slow for start-up, sized to each model: per-row
         budgets grow 4x from the start-up one up to the model's default budget (what its
-        default method gets per request) until one fits. Stops when the plane is closed."""
+        default method gets per request; at most LATE_ROW_MAX_S) until one fits. Stops when
+        the plane is closed."""
         for job in jobs:
             m = job.model
             try:
@@ -290,7 +293,7 @@ class DataPlane:
     def _sized_reference(self, job: ReferenceJob) -> Array | None:
         """The reference at the smallest per-row budget that fits; None once closed."""
         cap = min(job.model.config.budget_ms or self.settings.default_budget_ms,
-                  self.settings.max_budget_ms) / 1e3
+                  self.settings.max_budget_ms, 1e3 * LATE_ROW_MAX_S) / 1e3
         per_row = REFERENCE_BUDGET_S
         while not self._closed.is_set():
             per_row = min(4 * per_row, cap)
@@ -301,9 +304,24 @@ class DataPlane:
                     raise
         return None
 
+    def _in_background(self, work: Callable[[], None]) -> None:
+        """Run start-up work after start-up, in a thread that close() stops and waits for."""
+        thread = threading.Thread(target=work, daemon=True, name="sidelight-start-up")
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._threads.append(thread)
+        thread.start()
+
     def close(self) -> None:
-        """Stop the background work of start-up (late drift references) at the next step."""
-        self._closed.set()
+        """Stop start-up's background work and wait for it (a row being explained finishes
+        first, at most LATE_ROW_MAX_S): a thread still inside onnxruntime when the
+        interpreter exits aborts the process."""
+        with self._lock:
+            self._closed.set()
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join(LATE_ROW_MAX_S + 1.0)
 
     def _set_drift_status(self, model: LoadedModel, status: str) -> None:
         if self.drift is not None:
@@ -366,7 +384,7 @@ class DataPlane:
             except Exception as err:  # as at start-up: noted, never raised
                 self._startup_note(model, "preparing the default background", err)
 
-        threading.Thread(target=run, daemon=True, name="sidelight-warm").start()
+        self._in_background(run)
 
     def notes(self, model: LoadedModel, default: BackgroundMeta | None) -> tuple[str, ...]:
         """What GetModel tells an operator about a ready version: files left out at load,
@@ -695,17 +713,8 @@ class DataPlane:
                                  "PutBackground")
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], Background]) -> Background:
-        with self._lock:
-            hit = self._backgrounds.get(key)
-            if hit is not None:
-                self._backgrounds.move_to_end(key)
-                return hit
-        value = build()
-        with self._lock:
-            self._backgrounds[key] = value
-            while len(self._backgrounds) > BACKGROUND_CACHE_SIZE:
-                self._backgrounds.popitem(last=False)
-        return value
+        """Decoded backgrounds per content and target, LRU within background_cache_bytes."""
+        return self._backgrounds.get_or_build(key, build)
 
 
 def no_background(model: LoadedModel) -> str:
@@ -743,6 +752,14 @@ def groups_digest(g: GroupRequest) -> str:
         h.update(repr((g.mask.dtype.str, g.mask.shape)).encode())
         h.update(np.ascontiguousarray(g.mask).tobytes())
     return h.hexdigest()
+
+
+def result_nbytes(r: ExplainResult) -> int:
+    """What a cached answer holds, its rows measured on the first (the rows of an answer have
+    the same shapes): walking every row costs ~15 us a row."""
+    if not r.rows:
+        return nbytes_of(r)
+    return nbytes_of(replace(r, rows=())) + len(r.rows) * nbytes_of(r.rows[0])
 
 
 def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:

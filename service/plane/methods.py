@@ -6,19 +6,18 @@ answer, never a silent switch."""
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from explainers.base import Array, Background, Estimator, Evaluator, Explanation, ModelFn
 from explainers.errors import InvalidArgument, ResourceExhausted, quoted
+from explainers.memory import ByteLru
 from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
 from explainers.trees.onnx_trees import predict_margin
-from explainers.trees.tree import TreeShap
+from explainers.trees.tree import FitCache, TreeShap
 
 if TYPE_CHECKING:
     from service.models.repository import LoadedModel
@@ -28,8 +27,7 @@ log = logging.getLogger(__name__)
 MODEL_METHODS = ("tree", "linear")
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread
 CACHE_SIZE = 256
-K = TypeVar("K")
-V = TypeVar("V")
+TREE_CACHE_BYTES = 128 * 1024**2  # SIDELIGHT_TREE_CACHE_BYTES's default at a 2 GiB limit
 
 
 BatchFn = Callable[[Array, Background, Evaluator], list[Explanation]]
@@ -53,12 +51,17 @@ class Choice:
 
 
 class MethodResolver:
-    """Resolves method names per request; caches TreeShap objects and affine fits per model."""
+    """Resolves method names per request; caches TreeShap objects and affine fits per model,
+    and TreeSHAP's tables per background, within `cache_bytes` (3/4 of it for the tables)."""
 
-    def __init__(self, registry: Mapping[str, Estimator]) -> None:
+    def __init__(self, registry: Mapping[str, Estimator],
+                 cache_bytes: int = TREE_CACHE_BYTES) -> None:
         self.registry = registry
-        self._trees: _Lru[tuple[object, ...], TreeShap | str] = _Lru(CACHE_SIZE)
-        self._affine: _Lru[tuple[object, ...], AffineFit | str] = _Lru(CACHE_SIZE)
+        self._fits: FitCache = ByteLru(cache_bytes - cache_bytes // 4)
+        self._trees: ByteLru[tuple[object, ...], TreeShap | str] = ByteLru(
+            cache_bytes // 8, CACHE_SIZE, lambda t: t.nbytes if isinstance(t, TreeShap) else 64)
+        self._affine: ByteLru[tuple[object, ...], AffineFit | str] = ByteLru(
+            cache_bytes // 8, CACHE_SIZE)
 
     def known(self) -> tuple[str, ...]:
         """Every method name a request may use."""
@@ -137,7 +140,8 @@ class MethodResolver:
         if not tree_computes(model, target):
             return f"the trees do not compute the {target.scale} scale of {target.output!r}"
         key = (model.sha256, target.output, target.columns, target.scale)
-        return self._trees.get_or_build(key, lambda: _checked_tree(model, target, background, f))
+        return self._trees.get_or_build(
+            key, lambda: _checked_tree(model, target, background, f, self._fits))
 
     def _linear(self, model: LoadedModel, target: Target, background: Background,
                 fn: Callable[[Target], ModelFn], background_key: str, explicit: bool) -> Choice:
@@ -200,11 +204,11 @@ def tree_scale(model: LoadedModel, target: Target) -> Target | None:
 
 
 def _checked_tree(model: LoadedModel, target: Target, background: Background,
-                  f: ModelFn) -> TreeShap | str:
+                  f: ModelFn, fits: FitCache) -> TreeShap | str:
     """TreeShap for the target's columns, if its predictions match onnxruntime's on the
     background (a last guard against a graph the parser misread)."""
     assert model.trees is not None
-    tree = TreeShap(model.trees, target.columns)
+    tree = TreeShap(model.trees, target.columns, fits=fits)
     rows = background.data[:256]  # (rows, features)
     mine = predict_margin(model.trees, rows)[:, list(target.columns)]  # (rows, outputs)
     theirs = f(rows)
@@ -212,24 +216,3 @@ def _checked_tree(model: LoadedModel, target: Target, background: Background,
     if not np.allclose(mine, theirs, rtol=0, atol=AGREEMENT_TOL * spread):
         return "the trees read from the graph disagree with onnxruntime on the background"
     return tree
-
-
-class _Lru(Generic[K, V]):
-    """A small thread-safe LRU that builds missing values outside its lock."""
-
-    def __init__(self, size: int) -> None:
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = build()
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return value

@@ -1,5 +1,5 @@
 """Background (reference) datasets by name. The in-memory store is the embedded default; the Redis
-store (service/redis_store.py) has the same protocol and shares them between replicas.
+store (service/store/redis.py) has the same protocol and shares them between replicas.
 
 Stores also hold small derived blobs (f(background) per target, cached explanations) under
 content-addressed keys; the in-memory store keeps none because one process has its own caches."""
@@ -16,7 +16,14 @@ from typing import Protocol
 import numpy as np
 
 from explainers.base import Array
-from explainers.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
+from explainers.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    quoted,
+)
+from explainers.memory import nbytes_of
 
 DEFAULT_NAME = "default"
 FLOAT_DTYPES = ("float32", "float64")
@@ -46,12 +53,33 @@ class BackgroundMeta:
 
 def data_sha256(data: Array) -> str:
     """sha256 of the little-endian bytes: the identity of a background's content."""
-    return hashlib.sha256(little_endian(data)).hexdigest()
+    return hashlib.sha256(little_endian_view(data)).hexdigest()
 
 
 def little_endian(data: Array) -> bytes:
     """The array's values as C-ordered little-endian bytes (the storage format; never pickle)."""
     return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+
+
+def little_endian_view(data: Array) -> memoryview | bytes:
+    """The same bytes as `little_endian`, without a copy when the array already is C-ordered
+    little-endian (uploads are)."""
+    if data.flags.c_contiguous and data.dtype == data.dtype.newbyteorder("<"):
+        return data.data.cast("B")
+    return little_endian(data)
+
+
+def read_only(data: Array) -> Array:
+    """The array itself when nothing can change it (read-only over immutable bytes, as decoded
+    uploads and Redis values are), else a read-only copy."""
+    base = data.base
+    while isinstance(base, np.ndarray):  # views of views: find who owns the memory
+        base = base.base
+    if not data.flags.writeable and isinstance(base, bytes):
+        return data
+    out = np.array(data, copy=True)
+    out.setflags(write=False)
+    return out
 
 
 def make_meta(model: str, version: str, name: str, data: Array, source: str, model_sha256: str,
@@ -103,19 +131,37 @@ class BackgroundStore(Protocol):
 
 
 class MemoryStore:
-    """The embedded store: a dict behind a lock; arrays are stored read-only."""
+    """The embedded store: a dict behind a lock; arrays are stored read-only. Backgrounds are
+    data, not a cache: past `max_bytes` (SIDELIGHT_BACKGROUND_STORE_BYTES) uploads are refused,
+    never evicted."""
 
     shared = False
 
-    def __init__(self) -> None:
-        self._items: dict[tuple[str, str, str], tuple[BackgroundMeta, Array]] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._items: dict[tuple[str, str, str], tuple[BackgroundMeta, Array, int]] = {}
+        self._bytes = 0  # sum of the entries' sizes
         self._lock = threading.Lock()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored backgrounds (rows, headers and metadata)."""
+        return self._bytes
+
     def put(self, meta: BackgroundMeta, data: Array) -> BackgroundMeta:
-        frozen = np.array(data, copy=True)
-        frozen.setflags(write=False)
+        """Store (or replace) a background; RESOURCE_EXHAUSTED when it would not fit."""
+        frozen = read_only(data)
+        size, key = nbytes_of(meta, frozen), (meta.model, meta.version, meta.name)
         with self._lock:
-            self._items[(meta.model, meta.version, meta.name)] = (meta, frozen)
+            old = self._items.get(key)
+            used = self._bytes - (old[2] if old else 0)
+            if self.max_bytes is not None and used + size > self.max_bytes:
+                raise ResourceExhausted(
+                    f"background: {meta.name!r} needs {size} bytes and the in-memory store "
+                    f"holds {used} of its {self.max_bytes} (SIDELIGHT_BACKGROUND_STORE_BYTES); "
+                    "delete backgrounds or raise the limit")
+            self._items[key] = (meta, frozen, size)
+            self._bytes = used + size
         return meta
 
     def get(self, model: str, version: str, name: str) -> tuple[BackgroundMeta, Array]:
@@ -124,20 +170,22 @@ class MemoryStore:
         if item is None:
             raise NotFound(f"background: no background {quoted(name)} for model {model!r} "
                            f"version {version}")
-        return item
+        return item[0], item[1]
 
     def head(self, model: str, version: str, name: str) -> BackgroundMeta:
         return self.get(model, version, name)[0]
 
     def list(self, model: str = "") -> list[BackgroundMeta]:
         with self._lock:
-            metas = [m for m, _ in self._items.values()]
+            metas = [m for m, _, _ in self._items.values()]
         return sorted((m for m in metas if not model or m.model == model),
                       key=lambda m: (m.model, m.version, m.name))
 
     def delete(self, model: str, version: str, name: str) -> bool:
         with self._lock:
-            return self._items.pop((model, version, name), None) is not None
+            item = self._items.pop((model, version, name), None)
+            self._bytes -= item[2] if item else 0
+        return item is not None
 
     def persisted(self, meta: BackgroundMeta) -> bool:
         return True

@@ -21,6 +21,14 @@ deletes (UNAVAILABLE). A background thread reconnects with backoff (50 ms doubli
 writes held uploads (unless Redis meanwhile got a newer one) and, if the epoch changed, restores
 its local copies where Redis has none. Every decoded value is checked against its sha256 and
 size; a corrupt one is logged, counted in sidelight_redis_errors and never used.
+
+Full: a Redis at its `maxmemory` is not down. Reads, deletes and the liveness probe (a read of
+the epoch) work; an upload that would not fit once every evictable (TTL) key is gone is refused
+(RESOURCE_EXHAUSTED naming the limit) before it is sent, and so is one Redis itself refuses
+(OOM). Cached blobs are simply not written.
+
+Memory: local copies and held uploads together stay within `local_bytes`
+(SIDELIGHT_BACKGROUND_STORE_BYTES), held uploads within half of it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,22 +53,32 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from explainers.base import Array
-from explainers.errors import NotFound, Unavailable, quoted
+from explainers.errors import NotFound, ResourceExhausted, Unavailable, quoted
+from explainers.memory import nbytes_of
 from service.config import Settings
 from service.monitoring.metrics import Metrics
-from service.store.backgrounds import FLOAT_DTYPES, BackgroundMeta, CorruptValue, little_endian
+from service.store.backgrounds import (
+    FLOAT_DTYPES,
+    BackgroundMeta,
+    CorruptValue,
+    little_endian_view,
+    read_only,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ALWAYS, ABSENT, SEED, NEWER = "always", "absent", "seed", "newer"  # write modes of PUT_SCRIPT
 SEED_SOURCE = "explain.yaml"
 MIN_BACKOFF_S, MAX_BACKOFF_S, PROBE_S = 0.05, 2.0, 1.0
-MAX_PENDING = 256
+LOCAL_BYTES = 512 * 1024**2  # SIDELIGHT_BACKGROUND_STORE_BYTES's default at a 2 GiB limit
 HEADER_FORMAT = 1
 
 # KEYS: background hash, index set. ARGV: mode, header, data, sha256, created, model_sha256.
 # Modes: always; absent (only if no value); seed (unless a value for the same model file exists);
 # newer (unless the stored value was created at or after this one). Returns 1 when written.
+# HSET is the first write: Redis refuses a script's first write that could grow memory when it
+# was over maxmemory as the script started (OOM), and lets every later write through, so a
+# DEL before it would let a replacement write past the limit. HSET replaces every field.
 PUT_SCRIPT = """
 local mode = ARGV[1]
 if mode ~= 'always' and redis.call('EXISTS', KEYS[1]) == 1 then
@@ -71,9 +89,9 @@ if mode ~= 'always' and redis.call('EXISTS', KEYS[1]) == 1 then
     if created and created >= tonumber(ARGV[5]) then return 0 end
   end
 end
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'header', ARGV[2], 'data', ARGV[3], 'sha256', ARGV[4],
            'created', ARGV[5], 'model_sha256', ARGV[6])
+redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], KEYS[1])
 return 1
 """
@@ -91,6 +109,7 @@ class RedisOptions:
     tls_ca: str | None = None
     check_s: float = 0.5
     local_size: int = 64
+    local_bytes: int = LOCAL_BYTES
 
     @staticmethod
     def from_settings(s: Settings) -> RedisOptions:
@@ -99,7 +118,8 @@ class RedisOptions:
         return RedisOptions(s.redis_url, s.redis_key_prefix, s.redis_timeout_ms / 1e3,
                             s.redis_connect_timeout_ms / 1e3, s.redis_max_connections,
                             str(s.redis_tls_ca) if s.redis_tls_ca else None,
-                            s.redis_check_ms / 1e3, s.background_local_cache)
+                            s.redis_check_ms / 1e3, s.background_local_cache,
+                            s.background_store_bytes)
 
 
 def connect(o: RedisOptions) -> redis.Redis:
@@ -126,6 +146,10 @@ class RedisDown(Exception):
     """Internal: one Redis operation failed; callers fall back to local copies."""
 
 
+class RedisFull(RedisDown):
+    """Internal: Redis is at its maxmemory and a write would not fit; the message says why."""
+
+
 @dataclass
 class Local:
     """A verified, decoded background held by this replica."""
@@ -134,6 +158,10 @@ class Local:
     data: Array  # (rows, features) read-only
     checked: float  # time.monotonic() of the last sha256 check against Redis
     pending: str = ""  # write mode while held for Redis; "" once written
+    nbytes: int = field(init=False)  # what holding it costs (rows, metadata)
+
+    def __post_init__(self) -> None:
+        self.nbytes = nbytes_of(self.meta, self.data)
 
 
 class RedisStore:
@@ -152,6 +180,7 @@ class RedisStore:
         self._corrupt: dict[str, bytes] = {}  # key -> "sha256@created" of a value found corrupt
         self._lock, self._state_lock = threading.Lock(), threading.Lock()
         self._up: bool | None = None
+        self._full = False  # the last write was refused for Redis's maxmemory
         self._epoch: str | None = None
         self._stop, self._wake = threading.Event(), threading.Event()
         self._sync()  # first contact now, so start-up knows whether Redis answers
@@ -163,16 +192,21 @@ class RedisStore:
 
     # --- BackgroundStore ------------------------------------------------------------------
     def put(self, meta: BackgroundMeta, data: Array) -> BackgroundMeta:
-        """Write to Redis now, or hold it locally (persisted() false) until Redis returns."""
-        frozen = np.array(data, copy=True)
-        frozen.setflags(write=False)
-        key, entry = self.key(meta.model, meta.version, meta.name), Local(meta, frozen, 0.0)
+        """Write to Redis now, or hold it locally (persisted() false) until Redis returns.
+        RESOURCE_EXHAUSTED when Redis is full (an explain.yaml seed is held instead)."""
+        key, entry = self.key(meta.model, meta.version, meta.name), Local(meta, read_only(data),
+                                                                          0.0)
         mode = SEED if meta.source == SEED_SOURCE else ALWAYS
         if self._up:
             try:
                 entry.checked = time.monotonic() if self._write(key, entry, mode) else -math.inf
                 self._remember(key, entry)
                 return meta
+            except RedisFull as full:
+                if mode != SEED:
+                    raise ResourceExhausted(f"background: {full}; delete backgrounds or raise "
+                                            "Redis's maxmemory") from None
+                return self._hold(key, entry, SEED, f"Redis is full ({full})")
             except RedisDown:
                 pass
         return self._hold(key, entry, SEED if mode == SEED else NEWER)
@@ -290,13 +324,18 @@ class RedisStore:
             and time.monotonic() - local.checked >= self.options.check_s
 
     def _remember(self, key: str, entry: Local) -> None:
-        """Insert as most recent; evict the oldest copies that are not waiting for Redis."""
+        """Insert as most recent; evict the oldest copies that are not waiting for Redis until
+        at most local_size copies remain and everything held fits local_bytes."""
         with self._lock:
             self._local[key] = entry
             self._local.move_to_end(key)
-            extra = len(self._local) - self.options.local_size
-            for old in [k for k, e in self._local.items() if not e.pending][:max(extra, 0)]:
-                del self._local[old]
+            copies = [k for k, e in self._local.items() if not e.pending]  # oldest first
+            held = sum(e.nbytes for e in self._local.values())
+            for n, old in enumerate(copies):
+                if len(copies) - n <= self.options.local_size \
+                        and held <= self.options.local_bytes:
+                    break
+                held -= self._local.pop(old).nbytes
 
     def _forget(self, key: str) -> Local | None:
         with self._lock:
@@ -313,16 +352,20 @@ class RedisStore:
                               f"of {key!r}; retry when Redis is back")
         return local
 
-    def _hold(self, key: str, entry: Local, mode: str) -> BackgroundMeta:
-        """Keep an upload locally until Redis returns; refuse when too many are waiting."""
+    def _hold(self, key: str, entry: Local, mode: str,
+              why: str = "Redis is unreachable") -> BackgroundMeta:
+        """Keep an upload locally until Redis can take it; UNAVAILABLE when the held uploads
+        would pass half of local_bytes."""
+        limit = self.options.local_bytes // 2
         with self._lock:
-            waiting = sum(1 for k, e in self._local.items() if e.pending and k != key)
-        if waiting >= MAX_PENDING:
-            raise Unavailable(f"background: Redis is unreachable and {waiting} uploads already "
-                              "wait for it; retry later")
+            waiting = sum(e.nbytes for k, e in self._local.items() if e.pending and k != key)
+        if waiting + entry.nbytes > limit:
+            raise Unavailable(f"background: {why} and the uploads held for it would take "
+                              f"{waiting + entry.nbytes} bytes, past half of "
+                              f"SIDELIGHT_BACKGROUND_STORE_BYTES ({limit}); retry later")
         entry.pending, entry.checked = mode, time.monotonic()
         self._remember(key, entry)
-        log.warning("Redis unreachable: background %s held locally until it returns", key)
+        log.warning("%s: background %s held locally until it can be written", why, key)
         self._wake.set()
         return entry.meta
 
@@ -373,25 +416,84 @@ class RedisStore:
 
     # --- Redis ----------------------------------------------------------------------------
     def _call(self, fn: Callable[[redis.Redis], T]) -> T:
-        """Run one operation; failures are counted, and connection failures mark Redis down."""
+        """Run one operation; failures are counted, and connection failures mark Redis down
+        (a full Redis is not down: RedisFull)."""
         try:
             return fn(self._redis)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self._error()
             self._set_up(False, err)
             raise RedisDown from err
+        except redis.exceptions.OutOfMemoryError as err:
+            self._error()
+            self._note_full(True)
+            raise RedisFull(f"Redis refused the write at its maxmemory ({err})") from err
         except redis.RedisError as err:
             self._error()
             log.warning("Redis error: %s: %s", type(err).__name__, err)
             raise RedisDown from err
 
     def _write(self, key: str, entry: Local, mode: str) -> bool:
-        """One atomic script: header, data and index together, or nothing."""
+        """One atomic script: header, data and index together, or nothing. RedisFull when the
+        value does not fit under Redis's maxmemory."""
         m = entry.meta
-        args: builtins.list[str | bytes] = [mode, header_of(m), little_endian(entry.data),
-                                            m.sha256, repr(m.created), m.model_sha256]
-        return bool(self._call(lambda r: self._put_script(keys=[key, self._index], args=args,
-                                                          client=r)))
+        args: builtins.list[str | bytes | memoryview] = [
+            mode, header_of(m), little_endian_view(entry.data), m.sha256, repr(m.created),
+            m.model_sha256]
+        size = sum(stored_bytes(len(a)) for a in args)
+
+        def write(r: redis.Redis) -> bool:
+            limit = self._check_room(r, key, size)
+            try:
+                return bool(self._put_script(keys=[key, self._index], args=args, client=r))
+            except redis.exceptions.OutOfMemoryError:  # another writer was faster
+                raise RedisFull(f"Redis is at its memory limit (maxmemory {limit} bytes) and "
+                                f"refused {size} more bytes") from None
+        try:
+            written = self._call(write)
+        except RedisFull:
+            self._error()
+            self._note_full(True)
+            raise
+        self._note_full(False)
+        return written
+
+    def _check_room(self, r: redis.Redis, key: str, size: int) -> int:
+        """Redis's maxmemory (0 = none); RedisFull unless `size` more bytes fit under it once
+        Redis has evicted what it may. Kept: Redis's own overhead (client buffers included) and,
+        under a volatile-* policy, the backgrounds (but `key`, which is replaced), or under
+        noeviction everything. Keys without a TTL of other applications are not seen."""
+        info: dict[str, Any] = r.info("memory")
+        limit, used = int(info.get("maxmemory", 0)), int(info.get("used_memory", 0))
+        if limit <= 0 or used + size <= limit:
+            return limit
+        if info.get("maxmemory_policy") == "noeviction":
+            kept = used
+        else:
+            kept = int(info.get("used_memory_overhead", 0)) + self._pinned(r, key)
+        if kept + size > limit:
+            raise RedisFull(f"Redis is at its memory limit (maxmemory {limit} bytes): {size} "
+                            f"more bytes do not fit beside the {kept} it cannot evict")
+        return limit
+
+    def _pinned(self, r: redis.Redis, key: str) -> int:
+        """Bytes of the keys Redis never evicts: every background but `key`, the index, the
+        epoch."""
+        keys = [k for k in r.smembers(self._index) if k != key.encode()]  # type: ignore[union-attr]
+        pipe = r.pipeline(transaction=False)
+        for k in [*keys, self._index, self._epoch_key]:
+            pipe.memory_usage(k)
+        return sum(int(n or 0) for n in pipe.execute())
+
+    def _note_full(self, full: bool) -> None:
+        """Log when writes start and stop being refused for Redis's maxmemory."""
+        if full != self._full:
+            self._full = full
+            if full:
+                log.warning("Redis at %s is at its maxmemory: uploads are refused and results "
+                            "not shared until memory is freed", masked(self.options.url))
+            else:
+                log.info("Redis at %s takes writes again", masked(self.options.url))
 
     def _delete(self, r: redis.Redis, key: str) -> int:
         pipe = r.pipeline(transaction=True)
@@ -472,10 +574,14 @@ class RedisStore:
         return True
 
     def _read_epoch(self, r: redis.Redis) -> str:
-        pipe = r.pipeline(transaction=True)
-        pipe.set(self._epoch_key, uuid.uuid4().hex, nx=True)
-        pipe.get(self._epoch_key)
-        return bytes(pipe.execute()[1]).decode()
+        """The dataset's epoch: a read, so a full Redis answers this liveness probe. Created
+        when missing; "" when it cannot be (Redis full)."""
+        epoch = r.get(self._epoch_key)
+        if epoch is None:
+            with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                r.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            epoch = r.get(self._epoch_key)
+        return "" if epoch is None else bytes(epoch).decode()  # type: ignore[arg-type]
 
     def _flush(self, restore: bool) -> bool:
         """Write held uploads (and, after data loss, every local copy Redis lacks)."""
@@ -484,6 +590,8 @@ class RedisStore:
         for key, entry, mode in todo:
             try:
                 written = self._write(key, entry, mode or ABSENT)
+            except RedisFull:
+                continue  # held (or not restored) until there is room; Redis is up
             except RedisDown:
                 return False
             with self._lock:
@@ -494,6 +602,12 @@ class RedisStore:
                 log.info("background %s %s", key, "written to Redis" if written
                          else "superseded in Redis by a newer one")
         return True
+
+
+def stored_bytes(n: int) -> int:
+    """What Redis's allocator (jemalloc: four size classes per doubling) takes for n bytes."""
+    step = 1 << max(n.bit_length() - 3, 4)
+    return -(-n // step) * step
 
 
 def as_bytes(value: object) -> bytes | None:

@@ -23,15 +23,14 @@ import hashlib
 import json
 import logging
 import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from explainers.base import Array
+from explainers.memory import ByteLru, nbytes_of
 from service.store.backgrounds import CorruptValue, frame, little_endian, unframe
 
 log = logging.getLogger(__name__)
@@ -63,30 +62,37 @@ def request_key(X: Array, *parts: object) -> str:
 
 
 class ResultCache(Generic[T]):
-    """Bounded LRU with a TTL; misses are looked up in the shared blobs, puts written to them."""
+    """LRU bounded by entries and bytes, with a TTL; misses are looked up in the shared blobs,
+    puts written to them."""
 
     def __init__(self, size: int, ttl_s: float, kind: type[T], types: Iterable[type] = (),
-                 shared: Blobs | None = None, clock: Callable[[], float] = time.time) -> None:
+                 shared: Blobs | None = None, clock: Callable[[], float] = time.time,
+                 max_bytes: int = 2**62, nbytes: Callable[[T], int] = nbytes_of) -> None:
         self.size, self.ttl_s, self.kind, self.shared = size, ttl_s, kind, shared
+        self.max_bytes = max_bytes
         self._clock = clock
         self._codec = Codec((kind, *types))
-        self._items: OrderedDict[str, tuple[float, T]] = OrderedDict()  # key -> (expires, value)
-        self._lock = threading.Lock()
+        self._items: ByteLru[str, tuple[float, T]] = ByteLru(  # key -> (expires, value)
+            max_bytes, size, lambda item: nbytes(item[1]))
 
     @property
     def enabled(self) -> bool:
-        return self.size > 0
+        return self.size > 0 and self.max_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this process's entries."""
+        return self._items.nbytes
 
     def get(self, key: str) -> T | None:
         """The cached value, from this process first, then from the shared store."""
         if not self.enabled:
             return None
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None and item[0] > self._clock():
-                self._items.move_to_end(key)
-                return item[1]
-            self._items.pop(key, None)
+        item = self._items.get(key)
+        if item is not None and item[0] > self._clock():
+            return item[1]
+        if item is not None:
+            self._items.pop(key)
         return self._get_shared(key)
 
     def put(self, key: str, value: T) -> None:
@@ -104,15 +110,10 @@ class ResultCache(Generic[T]):
         self.shared.put_blob(key, blob, self.ttl_s)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
     def _keep(self, key: str, value: T, expires: float) -> None:
-        with self._lock:
-            self._items[key] = (expires, value)
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self._items.put(key, (expires, value))
 
     def _get_shared(self, key: str) -> T | None:
         blob = self.shared.get_blob(key) if self.shared is not None else None
