@@ -255,7 +255,11 @@ def tree_default_scale(config: ModelConfig, model: OnnxModel, output: str,
                        trees: ParsedTrees | None) -> ModelConfig:
     """A tree classifier without a configured scale is explained where TreeSHAP is exact (in
     milliseconds, where probabilities need a sampler and seconds): the logit of a LOGISTIC
-    output, read off the margin, else the margin. An explicit `scale:` always wins."""
+    output, read off the margin, else the margin. An explicit `scale:` always wins (margin
+    only where the model has one)."""
+    if config.scale == "margin" and output not in model.margin_outputs:
+        raise FailedPrecondition(f"explain.yaml scale: margin, but output {output!r} has no "
+                                 "link (post_transform, Sigmoid or Softmax) to remove")
     if "scale" in config.model_fields_set or trees is None \
             or output not in trees["score_outputs"] or output not in model.margin_outputs:
         return config
