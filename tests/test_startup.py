@@ -137,7 +137,7 @@ def test_a_good_upload_repairs_a_model_whose_file_was_poisoned(
     ("bad_class_names", "class_names: 3 names"),
     ("bad_method", "method: unknown method 'magic'"),
     ("logit_regression", "logit needs probabilities"),
-    ("margin_regression", "no margin"),
+    ("margin_regression", "has no link"),
 ])
 def test_a_config_that_does_not_fit_the_model_fails_only_that_model(
         mixed_stub: pb_grpc.ExplainerStub, model: str, reason: str) -> None:

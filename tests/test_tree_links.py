@@ -66,6 +66,14 @@ def add(root: Path, name: str, model: onnx.ModelProto, config: str = "") -> None
     (root / name / "explain.yaml").write_text(f"background: {{path: bg.npy}}\n{config}")
 
 
+def regressor() -> onnx.ModelProto:
+    """A gradient-boosted regressor: trees with no link."""
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    X = make_data(100, 0)
+    return convert(GradientBoostingRegressor(n_estimators=5, random_state=0).fit(X, X[:, 0]))
+
+
 @pytest.fixture(scope="module")
 def built() -> dict[str, onnx.ModelProto]:
     from sklearn.ensemble import GradientBoostingClassifier
@@ -87,6 +95,7 @@ def server(built: dict[str, onnx.ModelProto],
     for name, model in built.items():
         add(root, name, model)
     add(root, "sk_binary_identity", built["sk_binary"], "scale: identity\n")
+    add(root, "regressor_margin", regressor(), "scale: margin\n")
     yield from serve(root, drift_enabled=False)
 
 
@@ -121,6 +130,8 @@ def test_an_explicit_scale_in_explain_yaml_wins(stub: pb_grpc.ExplainerStub) -> 
     assert stub.GetModel(pb.GetModelRequest(model="sk_binary_identity")).scale == "identity"
     r = explain(stub, "sk_binary_identity")
     assert (r.method, r.scale) == ("exact", "identity")
+    failed = stub.GetModel(pb.GetModelRequest(model="regressor_margin"))  # nothing to remove
+    assert failed.state == "FAILED" and "scale: margin" in failed.error
 
 
 @pytest.mark.parametrize("model", ["lgb_binary", "lgb_sigmoid_node"])

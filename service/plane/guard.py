@@ -28,6 +28,7 @@ it is never cached and never reaches the metrics as an answered row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from service.plane.targets import Target
 
 SAMPLERS = ("exact", "permutation", "kernel", "partition")
 CLOSED_FORMS = ("linear", "tree")  # fall back to the sampler when their answer fails
+OWN_BASE = ("tree",)  # methods that compute their own base value (not the data plane's E f)
 SAMPLER_TOLERANCE = 1e-9
 CLOSED_FORM_TOLERANCE = {"FP64": 1e-9, "FP32": 1e-5, "FP16": 1e-2, "BF16": 1e-1}
 TINY = float(np.finfo(np.float64).tiny)  # sizes are at least this: 0 / 0 never happens
@@ -94,8 +96,11 @@ def tolerance(method: str, precision: str, additive: bool = True) -> float | Non
 def find_failure(rows: Rows, precision: str, background: Background | None) -> Failure | None:
     """The most telling failure over all rows (the input, then the background, then the
     attributions), or None. `background` is the one of the answer's target, when known: its
-    E f must then equal the rows' base values (TreeSHAP computes its own). Vectorised over
-    rows: 0.05-0.15 ms for one row, ~1 ms for 256 rows of 30 features (busy 2-core machine)."""
+    E f must then equal the rows' base values (TreeSHAP computes its own).
+
+    A clean answer passes one vectorised test (an inf or NaN anywhere makes its row's gap
+    non-finite); only a failing one is diagnosed. CPU per call on a busy 2-core machine: ~25 us
+    for one row, ~0.26 ms for 256 rows of 30 features."""
     if not rows:
         return None
     if len({r.values.shape for r in rows}) > 1:  # players differ per row (tokens): one by one
@@ -106,8 +111,13 @@ def find_failure(rows: Rows, precision: str, background: Background | None) -> F
         return None
     pred, base, values, errors = (_stacked([getattr(r, name) for r in rows]) for name in (
         "prediction", "base_values", "values", "std_errors"))  # (rows, outputs[, features])
+    tol = _tolerances(rows, precision)  # (rows,)
+    own_base = any(r.method in OWN_BASE for r in rows)  # the others are handed E f itself
+    gaps = relative_gaps(pred, base, values, background if own_base else None, spread=False)
+    if float(np.max(gaps - tol)) <= 0 and math.isfinite(float(errors.sum())):
+        return None  # NaN fails both tests; the std of f(background) is not needed to pass
     return _non_finite(rows, pred, base, values, errors) \
-        or _gap(rows, relative_gaps(pred, base, values, background), precision)
+        or _gap(rows, relative_gaps(pred, base, values, background), tol)
 
 
 def _non_finite(rows: Rows, pred: Array, base: Array, values: Array,
@@ -141,25 +151,30 @@ def checked(choice: Choice, rows: Rows, target: Target, background: Background |
     raise failure.error(precision, background_name)
 
 
-def relative_gaps(pred: Array, base: Array, values: Array,
-                  background: Background | None) -> Array:
+def relative_gaps(pred: Array, base: Array, values: Array, background: Background | None,
+                  spread: bool = True) -> Array:
     """Per row, the largest over outputs of |f(x) - base - sum(phi)| and |base - E f| over
-    the size of the numbers, max(|f(x)|, |base|, |E f|, std of f(background)): (rows,).
-    pred and base are (rows, outputs), values (rows, outputs, features)."""
+    the size of the numbers, max(|f(x)|, |base|, |E f|, std of f(background) unless not
+    `spread`): (rows,). pred and base are (rows, outputs), values (rows, outputs, features)."""
     gap = np.abs(pred - base - values.sum(axis=2))  # (rows, outputs)
     size = np.maximum(np.abs(pred), np.abs(base))
     if background is not None:
         expected = background.base_values  # (outputs,)
         gap = np.maximum(gap, np.abs(base - expected))
-        spread = np.sqrt(background.weights @ (background.predictions - expected) ** 2)
-        size = np.maximum(size, np.maximum(np.abs(expected), spread))
+        size = np.maximum(size, np.abs(expected))
+        if spread:
+            size = np.maximum(size, np.sqrt(background.weights
+                                            @ (background.predictions - expected) ** 2))
     return np.asarray((gap / np.maximum(size, TINY)).max(axis=1))
 
 
-def _gap(rows: Rows, gaps: Array, precision: str) -> Failure | None:
+def _tolerances(rows: Rows, precision: str) -> Array:
+    """Each row's relative tolerance (inf where the method is not additive): (rows,)."""
+    return np.array([tolerance(r.method, precision, r.additive) or np.inf for r in rows])
+
+
+def _gap(rows: Rows, gaps: Array, tol: Array) -> Failure | None:
     """The first row whose relative gap exceeds its method's tolerance."""
-    tol = np.array([tolerance(r.method, precision, r.additive) or np.inf
-                    for r in rows])  # (rows,)
     over = np.flatnonzero(~(gaps <= tol))
     if over.size == 0:
         return None
@@ -171,6 +186,8 @@ def _gap(rows: Rows, gaps: Array, precision: str) -> Failure | None:
 
 def _stacked(arrays: list[Array]) -> Array:
     """Equal-shaped arrays as one (len, *shape) array (concatenate: ~2x np.array here)."""
+    if len(arrays) == 1:
+        return arrays[0][None]
     return np.concatenate(arrays).reshape((len(arrays), *arrays[0].shape))
 
 
