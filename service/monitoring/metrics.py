@@ -234,7 +234,8 @@ def _by_method(a: Answer) -> list[Answer]:
     return [a._replace(methods=(a.methods[i],), evaluations=(a.evaluations[i],),
                        exhausted=(a.exhausted[i],), converged=(a.converged[i],),
                        samples=(a.samples[i],), std_errors=a.std_errors[i:i + 1],
-                       predictions=a.predictions[i:i + 1], values=a.values[i:i + 1],
+                       predictions=a.predictions[i:i + 1], base=a.base[i:i + 1],
+                       values=a.values[i:i + 1],
                        X=a.X[i:i + 1], rows=1, mixed=False) for i in range(a.rows)]
 
 

@@ -472,7 +472,8 @@ class DataPlane:
 
     def _explain(self, p: Prepared) -> ExplainResult:
         """Choose the method and explain every row before the deadline."""
-        if not p.players.plain:
+        method = (p.query.method or p.model.config.method).strip().lower()
+        if not p.players.plain or method == "occlusion":
             return self._explain_grouped(p)
         q, model, X = p.query, p.model, p.X
         assert p.background is not None and p.meta is not None
