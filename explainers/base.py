@@ -12,10 +12,12 @@ import numpy as np
 from scipy import stats
 
 from explainers.errors import InvalidArgument
+from explainers.groups import Groups
 
 Array = np.ndarray
 ModelFn = Callable[[Array], Array]
-"""A model as estimators see it: (rows, features) float64 -> (rows, outputs) float64."""
+"""A model as estimators see it: (rows, elements) -> (rows, outputs) float64, every input
+flattened and concatenated into one element axis."""
 
 
 def _frozen(array: Array, dtype: type = np.float64) -> Array:
@@ -139,11 +141,12 @@ class Evaluator:
 
 @dataclass(frozen=True)
 class Explanation:
-    """One row's attributions. Arrays are read-only; std_errors are 0 for exact methods."""
+    """One row's attributions, one per player (feature or group). Arrays are read-only;
+    std_errors are 0 for exact methods."""
 
     method: str
-    values: Array  # (outputs, features)
-    std_errors: Array  # (outputs, features)
+    values: Array  # (outputs, players)
+    std_errors: Array  # (outputs, players)
     base_values: Array  # (outputs,)
     prediction: Array  # (outputs,)
     evaluations: int
@@ -153,14 +156,22 @@ class Explanation:
     # (an exact method's std_errors are all 0; metrics rely on it)
     dof: float = math.inf  # degrees of freedom of the standard errors (for t intervals)
     notes: tuple[str, ...] = field(default=())
-    dofs: Array | None = None  # (outputs, features) per-attribution dof; overrides `dof`
+    dofs: Array | None = None  # (outputs, players) per-attribution dof; overrides `dof`
+    # (outputs, elements) a map shaped like the input, when it is not each element's group value
+    # (occlusion averages overlapping windows); None = derive it from the groups
+    map: Array | None = None
+    # sum(values) == prediction - base_values by construction (the data plane checks it)
+    additive: bool = True
+    # method-specific measures of the answer's quality or cost (e.g. a surrogate's weighted R^2)
+    diagnostics: tuple[tuple[str, float], ...] = ()
 
     @staticmethod
     def build(method: str, values: Array, std_errors: Array, base: Array, pred: Array,
-              **meta: int | float | bool | tuple[str, ...] | Array) -> Explanation:
+              **meta: object) -> Explanation:
         """Freeze the arrays; every estimator returns through here."""
-        if isinstance(meta.get("dofs"), np.ndarray):
-            meta["dofs"] = _frozen(meta["dofs"])  # type: ignore[arg-type]
+        for key in ("dofs", "map"):
+            if isinstance(meta.get(key), np.ndarray):
+                meta[key] = _frozen(meta[key])  # type: ignore[arg-type]
         return Explanation(method, _frozen(values), _frozen(std_errors), _frozen(base),
                            _frozen(pred), **meta)  # type: ignore[arg-type]
 
@@ -182,9 +193,13 @@ class Estimator(Protocol):
     name: str
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation: ...
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
+        """Attributions of f(x) (x: (elements,)) against the background, one per group
+        (default: one per element), within the budget."""
+        ...
 
     def expected_evaluations(self, n_features: int, background: Background) -> int | None:
-        """Evaluations an exact answer needs, or None for anytime samplers."""
+        """Evaluations an exact answer over n_features players needs, or None for anytime
+        samplers."""
         ...
 

@@ -1,5 +1,6 @@
 """Name -> estimator. Model-independent methods only: the tree and linear explainers are built
-from a model's graph by the service, which adds them per model."""
+from a model's graph by the service, which adds them per model, and occlusion from the request's
+window layout."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from types import MappingProxyType
 
 from explainers.base import Estimator
 from explainers.errors import InvalidArgument, quoted
+from explainers.perturbation.lime import Lime
 from explainers.shapley.auto import AutoShapley
 from explainers.shapley.exact import ExactShapley
 from explainers.shapley.kernel import KernelShap
+from explainers.shapley.partition import PartitionOwen
 from explainers.shapley.permutation import PermutationShapley
 
 
@@ -22,6 +25,8 @@ def build_registry() -> Mapping[str, Estimator]:
         "permutation": permutation,
         "kernel": KernelShap(),
         "auto": AutoShapley(exact, permutation),
+        "partition": PartitionOwen(),
+        "lime": Lime(),
     }
     return MappingProxyType(methods)
 

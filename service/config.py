@@ -115,6 +115,43 @@ class BackgroundConfig(BaseModel):
     max_rows: int | None = Field(None, ge=1)
 
 
+class ImageConfig(BaseModel):
+    """How an image input is read and cut into patches (the players of image explanations)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layout: Literal["NCHW", "NHWC", "HW"] | None = Field(None, description="Axis order; "
+                                                         "default: inferred from the shape.")
+    patch: list[int] | int | None = Field(None, description="Patch size in pixels per spatial "
+                                          "axis (one value: square).")
+    grid: list[int] | int | None = Field(None, description="Patches per spatial axis.")
+
+
+class TextConfig(BaseModel):
+    """Token-id inputs: padding is never a player; the mask token is the text baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+    pad_token: int | None = Field(0, description="Id of padding (never a player); null = none.")
+    mask_token: int | None = Field(None, description="Id that replaces a removed token.")
+    vocabulary: str | None = Field(None, description="File with one token per line (line = id), "
+                                   "for labels and the CLI's --text.")
+
+
+class GroupConfig(BaseModel):
+    """A block of tabular features explained as one player (a one-hot encoding, say)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    features: list[str] = Field(min_length=1)
+
+
+class OcclusionConfig(BaseModel):
+    """Default window of method occlusion (per input axis; one value: every spatial axis)."""
+
+    model_config = ConfigDict(extra="forbid")
+    window: list[int] | int
+    strides: list[int] | int | None = None
+
+
 class ModelConfig(BaseModel):
     """explain.yaml: what ONNX cannot say about a model. Every key is optional."""
 
@@ -130,3 +167,15 @@ class ModelConfig(BaseModel):
     allow_missing: bool = False
     drift_reference: BackgroundConfig | None = Field(None, description="Rows that drift is "
                                                      "measured against; default: the background.")
+    modality: Literal["tabular", "image", "text"] | None = Field(None, description="How the "
+                                                                  "inputs are read; default: "
+                                                                  "inferred from the graph.")
+    image: ImageConfig | None = None
+    text: TextConfig | None = None
+    baseline: Literal["background", "zeros", "mean", "blur", "constant", "mask"] | None = Field(
+        None, description="What replaces a removed group; default: background rows (tabular), "
+        "zeros (images), the mask token (text).")
+    baseline_value: float = Field(0.0, description="The constant of baseline: constant.")
+    groups: list[GroupConfig] | None = Field(None, description="Tabular blocks explained as one "
+                                             "player each.")
+    occlusion: OcclusionConfig | None = None

@@ -155,6 +155,7 @@ class InputSpec:
     datatype: str
     rank: int
     columns: int
+    shape: tuple[int, ...] = ()  # the element shape (without the batch axis)
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,10 @@ class ModelSpec:
     rows: Array  # (rows, features) valid inputs: the model's background file
 
     def split(self, X: Array) -> list[Array]:
-        """X (rows, features) as one array per input: (rows,) for rank 1, else (rows, cols)."""
+        """X (rows, elements) as one array per input, shaped (rows, *its element shape)."""
         edges = np.cumsum([0] + [i.columns for i in self.inputs])
         parts = [X[:, a:b] for a, b in itertools.pairwise(edges)]
-        return [p[:, 0] if i.rank == 1 else p for p, i in zip(parts, self.inputs, strict=True)]
+        return [p.reshape(p.shape[0], *i.shape) for p, i in zip(parts, self.inputs, strict=True)]
 
 
 def read_specs(stub: pb_grpc.ExplainerStub, root: Path) -> list[ModelSpec]:
@@ -183,10 +184,11 @@ def read_specs(stub: pb_grpc.ExplainerStub, root: Path) -> list[ModelSpec]:
 
 
 def _spec(info: pb.ModelInfo, root: Path) -> ModelSpec:
-    inputs = tuple(InputSpec(i.name, i.datatype, len(i.shape), 1 if len(i.shape) == 1
-                             else int(i.shape[1])) for i in info.inputs)
+    inputs = tuple(InputSpec(i.name, i.datatype, len(i.shape), int(np.prod(i.shape[1:])),
+                             tuple(int(d) for d in i.shape[1:])) for i in info.inputs)
     path = root / info.name / "background.npy"
     rows = np.load(path) if path.exists() else np.zeros((1, len(info.feature_names)))
+    rows = rows.reshape(rows.shape[0], -1)  # (rows, elements): images are stored (N, C, H, W)
     return ModelSpec(info.name, info.version, inputs, tuple(o.name for o in info.outputs),
                      tuple(info.feature_names), np.asarray(rows, np.float64))
 

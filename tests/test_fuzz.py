@@ -65,7 +65,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzRun]:
 
 def test_every_rpc_gets_valid_and_malformed_requests(fuzzed: FuzzRun) -> None:
     s = fuzzed.summary
-    assert s.total == COUNT and len(fuzzed.specs) == 7
+    assert s.total == COUNT and len(fuzzed.specs) == 9
     for rpc in RPCS:
         sent = sum(n for (r, _), n in s.counts.items() if r == rpc)
         assert sent >= 50 and s.valid_ok[rpc] > 0, f"{rpc}: {sent} sent\n{s.table()}"
@@ -82,7 +82,9 @@ def test_server_is_serving_afterwards(fuzzed: FuzzRun) -> None:
 
 
 def test_default_backgrounds_are_intact(fuzzed: FuzzRun) -> None:
-    assert all(len(sha) == 64 for sha in fuzzed.defaults_before.values()), fuzzed.defaults_before
+    without = {"text_sentiment"}  # a text model: its baseline is the mask token, no background
+    assert all(len(sha) == 64 for name, sha in fuzzed.defaults_before.items()
+               if name not in without), fuzzed.defaults_before
     assert fuzzed.defaults_after == fuzzed.defaults_before
 
 

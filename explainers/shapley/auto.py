@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation
+from explainers.groups import Groups
 from explainers.shapley.exact import MAX_FEATURES
 
 EXACT_SHARE = 0.5  # exact may use at most this share of the remaining budget
@@ -33,7 +34,8 @@ class AutoShapley:
         return self._exact if fits_time and fits_cap else self._sampler
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Delegates to the chosen method, which validates its own inputs."""
-        chosen = self.choose(model, x.size, background, budget)
-        return chosen.explain(model, x, background, budget, rng)
+        players = x.size if groups is None else groups.size
+        chosen = self.choose(model, players, background, budget)
+        return chosen.explain(model, x, background, budget, rng, groups)

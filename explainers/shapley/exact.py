@@ -8,7 +8,8 @@ import numpy as np
 
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument, ResourceExhausted
-from explainers.masking import coalition_values
+from explainers.groups import Groups
+from explainers.masking import coalition_values, pinned, players_of
 
 MAX_FEATURES = 16
 
@@ -48,25 +49,28 @@ class ExactShapley:
         return int((2**n_features - 2) * background.rows + 1)
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
-        """Check the feature count and that the enumeration fits the budget, then compute."""
-        if x.size > MAX_FEATURES:
-            raise InvalidArgument(f"method: exact supports at most {MAX_FEATURES} features; this "
-                                  f"model has {x.size}: use permutation, kernel or auto")
-        needed = self.expected_evaluations(x.size, background) or 0
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
+        """Check the player count and that the enumeration fits the budget, then compute."""
+        d = players_of(x, groups)
+        if d > MAX_FEATURES:
+            raise InvalidArgument(f"method: exact supports at most {MAX_FEATURES} features or "
+                                  f"groups; this request has {d}: use permutation, kernel or "
+                                  "auto")
+        needed = self.expected_evaluations(d, background) or 0
         if model.affordable_rows(budget) < needed:
             raise ResourceExhausted(f"budget_ms: exact needs {needed} model evaluations "
                                     f"(~{1e3 * model.seconds_for(needed):.0f} ms here), more "
                                     "than the budget allows: raise budget_ms or use auto")
-        return self._explain(model, x, background)
+        return self._explain(model, x, pinned(model, x, background, groups), groups)
 
-    def _explain(self, model: Evaluator, x: Array, background: Background) -> Explanation:
+    def _explain(self, model: Evaluator, x: Array, background: Background,
+                 groups: Groups | None) -> Explanation:
         fx = model(x[None])[0]  # (outputs,)
-        masks = all_coalitions(x.size)  # (2^d, features)
+        masks = all_coalitions(players_of(x, groups))  # (2^d, players)
         v = np.empty((masks.shape[0], fx.size))  # (2^d, outputs)
         v[0], v[-1] = background.base_values, fx
         if masks.shape[0] > 2:
-            v[1:-1] = coalition_values(model, masks[1:-1], x, background)
+            v[1:-1] = coalition_values(model, masks[1:-1], x, background, groups)
         phi = shapley_from_values(v)
         return Explanation.build(self.name, phi, np.zeros_like(phi), v[0], fx,
                                  evaluations=model.evaluations, converged=True,

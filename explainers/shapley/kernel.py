@@ -23,7 +23,14 @@ from explainers.anytime import (
     single_feature,
 )
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
-from explainers.masking import coalition_values, hybrid_values, sample_rows
+from explainers.groups import Groups
+from explainers.masking import (
+    coalition_values,
+    hybrid_values,
+    pinned,
+    players_of,
+    sample_rows,
+)
 
 JACKKNIFE_GROUPS = 16
 
@@ -85,34 +92,37 @@ class KernelShap:
         return None
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Check the budget can stop, then sample until it says stop."""
         require_stop_rule(budget)
-        if x.size == 1:
+        background = pinned(model, x, background, groups)
+        if players_of(x, groups) == 1:
             return single_feature(self.name, model, x, background)
-        return self._explain(model, x, background, budget, rng)
+        return self._explain(model, x, background, budget, rng, groups)
 
     def _explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                 rng: np.random.Generator) -> Explanation:
-        least = max(MIN_UNITS, 2 * x.size)  # fewer pairs: the fit and its jackknife are unsound
+                 rng: np.random.Generator, groups: Groups | None) -> Explanation:
+        d = players_of(x, groups)
+        least = max(MIN_UNITS, 2 * d)  # fewer pairs: the fit and its jackknife are unsound
         if not self.sample_background:
-            require_rows(model, budget, 1 + 2 * background.rows * (x.size + least),
-                         f"kernel with this background (its {x.size} enumerated pairs and "
+            require_rows(model, budget, 1 + 2 * background.rows * (d + least),
+                         f"kernel with this background (its {d} enumerated pairs and "
                          f"{least} sampled ones; use permutation or auto)")
         fx = model(x[None])[0]  # (outputs,)
         base = background.base_values
-        sums = KernelSums(x.size, fx.size, fx - base)
+        sums = KernelSums(d, fx.size, fx - base)
         if not self.sample_background:
-            self._enumerate(model, x, background, sums)
-            if x.size <= 3:  # the enumerated pairs are every coalition there is
+            self._enumerate(model, x, background, sums, groups)
+            if d <= 3:  # the enumerated pairs are every coalition there is
                 phi, se = sums.estimate()
                 return Explanation.build(self.name, phi, se, base, fx, converged=True,
                                          evaluations=model.evaluations, budget_exhausted=False)
         draw = kernel_masks if self.sample_background else leverage_masks
 
         def sample(n: int) -> None:
-            masks, w = draw(x.size, n, rng)  # (n, features), (n,)
-            v = self._values(model, np.concatenate([masks, ~masks]), x, background, rng)
+            masks, w = draw(d, n, rng)  # (n, players), (n,)
+            v = self._values(model, np.concatenate([masks, ~masks]), x, background, rng,
+                             groups)
             sums.add(masks, np.stack([v[:n], v[n:]], axis=1), w)  # v: (2n, outputs)
 
         def max_se() -> float:
@@ -127,23 +137,24 @@ class KernelShap:
                                  samples=units, dof=sums.groups() - 1)
 
     @staticmethod
-    def _enumerate(model: Evaluator, x: Array, background: Background, sums: KernelSums) -> None:
+    def _enumerate(model: Evaluator, x: Array, background: Background, sums: KernelSums,
+                   groups: Groups | None) -> None:
         """Fit the d pairs ({i}, all but i) exactly, with their share of the kernel."""
-        d = x.size
-        singles = np.eye(d, dtype=bool)  # (features, features)
-        v = coalition_values(model, np.concatenate([singles, ~singles]), x, background)
+        d = players_of(x, groups)
+        singles = np.eye(d, dtype=bool)  # (players, players)
+        v = coalition_values(model, np.concatenate([singles, ~singles]), x, background, groups)
         mass = size_mass(d)
         share = mass[0] + (mass[-1] if d > 2 else 0.0)  # sizes 1 and d-1 (one size when d = 2)
         sums.fix(singles, np.stack([v[:d], v[d:]], axis=1) - background.base_values, share / d)
 
     def _values(self, model: Evaluator, masks: Array, x: Array, background: Background,
-                rng: np.random.Generator) -> Array:
+                rng: np.random.Generator, groups: Groups | None) -> Array:
         """v(S) - v(empty) per coalition: (2n, outputs); pairs share one background row."""
         if not self.sample_background:
-            v = coalition_values(model, masks, x, background)  # (2n, outputs)
+            v = coalition_values(model, masks, x, background, groups)  # (2n, outputs)
             return np.asarray(v - background.base_values)
         zi = np.tile(sample_rows(background, masks.shape[0] // 2, rng), 2)  # (2n,)
-        y = hybrid_values(model, masks, x, background.data[zi])  # (2n, outputs)
+        y = hybrid_values(model, masks, x, background.data[zi], groups)  # (2n, outputs)
         return np.asarray(y - background.predictions[zi])
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from explainers.base import Array, Background, Budget, Evaluator, Explanation, ModelFn
 from explainers.errors import FailedPrecondition
+from explainers.groups import Groups, ungrouped
 
 TOLERANCE = 1e-4  # of f's spread over the probes: float32 models reproduce to ~1e-6
 ROUNDING = 1e-3  # the spread counts at least this share of max |f| (float32 offsets)
@@ -110,8 +111,9 @@ class LinearShap:
         return 1
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Check the shapes agree with the fit, then compute."""
+        ungrouped(self.name, groups)
         if self.fit.weights.shape[1] != x.size:
             raise FailedPrecondition(f"linear: fit has {self.fit.weights.shape[1]} features, "
                                      f"row has {x.size}")

@@ -27,13 +27,15 @@ under-covered by 1-3 points, so they are not used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from explainers.anytime import require_stop_rule, run_rounds, single_feature
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
-from explainers.masking import path_values
+from explainers.groups import Groups
+from explainers.masking import path_values, pinned, players_of
 
 DOUBLE_EVERY = 2  # in the first sweep, one row in this many gets two pairs (the within spread)
 FOLD_CELLS = 2**18  # pair values held before they are folded into the per-row sums
@@ -240,35 +242,48 @@ def _regression(y: Array, c: Array, c2: Array | None, total: Array) -> Fit:
     return Fit(phi, var, dof)
 
 
+OrderFn = Callable[[int, int, np.random.Generator], Array]
+"""(players d, pairs n, rng) -> ranks of the players in n orders and their reverses (2n, d)."""
+
+
 class PermutationShapley:
-    """Anytime antithetic permutation sampler; exactly additive; standard errors per feature."""
+    """Anytime antithetic permutation sampler; exactly additive; standard errors per player.
+
+    `orders` draws the random orders: uniform ones give Shapley values; orders consistent with
+    a hierarchy of groups give Owen values (shapley/partition.py)."""
 
     name = "permutation"
+
+    def __init__(self, orders: OrderFn = pair_orders, name: str = "permutation") -> None:
+        self._orders, self.name = orders, name
 
     def expected_evaluations(self, n_features: int, background: Background) -> int | None:
         return None
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Check the budget can stop, then sample until it says stop."""
         require_stop_rule(budget)
-        if x.size == 1:
+        background = pinned(model, x, background, groups)
+        if players_of(x, groups) == 1:
             return single_feature(self.name, model, x, background)
-        return self._explain(model, x, background, budget, rng)
+        return self._explain(model, x, background, budget, rng, groups)
 
     def _explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                 rng: np.random.Generator) -> Explanation:
+                 rng: np.random.Generator, groups: Groups | None) -> Explanation:
         fx = model(x[None])[0]  # (outputs,)
+        d = players_of(x, groups)
         sums, sweeps = StratifiedSums(background, fx), RowSweeps(background.rows, rng)
 
         def sample(n: int) -> None:
             rows = sweeps.take(n)  # (pairs,)
-            sums.add(rows, self._pairs(model, x, fx, background, rows, rng))
+            ranks = self._orders(d, n, rng)  # (2n, players)
+            sums.add(rows, self._pairs(model, x, fx, background, rows, ranks, groups))
 
         def max_se() -> float:
             return float(sums.estimate()[1].max())
 
-        units, stop = run_rounds(model, budget, 2 * (x.size - 1), x.size, sample, max_se)
+        units, stop = run_rounds(model, budget, 2 * (d - 1), x.size, sample, max_se)
         phi, se, dofs = sums.estimate()
         return Explanation.build(self.name, phi, se, background.base_values, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
@@ -277,14 +292,15 @@ class PermutationShapley:
 
     @staticmethod
     def _pairs(model: Evaluator, x: Array, fx: Array, background: Background, rows: Array,
-               rng: np.random.Generator) -> Array:
-        """Pair means of the marginals against each pair's background row: (pairs, d, outputs)."""
-        n, d = rows.size, x.size
-        ranks = pair_orders(d, n, rng)  # (2n, features)
+               ranks: Array, groups: Groups | None) -> Array:
+        """Pair means of the marginals against each pair's background row: (pairs, d, outputs).
+
+        ranks: (2n, players), the n orders then their reverses."""
+        n = rows.size
         zi = np.tile(rows, 2)  # (2n,) the same row for both directions
-        y = path_values(model, x, background.data[zi], ranks)  # (2n, d - 1, outputs)
+        y = path_values(model, x, background.data[zi], ranks, groups)  # (2n, d - 1, outputs)
         fz = background.predictions[zi]  # (2n, outputs)
         path = np.concatenate([fz[:, None], y,
                                np.broadcast_to(fx, (2 * n, 1, fx.size))], axis=1)
-        m = path_marginals(path, ranks)  # (2n, features, outputs)
+        m = path_marginals(path, ranks)  # (2n, players, outputs)
         return np.asarray(0.5 * (m[:n] + m[n:]))

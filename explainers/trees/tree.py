@@ -28,6 +28,7 @@ import shap
 
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.errors import InvalidArgument
+from explainers.groups import Groups, ungrouped
 from explainers.memory import ByteLru, nbytes_of
 from explainers.trees.leaf_tables import LeafBoxes, LeafTables, TablesTooLarge
 from explainers.trees.onnx_trees import ParsedTrees, parse_onnx_trees, shap_model
@@ -108,8 +109,9 @@ class TreeShap:
         return 0
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                rng: np.random.Generator) -> Explanation:
+                rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Check x and the background; exact, so the budget and rng are not consulted."""
+        ungrouped(self.name, groups)
         row = np.asarray(x, np.float64)
         if row.ndim != 1:
             raise InvalidArgument(f"x: one row of {self.n_features} features, got shape "

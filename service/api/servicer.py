@@ -13,9 +13,12 @@ import grpc
 
 from explainers.base import Explanation
 from explainers.errors import InvalidArgument, SidelightError
-from service.api.tensors import to_array
+from service.api.tensors import from_array, to_array
 from service.config import Settings
+from service.plane.baselines import DEFAULT_SIGMA, BaselineSpec
 from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
+from service.plane.grouping import MAX_GROUPS, GroupRequest
+from service.plane.players import OcclusionRequest
 from service.plane.requests import BackgroundUpload, ExplainQuery
 from service.store.backgrounds import BackgroundMeta
 from sidelight.v1 import explainer_pb2 as pb
@@ -118,7 +121,25 @@ def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext,
         output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
         budget_ms=r.budget_ms, deadline_s=_deadline(context), seed=r.seed,
         background=r.background, target_error=r.target_error,
-        max_evaluations=r.max_evaluations)
+        max_evaluations=r.max_evaluations, groups=to_groups(r.groups, max_bytes),
+        baseline=to_baseline(r.baseline), occlusion=OcclusionRequest(
+            tuple(r.occlusion.window), tuple(r.occlusion.strides), r.occlusion.input))
+
+
+def to_groups(g: pb.FeatureGroups, max_bytes: int) -> GroupRequest:
+    """The request's groups: a mask decoded like an input, the rest as given (bounded)."""
+    if len(g.labels) > MAX_GROUPS or len(g.hierarchy) > MAX_GROUPS:
+        raise InvalidArgument(f"groups: at most {MAX_GROUPS} labels and hierarchy nodes")
+    mask = to_array(g.mask, "groups.mask", max_bytes) if g.HasField("mask") else None
+    return GroupRequest(mask, g.input, tuple(g.labels), tuple(g.patch), tuple(g.grid),
+                        tuple(tuple(n.children) for n in g.hierarchy))
+
+
+def to_baseline(b: pb.Baseline) -> BaselineSpec | None:
+    """The request's baseline, None when it names none (the model's default applies)."""
+    if not b.kind:
+        return None
+    return BaselineSpec(b.kind, b.value, b.sigma or DEFAULT_SIGMA)
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -147,7 +168,7 @@ def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:
 
 
 def to_response(res: ExplainResult) -> pb.ExplainResponse:
-    rows = [to_row(e) for e in res.rows]
+    rows = [to_row(e, res, i) for i, e in enumerate(res.rows)]
     cost = pb.Cost(model_evaluations=res.evaluations, elapsed_ms=res.elapsed_ms,
                    budget_exhausted=any(e.budget_exhausted for e in res.rows),
                    converged=all(e.converged for e in res.rows), budget_ms=res.budget_ms,
@@ -155,19 +176,26 @@ def to_response(res: ExplainResult) -> pb.ExplainResponse:
     bg = res.background
     return pb.ExplainResponse(
         model=res.model, version=res.version, method=res.method,
-        feature_names=res.feature_names, output_names=res.target.names, rows=rows, cost=cost,
+        feature_names=res.labels, output_names=res.target.names, rows=rows, cost=cost,
         scale=res.target.scale, background=bg.name, background_rows=bg.rows,
         background_sha256=bg.sha256, background_usage=res.background_usage,
-        cached=res.cached, notes=res.notes)
+        cached=res.cached, notes=res.notes, modality=res.modality, grouping=res.grouping,
+        baseline=res.baseline, additive=res.additive)
 
 
-def to_row(e: Explanation) -> pb.RowExplanation:
+def to_row(e: Explanation, res: ExplainResult, i: int) -> pb.RowExplanation:
+    """One row: attributions per player, and for grouped answers its maps and labels."""
     low, high = e.interval(0.95)
-    return pb.RowExplanation(
+    row = pb.RowExplanation(
         attributions=e.values.ravel(), std_errors=e.std_errors.ravel(),
         base_values=e.base_values, predictions=e.prediction, model_evaluations=e.evaluations,
         converged=e.converged, budget_exhausted=e.budget_exhausted, method=e.method,
-        ci_low=low.ravel(), ci_high=high.ravel(), samples=e.samples)
+        ci_low=low.ravel(), ci_high=high.ravel(), samples=e.samples,
+        labels=res.row_labels[i] if res.row_labels else (), diagnostics=dict(e.diagnostics))
+    if res.maps and res.layout is not None:
+        row.maps.extend(from_array(spec.name, part) for spec, part in
+                        zip(res.layout.specs, res.layout.split(res.maps[i]), strict=True))
+    return row
 
 
 def to_model_info(s: ModelSummary) -> pb.ModelInfo:
@@ -193,6 +221,10 @@ def to_model_info(s: ModelSummary) -> pb.ModelInfo:
     info.scales.extend(["identity", "logit", *margin])
     info.notes.extend(s.notes)
     info.drift_active, info.drift_status = s.drift_active, s.drift_status
+    info.modality, info.grouping, info.baseline = m.modality.kind, s.grouping, s.baseline
+    info.group_labels.extend(s.group_labels)
+    info.baselines.extend(s.baselines)
+    info.vocabulary.extend(m.vocabulary)
     return info
 
 

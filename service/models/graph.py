@@ -59,6 +59,13 @@ def discrete_inputs(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
+def index_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Graph inputs whose values reach the index slot of a lookup (token ids into an
+    embedding, category codes into a table), whatever their dtype."""
+    nodes = list(_all_nodes(model.graph))
+    return frozenset(v.name for v in _real_inputs(model.graph) if _index_use(v.name, nodes))
+
+
 def precision(model: onnx.ModelProto) -> str:
     """The coarsest float type among the graph's inputs, outputs and Cast targets (FP32 for a
     double-in, float-out LinearRegressor): the rounding that the model's outputs carry."""

@@ -1,12 +1,12 @@
 """The model adapter: one onnxruntime session per model version, seen as a flat function of a
-(rows, features) matrix. Handles dtypes, several inputs, ZipMap outputs and bounded chunks."""
+(rows, elements) matrix (service/models/inputs.py lays N-d inputs out flat). Handles dtypes,
+several inputs, ZipMap outputs and bounded chunks."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
 from service.models.graph import discrete_inputs, precision
+from service.models.inputs import Layout, TensorInfo
 from service.models.margins import margin_graph
 
 ONNX_TO_OIP = {
@@ -40,20 +41,6 @@ ORT_MESSAGE_CHARS = 300
 ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. "
                       r"Name:'([^']*)' Status Message: (?:\S+:\d+ .*? was false\. )?")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A model input or output: name, OIP datatype and shape (-1 = dynamic)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    @property
-    def columns(self) -> int:
-        """Feature columns of a tabular tensor: [batch] has 1, [batch, k] has k."""
-        return 1 if len(self.shape) == 1 else self.shape[1]
 
 
 def _info(arg: ort.NodeArg) -> TensorInfo:
@@ -105,7 +92,12 @@ def _logit_matches(p: Array, margin: Array, tol: float = 1e-2) -> bool:
 
 
 class OnnxModel:
-    """A loaded ONNX model: tabular inputs concatenated into one feature axis."""
+    """A loaded ONNX model: every input's elements concatenated into one flat axis.
+
+    `layout` is how requests and backgrounds are laid out unless they say otherwise: fixed by
+    the graph when every element axis is static, else taken from the background file's shape
+    (`adopt_layout`) or 16 per symbolic axis. Requests of another shape pass their own layout.
+    """
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         raw = path.read_bytes()
@@ -120,8 +112,8 @@ class OnnxModel:
         self.outputs = [_info(a) for a in self.session.get_outputs()]
         self.discrete_inputs = discrete_inputs(self.proto)  # name -> why it takes only ids
         self.precision = precision(self.proto)  # FP16, FP32 or FP64: the outputs' rounding
-        self._check_tabular()
-        self.offsets = np.cumsum([0] + [i.columns for i in self.inputs])  # (inputs + 1,)
+        self._check_inputs()
+        self.layout = Layout.static_of(self.inputs)
         self.chunk_rows = 4096
         self.rows_per_second = 1e5
         self._columns: dict[str, int] = {}
@@ -133,14 +125,25 @@ class OnnxModel:
 
     @property
     def n_features(self) -> int:
-        return int(self.offsets[-1])
+        """Elements of a row in the default layout (features of a table)."""
+        return self.layout.elements
 
-    def _check_tabular(self) -> None:
+    @property
+    def static(self) -> bool:
+        """Whether every input's element shape is fixed by the graph."""
+        return all(i.static for i in self.inputs)
+
+    def adopt_layout(self, layout: Layout) -> None:
+        """Make `layout` the default (a background's row shape, for symbolic axes)."""
+        self.layout = layout
+        self._columns.clear()
+
+    def _check_inputs(self) -> None:
         for i in self.inputs:
-            if len(i.shape) not in (1, 2) or i.columns < 1 or i.datatype not in OIP_TO_NUMPY:
+            if len(i.shape) < 1 or i.datatype not in OIP_TO_NUMPY:
                 raise FailedPrecondition(
-                    f"input {i.name!r} is {i.datatype}{list(i.shape)}: tabular explainers need "
-                    "numeric [batch] or [batch, features] inputs with a fixed feature count")
+                    f"input {i.name!r} is {i.datatype}{list(i.shape)}: explainers need numeric "
+                    "inputs with a batch axis first")
 
     def main_output(self) -> str:
         """The first floating-point output (probabilities for converted classifiers)."""
@@ -163,11 +166,14 @@ class OnnxModel:
             self._columns[output] = self._run(np.zeros((1, self.n_features)), output).shape[1]
         return self._columns[output]
 
-    def predict(self, X: Array, output: str, margin: bool = False) -> Array:
-        """Output `output` for X (rows, features) as float64 (rows, columns), chunked; with
-        `margin`, the scores before the link op's post_transform (see service.models.margins)."""
+    def predict(self, X: Array, output: str, margin: bool = False,
+                layout: Layout | None = None) -> Array:
+        """Output `output` for X (rows, elements) as float64 (rows, columns), chunked; with
+        `margin`, the scores before the link op's post_transform (see service.models.margins).
+        `layout`: how X's elements form the inputs (default: the model's)."""
         step = self.chunk_rows
-        parts = [self._run(X[i:i + step], output, margin) for i in range(0, X.shape[0], step)]
+        parts = [self._run(X[i:i + step], output, margin, layout)
+                 for i in range(0, X.shape[0], step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def check_margins(self, probe: Array) -> None:
@@ -180,12 +186,9 @@ class OnnxModel:
                 verified.add(output)
         self.logit_is_margin = frozenset(verified)
 
-    def _run(self, X: Array, output: str, margin: bool = False) -> Array:
-        feeds = {}
-        for k, info in enumerate(self.inputs):
-            cols = X[:, self.offsets[k]:self.offsets[k + 1]]  # (rows, columns of this input)
-            cols = cols.astype(OIP_TO_NUMPY[info.datatype], copy=False)
-            feeds[info.name] = cols[:, 0] if len(info.shape) == 1 else cols
+    def _run(self, X: Array, output: str, margin: bool = False,
+             layout: Layout | None = None) -> Array:
+        feeds = (layout or self.layout).feeds(X)
         session = self._margin_session if margin and self._margin_session else self.session
         try:
             y = np.asarray(session.run([output], feeds)[0], dtype=np.float64)

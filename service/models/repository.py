@@ -19,6 +19,8 @@ from explainers.base import Array
 from explainers.errors import FailedPrecondition, NotFound, quoted
 from explainers.trees.onnx_trees import ParsedTrees, UnsupportedTrees, parse_onnx_trees
 from service.config import BackgroundConfig, ModelConfig, Settings
+from service.models.graph import index_inputs
+from service.models.inputs import TABULAR, Layout, Modality, infer_modality
 from service.models.onnx_model import OIP_TO_NUMPY, OnnxModel
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class LoadedModel:
     tree_error: str = "no tree ensemble"  # why not, when trees is None
     notes: tuple[str, ...] = ()  # what an operator should know: files left out, and why
     drift_rows: Array | None = None  # (rows, features) explain.yaml's drift_reference, if usable
+    modality: Modality = TABULAR  # how the inputs are read
+    vocabulary: tuple[str, ...] = ()  # token strings by id (text models with a vocabulary file)
 
     @property
     def sha256(self) -> str:
@@ -216,7 +220,34 @@ def load_version(name: str, vdir: Path, config: ModelConfig, settings: Settings)
     names, names_note = feature_names(config, model, header)
     notes = tuple(n for n in (bg_note, drift_note, names_note) if n)
     return LoadedModel(name, vdir.name, model, config, names, output, background, trees, why,
-                       notes, drift_rows)
+                       notes, drift_rows, modality_of(config, model),
+                       read_vocabulary(vdir.parent, config))
+
+
+def modality_of(config: ModelConfig, model: OnnxModel) -> Modality:
+    """The modality inferred from the graph (or configured), checked against the config."""
+    layout = config.image.layout if config.image else None
+    modality = infer_modality(model.inputs, index_inputs(model.proto), config.modality, layout)
+    if config.image is not None and modality.kind != "image":
+        raise FailedPrecondition(f"explain.yaml image: the model's inputs are read as "
+                                 f"{modality.kind}, not an image (set modality: image)")
+    if config.baseline == "mask" and (config.text is None or config.text.mask_token is None):
+        raise FailedPrecondition("explain.yaml baseline: mask needs text.mask_token")
+    if config.baseline == "blur" and modality.kind != "image":
+        raise FailedPrecondition("explain.yaml baseline: blur needs an image input")
+    return modality
+
+
+def read_vocabulary(directory: Path, config: ModelConfig) -> tuple[str, ...]:
+    """text.vocabulary: one token per line, the line number being its id (bounded in size)."""
+    name = config.text.vocabulary if config.text else None
+    if not name:
+        return ()
+    path = directory / name
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FailedPrecondition(f"explain.yaml text.vocabulary: {name} is over "
+                                 f"{MAX_CONFIG_BYTES} bytes")
+    return tuple(path.read_text(encoding="utf-8").splitlines())
 
 
 def check_config(config: ModelConfig, model: OnnxModel, output: str) -> None:
@@ -321,9 +352,7 @@ def read_rows(path: Path, spec: BackgroundConfig, model: OnnxModel, allow_missin
     """A .npy or .csv matrix checked against the model and capped at max_rows: (rows,
     features) float64 and a CSV header's names."""
     data, names = read_matrix(path)
-    d = model.n_features
-    if data.ndim != 2 or data.shape[1] != d or data.shape[0] == 0:
-        raise FailedPrecondition(f"shape {list(data.shape)}, the model needs [rows, {d}]")
+    data = flat_rows(data, model)  # (rows, elements)
     limit = min(spec.max_rows or settings.max_background_rows, settings.max_background_rows)
     if data.shape[0] > limit:
         log.warning("%s: %d rows, keeping the first %d (max_rows)", path, data.shape[0], limit)
@@ -332,6 +361,21 @@ def read_rows(path: Path, spec: BackgroundConfig, model: OnnxModel, allow_missin
     if why:
         raise FailedPrecondition(why)
     return data, names
+
+
+def flat_rows(data: Array, model: OnnxModel) -> Array:
+    """Rows of a file as (rows, elements): flat already, or one input's shape per row
+    ((rows, C, H, W) images, say), which also fixes the model's symbolic axes."""
+    d = model.n_features
+    if data.ndim == 2 and data.shape[1] == d and data.shape[0] > 0:
+        return data
+    layout = Layout.of_rows(model.inputs, data.shape[1:]) if data.ndim >= 2 else None
+    if layout is None or data.shape[0] == 0 or (model.static and layout.elements != d):
+        shape = ["rows", *model.layout.shapes[0]] if len(model.inputs) == 1 else ["rows", d]
+        raise FailedPrecondition(f"shape {list(data.shape)}, the model needs {shape}")
+    if not model.static:
+        model.adopt_layout(layout)
+    return data.reshape(data.shape[0], -1)
 
 
 def read_matrix(path: Path) -> tuple[Array, tuple[str, ...]]:
@@ -361,15 +405,16 @@ def unusable_values(model: OnnxModel, data: Array, allow_missing: bool) -> str:
     """Why rows (rows, features) cannot be fed to the model, "" if they can: a value its input's
     dtype cannot hold (infinite once cast, so 1e39 fails float32; NaN unless allow_missing, and
     never in an integer input)."""
+    offsets = model.layout.offsets
     for k, spec in enumerate(model.inputs):
         dtype = np.dtype(OIP_TO_NUMPY[spec.datatype])
-        cols = np.asarray(data[:, model.offsets[k]:model.offsets[k + 1]], np.float64)
+        cols = np.asarray(data[:, offsets[k]:offsets[k + 1]], np.float64)
         bad = _outside(cols, dtype, allow_missing)  # (rows, columns of this input)
         if bad.any():
             row, col = map(int, np.argwhere(bad)[0])
             hint = " (NaN needs `allow_missing: true` in explain.yaml)" \
                 if np.isnan(cols[row, col]) and dtype.kind == "f" else ""
-            return (f"row {row}, feature {col + int(model.offsets[k])}: {cols[row, col]:g} is "
+            return (f"row {row}, feature {col + offsets[k]}: {cols[row, col]:g} is "
                     f"not usable as the model's {dtype.name} input {spec.name!r}{hint}")
     return ""
 

@@ -70,13 +70,14 @@ class Answer(NamedTuple):
     exhausted: tuple[bool, ...]
     converged: tuple[bool, ...]
     samples: tuple[int, ...]  # 0 for exact methods, whose std_errors are all 0
-    std_errors: Array  # (rows, outputs, features)
+    std_errors: Array  # (rows, outputs, players); zero-padded when rows have fewer players
     predictions: Array  # (rows, outputs)
-    base: Array  # (outputs,) E f(background): the same for every row of a call
-    values: Array  # (rows, outputs, features)
+    base: Array  # (rows, outputs) each row's base value (E f over its reference rows)
+    values: Array  # (rows, outputs, players); zero-padded like std_errors
     cached: bool  # from the result cache: no cost or quality to count
     rows: int
     mixed: bool  # rows explained by different methods (auto may pick per row)
+    additive: bool = True  # every row's values add up to prediction - base
 
 
 def answer_of(result: Any) -> Answer:
@@ -84,20 +85,30 @@ def answer_of(result: Any) -> Answer:
     import the data plane). One row costs three views; more rows one array per kind."""
     rows = result.rows
     first = rows[0]
+    additive = all(r.additive for r in rows)
     if len(rows) == 1:
         return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
                       result.target.key, (first.method,), (first.evaluations,),
                       (first.budget_exhausted,), (first.converged,), (first.samples,),
-                      first.std_errors[None], first.prediction[None], first.base_values,
-                      first.values[None], result.cached, 1, False)
+                      first.std_errors[None], first.prediction[None], first.base_values[None],
+                      first.values[None], result.cached, 1, False, additive)
     methods, evaluations, exhausted, converged, samples = zip(
         *[(r.method, r.evaluations, r.budget_exhausted, r.converged, r.samples) for r in rows],
         strict=True)
     return Answer(result.model, result.version, result.budget_ms, result.spread, result.X,
                   result.target.key, methods, evaluations, exhausted, converged, samples,
-                  np.array([r.std_errors for r in rows]), np.array([r.prediction for r in rows]),
-                  first.base_values, np.array([r.values for r in rows]), result.cached,
-                  len(rows), len(set(methods)) > 1)
+                  _padded([r.std_errors for r in rows]), np.array([r.prediction for r in rows]),
+                  np.array([r.base_values for r in rows]), _padded([r.values for r in rows]),
+                  result.cached, len(rows), len(set(methods)) > 1, additive)
+
+
+def _padded(arrays: list[Array]) -> Array:
+    """(outputs, players) arrays as one (rows, outputs, most players) block, zeros appended
+    where a row has fewer players (tokens): sums and maxima are unchanged."""
+    width = max(a.shape[1] for a in arrays)
+    if all(a.shape[1] == width for a in arrays):
+        return np.array(arrays)
+    return np.array([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
 
 
 @dataclass(frozen=True)
@@ -223,7 +234,8 @@ def _by_method(a: Answer) -> list[Answer]:
     return [a._replace(methods=(a.methods[i],), evaluations=(a.evaluations[i],),
                        exhausted=(a.exhausted[i],), converged=(a.converged[i],),
                        samples=(a.samples[i],), std_errors=a.std_errors[i:i + 1],
-                       predictions=a.predictions[i:i + 1], values=a.values[i:i + 1],
+                       predictions=a.predictions[i:i + 1], base=a.base[i:i + 1],
+                       values=a.values[i:i + 1],
                        X=a.X[i:i + 1], rows=1, mixed=False) for i in range(a.rows)]
 
 
@@ -352,9 +364,12 @@ class CallSeries:
             self.relative_error.add(labels, ratio.max(axis=1))
         else:  # exact methods (no samples) have no error bars
             self.relative_error.add(labels, np.zeros(sum(counts)))
-        base = np.repeat(np.array([a.base for a in answers]), counts, axis=0)  # (rows, outputs)
-        values = np.concatenate([a.values for a in answers])  # (rows, outputs, features)
-        gap = np.concatenate([a.predictions for a in answers]) - base - values.sum(axis=2)
+        additive = [a for a in answers if a.additive]  # occlusion, lime: no gap to measure
+        if not additive:
+            return
+        base = np.concatenate([a.base for a in additive])  # (rows, outputs)
+        values = np.concatenate([a.values for a in additive])  # (rows, outputs, players)
+        gap = np.concatenate([a.predictions for a in additive]) - base - values.sum(axis=2)
         self.gap.add(labels, np.abs(gap))  # (rows, outputs)
 
     def families(self) -> Iterator[Metric]:

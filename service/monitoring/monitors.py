@@ -90,7 +90,10 @@ class DriftMonitors:
             source = self._sources.get(key)
             if source is None:
                 continue
-            if a.target != source.target or a.rows != a.X.shape[0]:
+            if a.X.shape[1] != source.monitor.features.reference.features:
+                continue  # another input shape than the reference's (symbolic axes)
+            if a.target != source.target or a.rows != a.X.shape[0] \
+                    or a.values.shape[2] != a.X.shape[1]:  # groups, not features
                 inputs.setdefault(key, []).append(a.X)
             else:
                 explained.setdefault(key, []).append(a)

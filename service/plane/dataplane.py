@@ -3,6 +3,7 @@ method) and runs the estimators. Domain types in and out; no gRPC here."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation, ModelFn
+from explainers.base import Array, Background, Estimator, Explanation, ModelFn
 from explainers.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -24,19 +25,37 @@ from explainers.errors import (
     Unavailable,
 )
 from explainers.memory import ByteLru, nbytes_of
-from explainers.registry import build_registry
+from explainers.perturbation.occlusion import Occlusion
+from explainers.registry import build_registry, lookup
 from service.config import Settings
+from service.models.inputs import Layout, TensorInfo
 from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
+from service.plane.baselines import baselines_for
+from service.plane.grouping import GroupRequest
 from service.plane.guard import checked, find_failure
-from service.plane.methods import Choice, MethodResolver, batch_explainer
+from service.plane.methods import Choice, MethodResolver
+from service.plane.players import (
+    Players,
+    default_baseline,
+    least_rows,
+    occlusion_windows,
+    resolve_players,
+)
 from service.plane.requests import (
     BackgroundUpload,
     ExplainQuery,
     assemble,
     check_name,
     check_upload,
+)
+from service.plane.rows import (
+    RowJob,
+    explain_grouped,
+    explain_plain,
+    maps_of,
+    reference_maker,
 )
 from service.plane.targets import Target, build_background, resolve_target, target_fn
 from service.store.backgrounds import (
@@ -89,10 +108,12 @@ class Prepared:
     budget_s: float
     source: str  # where the budget came from
     model: LoadedModel
-    X: Array  # (rows, features) validated inputs
+    X: Array  # (rows, elements) validated inputs
+    layout: Layout  # how X's elements form the model's inputs
     target: Target
-    meta: BackgroundMeta
-    background: Background
+    meta: BackgroundMeta | None  # None when a named baseline replaces the stored background
+    background: Background | None
+    players: Players
 
 
 @dataclass(frozen=True)
@@ -107,9 +128,16 @@ class ExplainResult:
     budget_source: str
     background: BackgroundMeta
     spread: Array  # (outputs,) standard deviation of f(background): the scale of errors
-    X: Array  # (rows, features) the explained inputs
+    X: Array  # (rows, elements) the explained inputs
     notes: tuple[str, ...] = ()
     cached: bool = False
+    modality: str = "tabular"
+    grouping: str = "one group per feature"
+    baseline: str = "background rows"
+    labels: tuple[str, ...] = ()  # players' labels when shared by every row (else per row)
+    row_labels: tuple[tuple[str, ...], ...] = ()  # per row, when they vary (text)
+    maps: tuple[Array, ...] = ()  # per row (outputs, elements), for grouped answers
+    layout: Layout | None = None  # how the maps' elements form the inputs
 
     @property
     def method(self) -> str:
@@ -124,6 +152,10 @@ class ExplainResult:
         methods = dict.fromkeys(r.method for r in self.rows)
         return "; ".join(f"{m}: {USAGE.get(m, 'not sampled')}" for m in methods)
 
+    @property
+    def additive(self) -> bool:
+        return all(r.additive for r in self.rows)
+
 
 class DataPlane:
     """Explains requests against the repository's models and the store's backgrounds."""
@@ -136,7 +168,8 @@ class DataPlane:
         self._backgrounds: ByteLru[tuple[object, ...], Background] = ByteLru(
             settings.background_cache_bytes)  # (content, target) -> rows and f(background)
         self.results = ResultCache(settings.result_cache_size, settings.result_cache_ttl_seconds,
-                                   ExplainResult, (Explanation, Target, BackgroundMeta),
+                                   ExplainResult, (Explanation, Target, BackgroundMeta, Layout,
+                                                   TensorInfo),
                                    store if store.shared else None,
                                    max_bytes=settings.result_cache_bytes, nbytes=result_nbytes)
         self._lock = threading.Lock()
@@ -207,7 +240,13 @@ class DataPlane:
             self._in_background(lambda: self._late_references(late))
 
     def _warm(self, model: LoadedModel) -> list[ReferenceJob]:
-        """f(background) and drift monitoring for one model; the reference job if it is late."""
+        """f(background) and drift monitoring for one model; the reference job if it is late.
+        Images and text are not monitored: drift is measured per feature of a table."""
+        if model.modality.kind != "tabular":
+            self._set_drift_status(model, f"off: drift is measured per feature of tabular "
+                                   f"models; this model's inputs are read as "
+                                   f"{model.modality.kind}")
+            return []
         target = resolve_target(model, "", (), "")
         meta, background = self.background(model, DEFAULT_NAME, target)
         if self.drift is None:  # still fit and time the default method (tree: its speed)
@@ -402,33 +441,105 @@ class DataPlane:
             self._in_flight -= 1
 
     def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
-        """Resolve the request once: budget, model, inputs, target and background."""
+        """Resolve the request once: budget, model, inputs, target, background and players."""
         budget_s, source = self.resolve_budget(q, start)
         model = self.repo.get(q.model, q.version)
-        X = assemble(model, q.inputs, self.settings.max_rows_per_request)
+        X, layout = assemble(model, q.inputs, self.settings.max_rows_per_request)
         target = resolve_target(model, q.output, q.classes, q.scale)
-        meta, background = self.background(model, q.background or DEFAULT_NAME, target)
         if q.target_error < 0 or q.max_evaluations < 0:
             field = "target_error" if q.target_error < 0 else "max_evaluations"
             raise InvalidArgument(f"{field}: must be >= 0")
-        return Prepared(q, start, budget_s, source, model, X, target, meta, background)
+        kind = (q.baseline or default_baseline(model)).kind
+        meta, background = self.background(model, q.background or DEFAULT_NAME, target) \
+            if kind in ("background", "mean") else (None, None)
+        if background is not None and background.data.shape[1] != layout.elements:
+            raise FailedPrecondition(f"background: {background.data.shape[1]} elements per row; "
+                                     f"this request's rows have {layout.elements}: use a named "
+                                     "baseline (baseline.kind)")
+        rows = 1 if kind != "background" or background is None else background.rows
+        fits = self._fits(q.method or model.config.method, model, rows,
+                          budget_s / X.shape[0])
+        players = resolve_players(model, layout, q.groups, q.baseline, fits)
+        return Prepared(q, start, budget_s, source, model, X, layout, target, meta, background,
+                        players)
+
+    @staticmethod
+    def _fits(method: str, model: LoadedModel, rows: int, seconds: float) -> Callable[[int], bool]:
+        """Whether `method` can afford d players on this model in `seconds` per explained row
+        (half of them: the rest is for sampling rounds): sizes the default image grid."""
+        affordable = 0.5 * seconds * model.onnx.rows_per_second / max(rows, 1)
+        return lambda d: least_rows(method, d) <= affordable
 
     def _explain(self, p: Prepared) -> ExplainResult:
         """Choose the method and explain every row before the deadline."""
+        method = (p.query.method or p.model.config.method).strip().lower()
+        if not p.players.plain or method == "occlusion":
+            return self._explain_grouped(p)
         q, model, X = p.query, p.model, p.X
-        deadline = p.start + p.budget_s - reserve_s(p.budget_s, X.shape[0])
-        choice = self.choose(q.method or model.config.method, model, p.target, p.background,
-                             p.meta.sha256, X.shape[0], deadline - time.monotonic())
-        rows = self._explain_rows(model, X, choice.target, p.background, choice.estimator, q,
+        assert p.background is not None and p.meta is not None
+        background, meta = p.background, p.meta
+        deadline = self._deadline(p)
+        choice = self.choose(q.method or model.config.method, model, p.target, background,
+                             meta.sha256, X.shape[0], deadline - time.monotonic())
+        rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
                                   deadline)
-        choice, rows = checked(choice, rows, p.target, p.background, model.onnx.precision,
-                               p.meta.name, lambda c: self._explain_rows(
-                                   model, X, c.target, p.background, c.estimator, q, deadline),
+        choice, rows = checked(choice, rows, p.target, background, model.onnx.precision,
+                               meta.name, lambda c: self._explain_rows(
+                                   model, X, c.target, background, c.estimator, q, deadline),
                                self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
-                             elapsed, 1e3 * p.budget_s, p.source, p.meta, spread_of(p.background),
-                             X, notes=notes_of(choice, rows))
+                             elapsed, 1e3 * p.budget_s, p.source, meta, spread_of(background),
+                             X, notes=notes_of(choice, rows), labels=model.feature_names)
+
+    def _explain_grouped(self, p: Prepared) -> ExplainResult:
+        """Groups (patches, tokens, blocks, a client's mask) or occlusion windows, against
+        the stored background or a named baseline; maps shaped like the inputs."""
+        q, model, X, players = p.query, p.model, p.X, p.players
+        choice = self._grouped_choice(p)
+        job = RowJob(model, target_fn(model, p.target, p.layout), choice.estimator, q.seed,
+                     q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements)
+        references = reference_maker(players, p.layout, p.background)
+        rows, groups = explain_grouped(job, X, players, references)
+        choice, rows = checked(choice, rows, p.target, None, model.onnx.precision,
+                               p.meta.name if p.meta else players.baseline.kind,
+                               lambda c: explain_grouped(replace(job, estimator=c.estimator), X,
+                                                         players, references)[0],
+                               self.registry["auto"])
+        labels = players.labels if not isinstance(choice.estimator, Occlusion) \
+            else choice.estimator.windows.labels()
+        row_labels = () if labels else tuple(g.labels for g in groups)
+        return ExplainResult(
+            model.name, model.version, model.feature_names, p.target, rows,
+            1e3 * (time.monotonic() - p.start), 1e3 * p.budget_s, p.source,
+            p.meta or baseline_meta(model, players), spread_of_rows(rows), X,
+            notes=notes_of(choice, rows),
+            modality=players.modality.kind, grouping=_grouping(players, choice),
+            baseline=players.baseline.describe(p.meta.name if p.meta else DEFAULT_NAME),
+            labels=labels, row_labels=row_labels, maps=maps_of(rows, groups), layout=p.layout)
+
+    def _grouped_choice(self, p: Prepared) -> Choice:
+        """The estimator for grouped players: occlusion's windows, a generic method, or the
+        sampler (with a note) for tree and linear, which attribute single features."""
+        name = (p.query.method or p.model.config.method).strip().lower() or "auto"
+        if name == "occlusion":
+            windows = occlusion_windows(p.model, p.layout, p.query.occlusion)
+            return Choice(Occlusion(windows), p.target)
+        if name in ("tree", "linear"):
+            ids = next(iter(p.model.onnx.discrete_inputs.items()), None)
+            why = f"input {ids[0]!r} {ids[1]}: the model takes ids, not real-valued features" \
+                if name == "linear" and ids else \
+                f"it explains single features, not {p.players.grouping}"
+            return Choice(self.registry["auto"], p.target,
+                          (f"method {name} unavailable ({why}); fell back to auto",))
+        return Choice(lookup(self.registry, name), p.target)
+
+    def _deadline(self, p: Prepared) -> float:
+        """When the estimators must stop: the budget less the response's reserve, less more
+        when more explanations run than there are cores."""
+        deadline = p.start + p.budget_s - reserve_s(p.budget_s, p.X.shape[0])
+        return deadline - load_reserve_s(deadline - time.monotonic(), self._in_flight,
+                                         self._cores)
 
     def choose(self, method: str, model: LoadedModel, target: Target, background: Background,
                background_sha: str, rows: int, seconds: float) -> Choice:
@@ -442,24 +553,10 @@ class DataPlane:
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
                       deadline: float) -> tuple[Explanation, ...]:
-        """Rows one after the other, each given an equal share of the time that is left."""
-        rng = np.random.default_rng(q.seed)
-        fn = target_fn(model, target)
-        deadline -= load_reserve_s(deadline - time.monotonic(), self._in_flight, self._cores)
-        batch = batch_explainer(estimator)
-        if batch is not None:  # exact and batched: no per-row budget
-            return tuple(batch(X, background, Evaluator(
-                fn, model.onnx.chunk_rows, model.onnx.rows_per_second,
-                dtype=model.onnx.batch_dtype)))
-        rate, out = model.onnx.rows_per_second, []
-        for i, x in enumerate(X):
-            now = time.monotonic()
-            share = max(deadline - now, 0.0) / (X.shape[0] - i)
-            budget = Budget(now + share, q.max_evaluations or None, q.target_error or None)
-            ev = Evaluator(fn, model.onnx.chunk_rows, rate, dtype=model.onnx.batch_dtype)
-            out.append(estimator.explain(ev, x, background, budget, rng))
-            rate = ev.rows_per_second
-        return tuple(out)
+        """One player per feature, rows one after the other (service/plane/rows.py)."""
+        job = RowJob(model, target_fn(model, target), estimator, q.seed, q.max_evaluations,
+                     q.target_error, deadline, X.shape[1])
+        return explain_plain(job, X, background)
 
     def _fold_drift(self, batch: list[Record]) -> None:
         """Feed a batch of answered calls to drift (cached answers too: the inputs arrived)."""
@@ -638,12 +735,24 @@ def missing_background(model: LoadedModel) -> SidelightError:
 
 
 def result_key(p: Prepared) -> str:
-    """Everything that decides the answer, hashed (service/result_cache.py)."""
+    """Everything that decides the answer, hashed (service/result_cache.py): with the players
+    (the request's groups, the baseline, occlusion windows) and the inputs' shapes."""
     q, model, target = p.query, p.model, p.target
+    meta = (p.meta.name, p.meta.sha256) if p.meta else ("", "")
     return request_key(p.X, model.sha256, model.name, model.version, model.feature_names,
                        q.method or model.config.method, target.output, target.columns,
-                       target.scale, p.meta.name, p.meta.sha256, q.seed, q.max_evaluations,
-                       q.target_error, budget_class(1e3 * p.budget_s))
+                       target.scale, *meta, q.seed, q.max_evaluations, q.target_error,
+                       budget_class(1e3 * p.budget_s), p.layout.shapes, p.players.grouping,
+                       p.players.baseline, q.occlusion, groups_digest(q.groups))
+
+
+def groups_digest(g: GroupRequest) -> str:
+    """A request's groups as a short digest (a mask's values included, not its repr)."""
+    h = hashlib.sha256(repr((g.input, g.labels, g.patch, g.grid, g.hierarchy)).encode())
+    if g.mask is not None:
+        h.update(repr((g.mask.dtype.str, g.mask.shape)).encode())
+        h.update(np.ascontiguousarray(g.mask).tobytes())
+    return h.hexdigest()
 
 
 def result_nbytes(r: ExplainResult) -> int:
@@ -657,6 +766,28 @@ def result_nbytes(r: ExplainResult) -> int:
 def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
     """The method choice's notes, then each distinct note of the rows."""
     return tuple(dict.fromkeys([*choice.notes, *(n for r in rows for n in r.notes)]))
+
+
+def spread_of_rows(rows: tuple[Explanation, ...]) -> Array:
+    """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0."""
+    gap = np.mean([np.abs(r.prediction - r.base_values) for r in rows], axis=0)  # (outputs,)
+    return np.where(gap > 0, gap, 1.0)
+
+
+def baseline_meta(model: LoadedModel, players: Players) -> BackgroundMeta:
+    """What the response says of the reference when a named baseline replaced the background:
+    one row, no stored data."""
+    return BackgroundMeta(model.name, model.version, f"baseline:{players.baseline.kind}", 1,
+                          players.layout.elements, "float64", "", 0.0, "baseline", model.sha256)
+
+
+def _grouping(players: Players, choice: Choice) -> str:
+    """The response's grouping: the players, or occlusion's windows."""
+    if isinstance(choice.estimator, Occlusion):
+        w = choice.estimator.windows
+        return (f"{w.count} occlusion windows of {' x '.join(map(str, w.window))} elements, "
+                f"strides {' x '.join(map(str, w.strides))}")
+    return players.grouping
 
 
 def spread_of(background: Background) -> Array:
@@ -704,6 +835,10 @@ class ModelSummary:
     notes: tuple[str, ...] = ()
     drift_active: bool = False
     drift_status: str = ""
+    grouping: str = ""
+    group_labels: tuple[str, ...] = ()
+    baseline: str = ""
+    baselines: tuple[str, ...] = ()
 
 
 def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
@@ -720,10 +855,21 @@ def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
     default = next((m for m in plane.store.list(name)
                     if m.version == model.version and m.name == DEFAULT_NAME), None)
     active, status = plane.drift_status(model)
+    players = default_players(model, plane.settings)
     return ModelSummary(name, version, versions, model=model,
                         background_rows=0 if default is None else default.rows,
                         notes=plane.notes(model, default), drift_active=active,
-                        drift_status=status)
+                        drift_status=status, grouping=players.grouping,
+                        group_labels=players.labels,
+                        baseline=players.baseline.describe(DEFAULT_NAME),
+                        baselines=baselines_for(model.modality))
+
+
+def default_players(model: LoadedModel, settings: Settings) -> Players:
+    """The players a request with no groups gets at the model's default budget and method."""
+    seconds = (model.config.budget_ms or settings.default_budget_ms) / 1e3
+    fits = DataPlane._fits(model.config.method, model, 1, seconds)
+    return resolve_players(model, model.onnx.layout, GroupRequest(), None, fits)
 
 
 def summarize_all(plane: DataPlane) -> list[ModelSummary]:

@@ -39,7 +39,7 @@ from explainers.errors import FailedPrecondition, InvalidArgument, SidelightErro
 from service.plane.methods import Choice
 from service.plane.targets import Target
 
-SAMPLERS = ("exact", "permutation", "kernel")
+SAMPLERS = ("exact", "permutation", "kernel", "partition")
 CLOSED_FORMS = ("linear", "tree")  # fall back to the sampler when their answer fails
 OWN_BASE = ("tree",)  # methods that compute their own base value (not the data plane's E f)
 SAMPLER_TOLERANCE = 1e-9
@@ -81,9 +81,11 @@ class Failure:
                                   f"do not add up ({self.detail}); no answer returned")
 
 
-def tolerance(method: str, precision: str) -> float | None:
+def tolerance(method: str, precision: str, additive: bool = True) -> float | None:
     """The relative additivity tolerance of a method on a model of this precision (None: the
-    method is not additive, only finiteness is checked)."""
+    method is not additive, such as occlusion and lime: only finiteness is checked)."""
+    if not additive:
+        return None
     if method in SAMPLERS:
         return SAMPLER_TOLERANCE
     if method in CLOSED_FORMS:
@@ -100,6 +102,12 @@ def find_failure(rows: Rows, precision: str, background: Background | None) -> F
     non-finite); only a failing one is diagnosed. CPU per call on a busy 2-core machine: ~25 us
     for one row, ~0.26 ms for 256 rows of 30 features."""
     if not rows:
+        return None
+    if len({r.values.shape for r in rows}) > 1:  # players differ per row (tokens): one by one
+        for i, r in enumerate(rows):
+            found = find_failure((r,), precision, background)
+            if found is not None:
+                return Failure(i, found.method, found.kind, found.detail)
         return None
     pred, base, values, errors = (_stacked([getattr(r, name) for r in rows]) for name in (
         "prediction", "base_values", "values", "std_errors"))  # (rows, outputs[, features])
@@ -125,7 +133,7 @@ def _non_finite(rows: Rows, pred: Array, base: Array, values: Array,
     return None
 
 
-def checked(choice: Choice, rows: Rows, target: Target, background: Background,
+def checked(choice: Choice, rows: Rows, target: Target, background: Background | None,
             precision: str, background_name: str, rerun: Callable[[Choice], Rows],
             sampler: Estimator) -> tuple[Choice, Rows]:
     """The answer if it passes; else, for linear and tree, the sampler's answer on the
@@ -162,8 +170,7 @@ def relative_gaps(pred: Array, base: Array, values: Array, background: Backgroun
 
 def _tolerances(rows: Rows, precision: str) -> Array:
     """Each row's relative tolerance (inf where the method is not additive): (rows,)."""
-    by_method = {m: tolerance(m, precision) or np.inf for m in {r.method for r in rows}}
-    return np.array([by_method[r.method] for r in rows])
+    return np.array([tolerance(r.method, precision, r.additive) or np.inf for r in rows])
 
 
 def _gap(rows: Rows, gaps: Array, tol: Array) -> Failure | None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from service.plane.targets import Target
 
 log = logging.getLogger(__name__)
-MODEL_METHODS = ("tree", "linear")
+MODEL_METHODS = ("tree", "linear", "occlusion")  # built per model or per request
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread
 CACHE_SIZE = 256
 TREE_CACHE_BYTES = 128 * 1024**2  # SIDELIGHT_TREE_CACHE_BYTES's default at a 2 GiB limit

@@ -3,6 +3,7 @@ against the limits, names that become Redis keys. Every error names the offendin
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -11,8 +12,12 @@ import numpy as np
 from explainers.base import Array
 from explainers.errors import InvalidArgument, quoted
 from service.config import Settings
+from service.models.inputs import Layout
 from service.models.onnx_model import OIP_TO_NUMPY
 from service.models.repository import LoadedModel
+from service.plane.baselines import BaselineSpec
+from service.plane.grouping import GroupRequest
+from service.plane.players import OcclusionRequest
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -34,6 +39,9 @@ class ExplainQuery:
     background: str = ""
     target_error: float = 0.0
     max_evaluations: int = 0
+    groups: GroupRequest = dataclasses.field(default_factory=GroupRequest)
+    baseline: BaselineSpec | None = None  # None = the model's default
+    occlusion: OcclusionRequest = dataclasses.field(default_factory=OcclusionRequest)
 
 
 @dataclass(frozen=True)
@@ -47,27 +55,31 @@ class BackgroundUpload:
     feature_names: tuple[str, ...] = ()
 
 
-def assemble(model: LoadedModel, inputs: tuple[tuple[str, Array], ...], max_rows: int) -> Array:
-    """The request's tensors as one (rows, features) float64 matrix, or INVALID_ARGUMENT."""
+def assemble(model: LoadedModel, inputs: tuple[tuple[str, Array], ...],
+             max_rows: int) -> tuple[Array, Layout]:
+    """The request's tensors as one (rows, elements) float64 matrix and how its elements form
+    the model's inputs (symbolic axes sized by the request), or INVALID_ARGUMENT."""
     specs = model.onnx.inputs
     if len(inputs) != len(specs):
         names = ", ".join(s.name for s in specs)
         raise InvalidArgument(f"inputs: model {model.name!r} takes {len(specs)} input(s) "
                               f"({names}); got {len(inputs)}")
     ordered = _order_inputs(inputs, [s.name for s in specs])
-    parts = [_check_input(i, arr, specs[k].shape, specs[k].datatype)
-             for k, (i, arr) in enumerate(ordered)]
-    rows = {p.shape[0] for p in parts}
+    for k, (i, arr) in enumerate(ordered):
+        _check_input(i, arr, specs[k].shape, specs[k].datatype)
+    rows = {arr.shape[0] for _, arr in ordered}
     if len(rows) != 1:
         raise InvalidArgument(f"inputs: every input needs the same batch size; got {rows}")
     if rows == {0}:
         raise InvalidArgument("inputs[0].shape: empty batch: send at least one row")
-    if parts[0].shape[0] > max_rows:
-        raise InvalidArgument(f"inputs[0].shape: {parts[0].shape[0]} rows; at most "
+    if ordered[0][1].shape[0] > max_rows:
+        raise InvalidArgument(f"inputs[0].shape: {ordered[0][1].shape[0]} rows; at most "
                               f"{max_rows} per request (max_rows_per_request)")
-    X = np.concatenate(parts, axis=1)  # (rows, features)
-    check_finite(X, model)
-    return X
+    layout = model.onnx.layout if model.onnx.static else Layout.resolve(
+        specs, [arr.shape[1:] for _, arr in ordered])
+    X = layout.flatten([arr for _, arr in ordered])  # (rows, elements)
+    check_finite(X, model, layout=layout)
+    return X, layout
 
 
 def check_upload(model: LoadedModel, data: Array, settings: Settings) -> Array:
@@ -85,7 +97,8 @@ def check_upload(model: LoadedModel, data: Array, settings: Settings) -> Array:
     return data
 
 
-def check_finite(X: Array, model: LoadedModel, field: str = "inputs") -> None:
+def check_finite(X: Array, model: LoadedModel, field: str = "inputs",
+                 layout: Layout | None = None) -> None:
     """Reject infinities always, NaN unless the model declares it accepts missing values, and
     values the model's input type cannot hold: checked in float64 alone, 1e39 would pass and
     become inf inside an FP32 model (and NaN cannot reach an integer input)."""
@@ -94,7 +107,7 @@ def check_finite(X: Array, model: LoadedModel, field: str = "inputs") -> None:
         row, col = map(int, np.argwhere(bad)[0])
         raise InvalidArgument(f"{field}: non-finite value at row {row}, feature {col} (NaN is "
                               "accepted only by models whose explain.yaml sets allow_missing)")
-    offsets = model.onnx.offsets
+    offsets = (layout or model.onnx.layout).offsets
     for k, info in enumerate(model.onnx.inputs):
         cols = X[:, offsets[k]:offsets[k + 1]]  # (rows, columns of this input)
         out = unrepresentable(cols, OIP_TO_NUMPY[info.datatype])
@@ -152,16 +165,21 @@ def _order_inputs(inputs: tuple[tuple[str, Array], ...],
     return [(index[n], inputs[index[n]][1]) for n in names]
 
 
-def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> Array:
-    """One tensor against its model input: rank, feature count, dtype. Returns (rows, cols)."""
+def _check_input(i: int, arr: Array, shape: tuple[int, ...], datatype: str) -> None:
+    """One tensor against its model input: rank, static axes, a numeric dtype, whole numbers
+    for integer inputs."""
     field = f"inputs[{i}]"
-    if arr.ndim != len(shape) or (len(shape) == 2 and shape[1] >= 0 and arr.shape[1] != shape[1]):
-        raise InvalidArgument(f"{field}.shape: got {list(arr.shape)}, model input takes "
-                              f"{['N', *shape[1:]]}")
+    if arr.ndim != len(shape) or any(d >= 0 and d != a for d, a in
+                                     zip(shape[1:], arr.shape[1:], strict=True)):
+        want = ["N", *(d if d >= 0 else "?" for d in shape[1:])]
+        raise InvalidArgument(f"{field}.shape: got {list(arr.shape)}, model input takes {want}")
     if arr.dtype.kind not in "biuf":
         raise InvalidArgument(f"{field}.datatype: {arr.dtype} is not numeric; model takes "
                               f"{datatype}")
-    X = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))).astype(np.float64)
-    if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and np.any(np.mod(X[np.isfinite(X)], 1)):
-        raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole numbers")
-    return X
+    if arr.ndim > 1 and 0 in arr.shape[1:]:
+        raise InvalidArgument(f"{field}.shape: {list(arr.shape)}: every axis needs an element")
+    if np.dtype(OIP_TO_NUMPY[datatype]).kind in "biu" and arr.dtype.kind == "f":
+        X = arr[np.isfinite(arr)]
+        if np.any(np.mod(X, 1)):
+            raise InvalidArgument(f"{field}: model input is {datatype}; values must be whole "
+                                  "numbers")

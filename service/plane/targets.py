@@ -8,6 +8,7 @@ import numpy as np
 
 from explainers.base import Array, Background, ModelFn
 from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
+from service.models.inputs import Layout
 from service.models.repository import LoadedModel
 from service.plane.requests import check_finite
 
@@ -51,7 +52,7 @@ def resolve_target(model: LoadedModel, output: str, classes: tuple[int, ...],
     return Target(output, columns, scale, tuple(names[c] for c in columns))
 
 
-def target_fn(model: LoadedModel, target: Target) -> ModelFn:
+def target_fn(model: LoadedModel, target: Target, layout: Layout | None = None) -> ModelFn:
     """The explained function: selected columns of an output, on the target's scale.
 
     The margin scale, and the logit of a LOGISTIC output, come from the margin session:
@@ -63,7 +64,7 @@ def target_fn(model: LoadedModel, target: Target) -> ModelFn:
     scale = "identity" if from_margin else target.scale
 
     def f(X: Array) -> Array:
-        y = model.onnx.predict(X, target.output, margin=from_margin)  # (rows, columns)
+        y = model.onnx.predict(X, target.output, from_margin, layout)  # (rows, columns)
         return apply_scale(y[:, columns], scale)
 
     return f

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csidelight/v1/explainer.proto\x12\x0csidelight.v1\"\xb3\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\"t\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12.\n\x08\x63ontents\x18\x04 \x01(\x0b\x32\x1c.sidelight.v1.TensorContents\x12\x0b\n\x03raw\x18\x05 \x01(\x0c\"8\n\x06Target\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\x05\x12\r\n\x05scale\x18\x03 \x01(\t\"\xf0\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.sidelight.v1.Tensor\x12\x0e\n\x06method\x18\x04 \x01(\t\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.sidelight.v1.Target\x12\x11\n\tbudget_ms\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nbackground\x18\x08 \x01(\t\x12\x14\n\x0ctarget_error\x18\t \x01(\x01\x12\x17\n\x0fmax_evaluations\x18\n \x01(\x03\"\xee\x01\n\x0eRowExplanation\x12\x14\n\x0c\x61ttributions\x18\x01 \x03(\x01\x12\x12\n\nstd_errors\x18\x02 \x03(\x01\x12\x13\n\x0b\x62\x61se_values\x18\x03 \x03(\x01\x12\x13\n\x0bpredictions\x18\x04 \x03(\x01\x12\x19\n\x11model_evaluations\x18\x05 \x01(\x03\x12\x11\n\tconverged\x18\x06 \x01(\x08\x12\x18\n\x10\x62udget_exhausted\x18\x07 \x01(\x08\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x0e\n\x06\x63i_low\x18\t \x03(\x01\x12\x0f\n\x07\x63i_high\x18\n \x03(\x01\x12\x0f\n\x07samples\x18\x0b \x01(\x03\"\x8c\x01\n\x04\x43ost\x12\x19\n\x11model_evaluations\x18\x01 \x01(\x03\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\x12\x18\n\x10\x62udget_exhausted\x18\x03 \x01(\x08\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x11\n\tbudget_ms\x18\x05 \x01(\x01\x12\x15\n\rbudget_source\x18\x06 \x01(\t\"\xcc\x02\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12*\n\x04rows\x18\x06 \x03(\x0b\x32\x1c.sidelight.v1.RowExplanation\x12 \n\x04\x63ost\x18\x07 \x01(\x0b\x32\x12.sidelight.v1.Cost\x12\r\n\x05scale\x18\x08 \x01(\t\x12\x12\n\nbackground\x18\t \x01(\t\x12\x17\n\x0f\x62\x61\x63kground_rows\x18\n \x01(\x03\x12\x19\n\x11\x62\x61\x63kground_sha256\x18\x0b \x01(\t\x12\x18\n\x10\x62\x61\x63kground_usage\x18\x0c \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\r \x01(\x08\x12\r\n\x05notes\x18\x0e \x03(\t\"\x7f\n\x14PutBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x14.sidelight.v1.Tensor\x12\x15\n\rfeature_names\x18\x05 \x03(\t\"\\\n\x15PutBackgroundResponse\x12\x30\n\nbackground\x18\x01 \x01(\x0b\x32\x1c.sidelight.v1.BackgroundInfo\x12\x11\n\tpersisted\x18\x02 \x01(\x08\"D\n\x14GetBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\'\n\x16ListBackgroundsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"L\n\x17ListBackgroundsResponse\x12\x31\n\x0b\x62\x61\x63kgrounds\x18\x01 \x03(\x0b\x32\x1c.sidelight.v1.BackgroundInfo\"G\n\x17\x44\x65leteBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"+\n\x18\x44\x65leteBackgroundResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\xce\x01\n\x0e\x42\x61\x63kgroundInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x61tatype\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x01\x12\x0e\n\x06source\x18\t \x01(\t\x12\x15\n\rfeature_names\x18\n \x03(\t\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.sidelight.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xe9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.sidelight.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.sidelight.v1.TensorSpec\x12\x15\n\rfeature_names\x18\x08 \x03(\t\x12\x0e\n\x06output\x18\t \x01(\t\x12\x14\n\x0coutput_names\x18\n \x03(\t\x12\r\n\x05scale\x18\x0b \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x0c \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_budget_ms\x18\r \x01(\x01\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x17\n\x0f\x62\x61\x63kground_rows\x18\x0f \x01(\x03\x12\x17\n\x0frows_per_second\x18\x10 \x01(\x01\x12\x12\n\nbatch_rows\x18\x11 \x01(\x03\x12\x18\n\x10tree_unsupported\x18\x12 \x01(\t\x12\x0e\n\x06scales\x18\x13 \x03(\t\x12\r\n\x05notes\x18\x14 \x03(\t\x12\x14\n\x0c\x64rift_active\x18\x15 \x01(\x08\x12\x14\n\x0c\x64rift_status\x18\x16 \x01(\t2\xd8\x04\n\tExplainer\x12\x46\n\x07\x45xplain\x12\x1c.sidelight.v1.ExplainRequest\x1a\x1d.sidelight.v1.ExplainResponse\x12O\n\nListModels\x12\x1f.sidelight.v1.ListModelsRequest\x1a .sidelight.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.sidelight.v1.GetModelRequest\x1a\x17.sidelight.v1.ModelInfo\x12X\n\rPutBackground\x12\".sidelight.v1.PutBackgroundRequest\x1a#.sidelight.v1.PutBackgroundResponse\x12Q\n\rGetBackground\x12\".sidelight.v1.GetBackgroundRequest\x1a\x1c.sidelight.v1.BackgroundInfo\x12^\n\x0fListBackgrounds\x12$.sidelight.v1.ListBackgroundsRequest\x1a%.sidelight.v1.ListBackgroundsResponse\x12\x61\n\x10\x44\x65leteBackground\x12%.sidelight.v1.DeleteBackgroundRequest\x1a&.sidelight.v1.DeleteBackgroundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csidelight/v1/explainer.proto\x12\x0csidelight.v1\"\xb3\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\"t\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12.\n\x08\x63ontents\x18\x04 \x01(\x0b\x32\x1c.sidelight.v1.TensorContents\x12\x0b\n\x03raw\x18\x05 \x01(\x0c\"8\n\x06Target\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\x05\x12\r\n\x05scale\x18\x03 \x01(\t\"\xf9\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.sidelight.v1.Tensor\x12\x0e\n\x06method\x18\x04 \x01(\t\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.sidelight.v1.Target\x12\x11\n\tbudget_ms\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nbackground\x18\x08 \x01(\t\x12\x14\n\x0ctarget_error\x18\t \x01(\x01\x12\x17\n\x0fmax_evaluations\x18\n \x01(\x03\x12+\n\x06groups\x18\x0b \x01(\x0b\x32\x1b.sidelight.v1.FeatureGroups\x12(\n\x08\x62\x61seline\x18\x0c \x01(\x0b\x32\x16.sidelight.v1.Baseline\x12\x30\n\tocclusion\x18\r \x01(\x0b\x32\x1d.sidelight.v1.OcclusionWindow\"\x9b\x01\n\rFeatureGroups\x12\"\n\x04mask\x18\x01 \x01(\x0b\x32\x14.sidelight.v1.Tensor\x12\r\n\x05input\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05patch\x18\x04 \x03(\x05\x12\x0c\n\x04grid\x18\x05 \x03(\x05\x12*\n\thierarchy\x18\x06 \x03(\x0b\x32\x17.sidelight.v1.GroupNode\"\x1d\n\tGroupNode\x12\x10\n\x08\x63hildren\x18\x01 \x03(\x05\"6\n\x08\x42\x61seline\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\r\n\x05sigma\x18\x03 \x01(\x01\"A\n\x0fOcclusionWindow\x12\x0e\n\x06window\x18\x01 \x03(\x03\x12\x0f\n\x07strides\x18\x02 \x03(\x03\x12\r\n\x05input\x18\x03 \x01(\t\"\x9a\x03\n\x0eRowExplanation\x12\x14\n\x0c\x61ttributions\x18\x01 \x03(\x01\x12\x12\n\nstd_errors\x18\x02 \x03(\x01\x12\x13\n\x0b\x62\x61se_values\x18\x03 \x03(\x01\x12\x13\n\x0bpredictions\x18\x04 \x03(\x01\x12\x19\n\x11model_evaluations\x18\x05 \x01(\x03\x12\x11\n\tconverged\x18\x06 \x01(\x08\x12\x18\n\x10\x62udget_exhausted\x18\x07 \x01(\x08\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x0e\n\x06\x63i_low\x18\t \x03(\x01\x12\x0f\n\x07\x63i_high\x18\n \x03(\x01\x12\x0f\n\x07samples\x18\x0b \x01(\x03\x12\"\n\x04maps\x18\x0c \x03(\x0b\x32\x14.sidelight.v1.Tensor\x12\x0e\n\x06labels\x18\r \x03(\t\x12\x42\n\x0b\x64iagnostics\x18\x0e \x03(\x0b\x32-.sidelight.v1.RowExplanation.DiagnosticsEntry\x1a\x32\n\x10\x44iagnosticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x01\n\x04\x43ost\x12\x19\n\x11model_evaluations\x18\x01 \x01(\x03\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\x12\x18\n\x10\x62udget_exhausted\x18\x03 \x01(\x08\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x11\n\tbudget_ms\x18\x05 \x01(\x01\x12\x15\n\rbudget_source\x18\x06 \x01(\t\"\x94\x03\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12*\n\x04rows\x18\x06 \x03(\x0b\x32\x1c.sidelight.v1.RowExplanation\x12 \n\x04\x63ost\x18\x07 \x01(\x0b\x32\x12.sidelight.v1.Cost\x12\r\n\x05scale\x18\x08 \x01(\t\x12\x12\n\nbackground\x18\t \x01(\t\x12\x17\n\x0f\x62\x61\x63kground_rows\x18\n \x01(\x03\x12\x19\n\x11\x62\x61\x63kground_sha256\x18\x0b \x01(\t\x12\x18\n\x10\x62\x61\x63kground_usage\x18\x0c \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\r \x01(\x08\x12\r\n\x05notes\x18\x0e \x03(\t\x12\x10\n\x08modality\x18\x0f \x01(\t\x12\x10\n\x08grouping\x18\x10 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x11 \x01(\t\x12\x10\n\x08\x61\x64\x64itive\x18\x12 \x01(\x08\"\x7f\n\x14PutBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x14.sidelight.v1.Tensor\x12\x15\n\rfeature_names\x18\x05 \x03(\t\"\\\n\x15PutBackgroundResponse\x12\x30\n\nbackground\x18\x01 \x01(\x0b\x32\x1c.sidelight.v1.BackgroundInfo\x12\x11\n\tpersisted\x18\x02 \x01(\x08\"D\n\x14GetBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\'\n\x16ListBackgroundsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"L\n\x17ListBackgroundsResponse\x12\x31\n\x0b\x62\x61\x63kgrounds\x18\x01 \x03(\x0b\x32\x1c.sidelight.v1.BackgroundInfo\"G\n\x17\x44\x65leteBackgroundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"+\n\x18\x44\x65leteBackgroundResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\xce\x01\n\x0e\x42\x61\x63kgroundInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x61tatype\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x01\x12\x0e\n\x06source\x18\t \x01(\t\x12\x15\n\rfeature_names\x18\n \x03(\t\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.sidelight.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xdc\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.sidelight.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.sidelight.v1.TensorSpec\x12\x15\n\rfeature_names\x18\x08 \x03(\t\x12\x0e\n\x06output\x18\t \x01(\t\x12\x14\n\x0coutput_names\x18\n \x03(\t\x12\r\n\x05scale\x18\x0b \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x0c \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_budget_ms\x18\r \x01(\x01\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x17\n\x0f\x62\x61\x63kground_rows\x18\x0f \x01(\x03\x12\x17\n\x0frows_per_second\x18\x10 \x01(\x01\x12\x12\n\nbatch_rows\x18\x11 \x01(\x03\x12\x18\n\x10tree_unsupported\x18\x12 \x01(\t\x12\x0e\n\x06scales\x18\x13 \x03(\t\x12\r\n\x05notes\x18\x14 \x03(\t\x12\x14\n\x0c\x64rift_active\x18\x15 \x01(\x08\x12\x14\n\x0c\x64rift_status\x18\x16 \x01(\t\x12\x10\n\x08modality\x18\x17 \x01(\t\x12\x10\n\x08grouping\x18\x18 \x01(\t\x12\x14\n\x0cgroup_labels\x18\x19 \x03(\t\x12\x10\n\x08\x62\x61seline\x18\x1a \x01(\t\x12\x11\n\tbaselines\x18\x1b \x03(\t\x12\x12\n\nvocabulary\x18\x1c \x03(\t2\xd8\x04\n\tExplainer\x12\x46\n\x07\x45xplain\x12\x1c.sidelight.v1.ExplainRequest\x1a\x1d.sidelight.v1.ExplainResponse\x12O\n\nListModels\x12\x1f.sidelight.v1.ListModelsRequest\x1a .sidelight.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.sidelight.v1.GetModelRequest\x1a\x17.sidelight.v1.ModelInfo\x12X\n\rPutBackground\x12\".sidelight.v1.PutBackgroundRequest\x1a#.sidelight.v1.PutBackgroundResponse\x12Q\n\rGetBackground\x12\".sidelight.v1.GetBackgroundRequest\x1a\x1c.sidelight.v1.BackgroundInfo\x12^\n\x0fListBackgrounds\x12$.sidelight.v1.ListBackgroundsRequest\x1a%.sidelight.v1.ListBackgroundsResponse\x12\x61\n\x10\x44\x65leteBackground\x12%.sidelight.v1.DeleteBackgroundRequest\x1a&.sidelight.v1.DeleteBackgroundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidelight.v1.explainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ROWEXPLANATION_DIAGNOSTICSENTRY']._loaded_options = None
+  _globals['_ROWEXPLANATION_DIAGNOSTICSENTRY']._serialized_options = b'8\001'
   _globals['_TENSORCONTENTS']._serialized_start=47
   _globals['_TENSORCONTENTS']._serialized_end=226
   _globals['_TENSOR']._serialized_start=228
@@ -38,39 +40,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TARGET']._serialized_start=346
   _globals['_TARGET']._serialized_end=402
   _globals['_EXPLAINREQUEST']._serialized_start=405
-  _globals['_EXPLAINREQUEST']._serialized_end=645
-  _globals['_ROWEXPLANATION']._serialized_start=648
-  _globals['_ROWEXPLANATION']._serialized_end=886
-  _globals['_COST']._serialized_start=889
-  _globals['_COST']._serialized_end=1029
-  _globals['_EXPLAINRESPONSE']._serialized_start=1032
-  _globals['_EXPLAINRESPONSE']._serialized_end=1364
-  _globals['_PUTBACKGROUNDREQUEST']._serialized_start=1366
-  _globals['_PUTBACKGROUNDREQUEST']._serialized_end=1493
-  _globals['_PUTBACKGROUNDRESPONSE']._serialized_start=1495
-  _globals['_PUTBACKGROUNDRESPONSE']._serialized_end=1587
-  _globals['_GETBACKGROUNDREQUEST']._serialized_start=1589
-  _globals['_GETBACKGROUNDREQUEST']._serialized_end=1657
-  _globals['_LISTBACKGROUNDSREQUEST']._serialized_start=1659
-  _globals['_LISTBACKGROUNDSREQUEST']._serialized_end=1698
-  _globals['_LISTBACKGROUNDSRESPONSE']._serialized_start=1700
-  _globals['_LISTBACKGROUNDSRESPONSE']._serialized_end=1776
-  _globals['_DELETEBACKGROUNDREQUEST']._serialized_start=1778
-  _globals['_DELETEBACKGROUNDREQUEST']._serialized_end=1849
-  _globals['_DELETEBACKGROUNDRESPONSE']._serialized_start=1851
-  _globals['_DELETEBACKGROUNDRESPONSE']._serialized_end=1894
-  _globals['_BACKGROUNDINFO']._serialized_start=1897
-  _globals['_BACKGROUNDINFO']._serialized_end=2103
-  _globals['_LISTMODELSREQUEST']._serialized_start=2105
-  _globals['_LISTMODELSREQUEST']._serialized_end=2124
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2126
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2187
-  _globals['_GETMODELREQUEST']._serialized_start=2189
-  _globals['_GETMODELREQUEST']._serialized_end=2238
-  _globals['_TENSORSPEC']._serialized_start=2240
-  _globals['_TENSORSPEC']._serialized_end=2299
-  _globals['_MODELINFO']._serialized_start=2302
-  _globals['_MODELINFO']._serialized_end=2791
-  _globals['_EXPLAINER']._serialized_start=2794
-  _globals['_EXPLAINER']._serialized_end=3394
+  _globals['_EXPLAINREQUEST']._serialized_end=782
+  _globals['_FEATUREGROUPS']._serialized_start=785
+  _globals['_FEATUREGROUPS']._serialized_end=940
+  _globals['_GROUPNODE']._serialized_start=942
+  _globals['_GROUPNODE']._serialized_end=971
+  _globals['_BASELINE']._serialized_start=973
+  _globals['_BASELINE']._serialized_end=1027
+  _globals['_OCCLUSIONWINDOW']._serialized_start=1029
+  _globals['_OCCLUSIONWINDOW']._serialized_end=1094
+  _globals['_ROWEXPLANATION']._serialized_start=1097
+  _globals['_ROWEXPLANATION']._serialized_end=1507
+  _globals['_ROWEXPLANATION_DIAGNOSTICSENTRY']._serialized_start=1457
+  _globals['_ROWEXPLANATION_DIAGNOSTICSENTRY']._serialized_end=1507
+  _globals['_COST']._serialized_start=1510
+  _globals['_COST']._serialized_end=1650
+  _globals['_EXPLAINRESPONSE']._serialized_start=1653
+  _globals['_EXPLAINRESPONSE']._serialized_end=2057
+  _globals['_PUTBACKGROUNDREQUEST']._serialized_start=2059
+  _globals['_PUTBACKGROUNDREQUEST']._serialized_end=2186
+  _globals['_PUTBACKGROUNDRESPONSE']._serialized_start=2188
+  _globals['_PUTBACKGROUNDRESPONSE']._serialized_end=2280
+  _globals['_GETBACKGROUNDREQUEST']._serialized_start=2282
+  _globals['_GETBACKGROUNDREQUEST']._serialized_end=2350
+  _globals['_LISTBACKGROUNDSREQUEST']._serialized_start=2352
+  _globals['_LISTBACKGROUNDSREQUEST']._serialized_end=2391
+  _globals['_LISTBACKGROUNDSRESPONSE']._serialized_start=2393
+  _globals['_LISTBACKGROUNDSRESPONSE']._serialized_end=2469
+  _globals['_DELETEBACKGROUNDREQUEST']._serialized_start=2471
+  _globals['_DELETEBACKGROUNDREQUEST']._serialized_end=2542
+  _globals['_DELETEBACKGROUNDRESPONSE']._serialized_start=2544
+  _globals['_DELETEBACKGROUNDRESPONSE']._serialized_end=2587
+  _globals['_BACKGROUNDINFO']._serialized_start=2590
+  _globals['_BACKGROUNDINFO']._serialized_end=2796
+  _globals['_LISTMODELSREQUEST']._serialized_start=2798
+  _globals['_LISTMODELSREQUEST']._serialized_end=2817
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2819
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2880
+  _globals['_GETMODELREQUEST']._serialized_start=2882
+  _globals['_GETMODELREQUEST']._serialized_end=2931
+  _globals['_TENSORSPEC']._serialized_start=2933
+  _globals['_TENSORSPEC']._serialized_end=2992
+  _globals['_MODELINFO']._serialized_start=2995
+  _globals['_MODELINFO']._serialized_end=3599
+  _globals['_EXPLAINER']._serialized_start=3602
+  _globals['_EXPLAINER']._serialized_end=4202
 # @@protoc_insertion_point(module_scope)

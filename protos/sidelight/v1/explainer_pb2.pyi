@@ -153,6 +153,9 @@ class ExplainRequest(_message.Message):
     BACKGROUND_FIELD_NUMBER: _builtins.int
     TARGET_ERROR_FIELD_NUMBER: _builtins.int
     MAX_EVALUATIONS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    OCCLUSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     """"" = newest version."""
@@ -183,6 +186,21 @@ class ExplainRequest(_message.Message):
 
     @_builtins.property
     def target(self) -> Global___Target: ...
+    @_builtins.property
+    def groups(self) -> Global___FeatureGroups:
+        """How the input's elements form the players (features or groups); unset = the model's
+        default: one group per column (tabular), a grid of patches (images), one group per non-pad
+        token (text). See GetModel for what a model uses.
+        """
+
+    @_builtins.property
+    def baseline(self) -> Global___Baseline:
+        """What replaces a removed group; unset = the model's default (see ModelInfo.baseline)."""
+
+    @_builtins.property
+    def occlusion(self) -> Global___OcclusionWindow:
+        """Window and strides of method "occlusion"; unset = the model's default."""
+
     def __init__(
         self,
         *,
@@ -196,20 +214,195 @@ class ExplainRequest(_message.Message):
         background: _builtins.str = ...,
         target_error: _builtins.float = ...,
         max_evaluations: _builtins.int = ...,
+        groups: Global___FeatureGroups | None = ...,
+        baseline: Global___Baseline | None = ...,
+        occlusion: Global___OcclusionWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "groups", b"groups", "occlusion", b"occlusion", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "budget_ms", b"budget_ms", "inputs", b"inputs", "max_evaluations", b"max_evaluations", "method", b"method", "model", b"model", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "baseline", b"baseline", "budget_ms", b"budget_ms", "groups", b"groups", "inputs", b"inputs", "max_evaluations", b"max_evaluations", "method", b"method", "model", b"model", "occlusion", b"occlusion", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
 
 @_typing.final
+class FeatureGroups(_message.Message):
+    """The players of an explanation as sets of input elements. Give at most one of `mask`, `patch`
+    or `grid`; `hierarchy` (for method "partition") may come with any of them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASK_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PATCH_FIELD_NUMBER: _builtins.int
+    GRID_FIELD_NUMBER: _builtins.int
+    HIERARCHY_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The input `mask`, `patch` or `grid` applies to; "" = the model's first input of the
+    modality (the image, the token ids).
+    """
+    @_builtins.property
+    def mask(self) -> Global___Tensor:
+        """A group id per element of one input, shaped like that input without the batch axis (or
+        with a batch axis of 1); ids 0..d-1, every id used; -1 = never removed (keeps x's value).
+        INT32 or INT64. E.g. superpixels computed by the client.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Labels of the groups of `mask`; default "group <id>"."""
+
+    @_builtins.property
+    def patch(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Images: patch size in pixels per spatial axis (one value = square patches)."""
+
+    @_builtins.property
+    def grid(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Images: number of patches per spatial axis (one value = the same on both)."""
+
+    @_builtins.property
+    def hierarchy(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupNode]:
+        """Internal nodes of a tree over the groups, children first: node d + k has children
+        `hierarchy[k].children` (ids < d + k); the last node is the root. Unset = the modality's
+        default (images: patches merged 2 x 2 up to the root; text: halves of the sentence;
+        tabular: flat, which makes Owen values Shapley values).
+        """
+
+    def __init__(
+        self,
+        *,
+        mask: Global___Tensor | None = ...,
+        input: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        patch: _abc.Iterable[_builtins.int] | None = ...,
+        grid: _abc.Iterable[_builtins.int] | None = ...,
+        hierarchy: _abc.Iterable[Global___GroupNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grid", b"grid", "hierarchy", b"hierarchy", "input", b"input", "labels", b"labels", "mask", b"mask", "patch", b"patch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureGroups: _TypeAlias = FeatureGroups  # noqa: Y015
+
+@_typing.final
+class GroupNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def children(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        children: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupNode: _TypeAlias = GroupNode  # noqa: Y015
+
+@_typing.final
+class Baseline(_message.Message):
+    """What replaces a removed group of an image or a text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    SIGMA_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"background" (the stored background rows, as for tables), "zeros", "mean" (the mean row of
+    the stored background), "blur" (the input blurred, per row), "constant" (`value`), "mask"
+    (text: the mask token). "" = the model's default.
+    """
+    value: _builtins.float
+    """The constant of "constant"."""
+    sigma: _builtins.float
+    """The Gaussian's standard deviation in pixels for "blur" (default 2)."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        value: _builtins.float = ...,
+        sigma: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "sigma", b"sigma", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Baseline: _TypeAlias = Baseline  # noqa: Y015
+
+@_typing.final
+class OcclusionWindow(_message.Message):
+    """Method "occlusion": a window slid over every axis of the input (batch excluded)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    STRIDES_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The input to occlude; "" = the model's first image or sequence input."""
+    @_builtins.property
+    def window(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Window size per axis (e.g. [1, 3, 3] for a 1 x 8 x 8 image); one value = that size on the
+        spatial axes and the whole extent of the channel axis.
+        """
+
+    @_builtins.property
+    def strides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Stride per axis (same rule); default 1 on spatial axes."""
+
+    def __init__(
+        self,
+        *,
+        window: _abc.Iterable[_builtins.int] | None = ...,
+        strides: _abc.Iterable[_builtins.int] | None = ...,
+        input: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "strides", b"strides", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OcclusionWindow: _TypeAlias = OcclusionWindow  # noqa: Y015
+
+@_typing.final
 class RowExplanation(_message.Message):
     """The explanation of one input row."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DiagnosticsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
     STD_ERRORS_FIELD_NUMBER: _builtins.int
@@ -222,6 +415,9 @@ class RowExplanation(_message.Message):
     CI_LOW_FIELD_NUMBER: _builtins.int
     CI_HIGH_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    MAPS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    DIAGNOSTICS_FIELD_NUMBER: _builtins.int
     model_evaluations: _builtins.int
     converged: _builtins.bool
     budget_exhausted: _builtins.bool
@@ -253,6 +449,26 @@ class RowExplanation(_message.Message):
 
     @_builtins.property
     def ci_high(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Attribution maps shaped like the explained inputs, one per input that has groups: shape
+        [outputs, *the input's shape without the batch axis], FP64. Each element carries its
+        group's attribution (occlusion: the mean drop of the windows covering it; elements in no
+        group: 0), so a client can overlay it on the image or the text without the grouping.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Labels of this row's players when they differ from row to row (text: one per non-pad token,
+        e.g. "great @4"); empty when ExplainResponse.feature_names labels every row.
+        """
+
+    @_builtins.property
+    def diagnostics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Method-specific measures of quality and cost, e.g. "surrogate_r2" (lime: weighted R^2 of
+        the surrogate), "windows" (occlusion), "owen_exact" (partition: 1 = enumerated).
+        """
+
     def __init__(
         self,
         *,
@@ -267,10 +483,13 @@ class RowExplanation(_message.Message):
         ci_low: _abc.Iterable[_builtins.float] | None = ...,
         ci_high: _abc.Iterable[_builtins.float] | None = ...,
         samples: _builtins.int = ...,
+        maps: _abc.Iterable[Global___Tensor] | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        diagnostics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "ci_high", b"ci_high", "ci_low", b"ci_low", "converged", b"converged", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "samples", b"samples", "std_errors", b"std_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "ci_high", b"ci_high", "ci_low", b"ci_low", "converged", b"converged", "diagnostics", b"diagnostics", "labels", b"labels", "maps", b"maps", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "samples", b"samples", "std_errors", b"std_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,6 +553,10 @@ class ExplainResponse(_message.Message):
     BACKGROUND_USAGE_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    MODALITY_FIELD_NUMBER: _builtins.int
+    GROUPING_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    ADDITIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     method: _builtins.str
@@ -354,6 +577,20 @@ class ExplainResponse(_message.Message):
     cached: _builtins.bool
     """True when this exact request (model file, inputs, method, target, background, seed, budget
     class) was answered before and the stored explanation is returned.
+    """
+    modality: _builtins.str
+    """"tabular", "image" or "text": how the inputs were read."""
+    grouping: _builtins.str
+    """The players, in words: "one group per feature", "4 x 4 grid of 2 x 2-pixel patches of
+    input 'image'", "one group per non-pad token of input 'tokens'", "request mask (12 groups)".
+    """
+    baseline: _builtins.str
+    """What replaced a removed group: "background rows" (with background_usage), "zeros",
+    "mean of background 'default'", "blur (sigma 2 px)", "constant 0.5", "mask token 1".
+    """
+    additive: _builtins.bool
+    """Whether sum(attributions) = prediction - base_value holds by construction (Shapley and
+    Owen values); false for occlusion and lime (whose base value is the surrogate's intercept).
     """
     @_builtins.property
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -384,10 +621,14 @@ class ExplainResponse(_message.Message):
         background_usage: _builtins.str = ...,
         cached: _builtins.bool = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        modality: _builtins.str = ...,
+        grouping: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        additive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "background_rows", b"background_rows", "background_sha256", b"background_sha256", "background_usage", b"background_usage", "cached", b"cached", "cost", b"cost", "feature_names", b"feature_names", "method", b"method", "model", b"model", "notes", b"notes", "output_names", b"output_names", "rows", b"rows", "scale", b"scale", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additive", b"additive", "background", b"background", "background_rows", b"background_rows", "background_sha256", b"background_sha256", "background_usage", b"background_usage", "baseline", b"baseline", "cached", b"cached", "cost", b"cost", "feature_names", b"feature_names", "grouping", b"grouping", "method", b"method", "modality", b"modality", "model", b"model", "notes", b"notes", "output_names", b"output_names", "rows", b"rows", "scale", b"scale", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,6 +972,12 @@ class ModelInfo(_message.Message):
     NOTES_FIELD_NUMBER: _builtins.int
     DRIFT_ACTIVE_FIELD_NUMBER: _builtins.int
     DRIFT_STATUS_FIELD_NUMBER: _builtins.int
+    MODALITY_FIELD_NUMBER: _builtins.int
+    GROUPING_FIELD_NUMBER: _builtins.int
+    GROUP_LABELS_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
+    VOCABULARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     state: _builtins.str
@@ -753,6 +1000,14 @@ class ModelInfo(_message.Message):
     """Whether attribution/prediction/input drift is measured for this version, and why not."""
     drift_status: _builtins.str
     """"active", "pending" (the reference is being computed after start-up), or the reason it is off."""
+    modality: _builtins.str
+    """How the model's inputs are read: "tabular", "image" or "text" (explain.yaml `modality:`
+    overrides what is inferred from the graph).
+    """
+    grouping: _builtins.str
+    """The default players in words, and their labels when fixed (tabular, image grids)."""
+    baseline: _builtins.str
+    """The default baseline and the kinds a request may ask for."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -775,6 +1030,14 @@ class ModelInfo(_message.Message):
         reference it started without, how to provide a background when it has none, config defaults
         chosen for it. Empty when there is nothing to say.
         """
+
+    @_builtins.property
+    def group_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def vocabulary(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Text models: the token of each id (explain.yaml text.vocabulary), for labels and clients."""
 
     def __init__(
         self,
@@ -801,10 +1064,16 @@ class ModelInfo(_message.Message):
         notes: _abc.Iterable[_builtins.str] | None = ...,
         drift_active: _builtins.bool = ...,
         drift_status: _builtins.str = ...,
+        modality: _builtins.str = ...,
+        grouping: _builtins.str = ...,
+        group_labels: _abc.Iterable[_builtins.str] | None = ...,
+        baseline: _builtins.str = ...,
+        baselines: _abc.Iterable[_builtins.str] | None = ...,
+        vocabulary: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "drift_active", b"drift_active", "drift_status", b"drift_status", "error", b"error", "feature_names", b"feature_names", "inputs", b"inputs", "name", b"name", "notes", b"notes", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_rows", b"background_rows", "baseline", b"baseline", "baselines", b"baselines", "batch_rows", b"batch_rows", "default_budget_ms", b"default_budget_ms", "default_method", b"default_method", "drift_active", b"drift_active", "drift_status", b"drift_status", "error", b"error", "feature_names", b"feature_names", "group_labels", b"group_labels", "grouping", b"grouping", "inputs", b"inputs", "modality", b"modality", "name", b"name", "notes", b"notes", "output", b"output", "output_names", b"output_names", "outputs", b"outputs", "rows_per_second", b"rows_per_second", "scale", b"scale", "scales", b"scales", "sha256", b"sha256", "state", b"state", "tree_unsupported", b"tree_unsupported", "version", b"version", "versions", b"versions", "vocabulary", b"vocabulary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

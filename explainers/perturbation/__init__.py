@@ -1,0 +1,1 @@
+"""Perturbation methods that are not Shapley values: occlusion windows and LIME surrogates."""

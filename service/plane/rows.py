@@ -1,0 +1,115 @@
+"""Rows of a request explained one after the other, each with an equal share of the time left:
+against the stored background (tables), or over each row's groups against its reference rows
+(images, text, feature blocks)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation, ModelFn
+from explainers.groups import Groups
+from service.models.inputs import Layout
+from service.models.repository import LoadedModel
+from service.plane.baselines import baseline_rows
+from service.plane.methods import batch_explainer
+from service.plane.players import Players
+
+CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """What every row of a request shares: the model, the explained function, the method,
+    the request's stopping rules and seed, and the deadline."""
+
+    model: LoadedModel
+    fn: ModelFn
+    estimator: Estimator
+    seed: int
+    max_evaluations: int
+    target_error: float
+    deadline: float
+    elements: int
+
+    def evaluator(self, rate: float) -> Evaluator:
+        """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
+        onnx = self.model.onnx
+        chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
+        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype)
+
+    def budget(self, rows_left: int) -> Budget:
+        """This row's share of the time left, and the request's caps."""
+        now = time.monotonic()
+        share = max(self.deadline - now, 0.0) / rows_left
+        return Budget(now + share, self.max_evaluations or None, self.target_error or None)
+
+
+def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explanation, ...]:
+    """One player per feature against the stored background; exact batch methods (tree,
+    linear) explain every row in one call."""
+    rng = np.random.default_rng(job.seed)
+    batch = batch_explainer(job.estimator)
+    if batch is not None:
+        return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second)))
+    rate, out = job.model.onnx.rows_per_second, []
+    for i, x in enumerate(X):
+        ev = job.evaluator(rate)
+        out.append(job.estimator.explain(ev, x, background, job.budget(X.shape[0] - i), rng))
+        rate = ev.rows_per_second
+    return tuple(out)
+
+
+References = Callable[[Array, Evaluator], Background]
+"""The reference rows of row x (elements,), with f on them computed by the row's evaluator."""
+
+
+def explain_grouped(job: RowJob, X: Array, players: Players,
+                    references: References) -> tuple[tuple[Explanation, ...], tuple[Groups, ...]]:
+    """Each row over its own groups against its own reference rows; also returns the groups."""
+    rng = np.random.default_rng(job.seed)
+    rate, out, groups = job.model.onnx.rows_per_second, [], []
+    for i, x in enumerate(X):
+        ev = job.evaluator(rate)
+        g = players.groups_for(x)
+        budget = job.budget(X.shape[0] - i)
+        out.append(job.estimator.explain(ev, x, references(x, ev), budget, rng, g))
+        groups.append(g)
+        rate = ev.rows_per_second
+    return tuple(out), tuple(groups)
+
+
+def reference_maker(players: Players, layout: Layout, stored: Background | None
+                    ) -> References:
+    """Reference rows per the baseline: the stored background as it is; a row built once
+    (zeros, constant, mean of the background); or one per explained row (blur, mask)."""
+    spec = players.baseline
+    if spec.kind == "background":
+        assert stored is not None
+
+        def as_stored(x: Array, ev: Evaluator) -> Background:
+            return stored
+        return as_stored
+    shared: list[Background] = []
+    data = None if stored is None else stored.data
+    weights = None if stored is None else stored.weights
+
+    def build(x: Array, ev: Evaluator) -> Background:
+        if shared:
+            return shared[0]
+        rows = baseline_rows(spec, x, layout, players.modality, data, weights)  # (1, elements)
+        found = Background.build(rows, ev(rows.astype(ev.dtype)))
+        if not spec.per_row:
+            shared.append(found)
+        return found
+    return build
+
+
+def maps_of(rows: tuple[Explanation, ...], groups: tuple[Groups, ...]) -> tuple[Array, ...]:
+    """Each row's attribution map (outputs, elements): its own (occlusion), else each element
+    carrying its group's value."""
+    return tuple(e.map if e.map is not None else g.to_map(e.values)
+                 for e, g in zip(rows, groups, strict=True))
