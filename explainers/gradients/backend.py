@@ -308,6 +308,11 @@ class GradientModel:
         return tuple(out)
 
     @property
+    def adjoint_seconds(self) -> dict[int, float]:
+        """Build time of each adjoint built so far, by pinned batch size."""
+        return {b: a.seconds for b, a in self._adjoints.items()}
+
+    @property
     def nbytes(self) -> int:
         """Serialized size of the graphs held (for the cache's byte bound)."""
         held = [self.parts.primal, self.parts.differentiated, self.parts.exposed]
@@ -361,6 +366,8 @@ class GradientModel:
             v, g = self._adjoint(batch).run(_padded(_slice(feeds, start, stop), batch))
             values.append(v[:stop - start])
             grads.append(g[:stop - start])
+        if len(values) == 1:
+            return values[0], grads[0]
         return np.concatenate(values), np.concatenate(grads)
 
     def layer_and_grad(self, X: Array) -> tuple[Array, Array]:
@@ -374,8 +381,14 @@ class GradientModel:
 
     def feeds(self, X: Array, P: Array | None = None) -> dict[str, Array]:
         """Onnxruntime feeds: the model's inputs from X, the variables from P (X's)."""
-        P = self.point(X) if P is None else P
         feeds = self._feeds(X)
+        if P is None:  # X's own variables, without the float64 round trip
+            for v in self.variables:
+                if v.kind == "embedding":
+                    feeds[v.name] = _lookup(v, X)
+                elif v.kind == "layer":
+                    feeds[v.name] = self._expose(X)[v.name]
+            return feeds
         start = 0
         for v in self.variables:
             part = P[:, start:start + v.size].reshape(X.shape[0], *v.shape)
