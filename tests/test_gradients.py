@@ -136,9 +136,10 @@ def test_refused_graph_falls_back_to_finite_differences() -> None:
 
 def test_op_onnx_ad_refuses_falls_back_and_beyond_the_cap_fails_naming_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A strided Slice (no reverse rule in onnx-ad): finite differences in float64, exact for
-    y = sum(x[::2]^2); with more elements than the fallback's cap, FAILED_PRECONDITION naming
-    the op."""
+    """A strided Slice (no reverse rule in onnx-ad): finite differences in float64 (in blocks
+    of 2 elements here), exact for y = sum(x[::2]^2); with more elements than the fallback's
+    cap, FAILED_PRECONDITION naming the op."""
+    monkeypatch.setattr(backend, "FD_CHUNK", 4)
     ints = {"s": [0], "e": [6], "a": [1], "st": [2], "ax": [1]}
     nodes = [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["r"]),
              helper.make_node("Mul", ["r", "r"], ["q"]),

@@ -50,7 +50,7 @@ class DeepLift:
 
     def expected_evaluations(self, n_features: int, background: Background) -> int | None:
         refs = background.rows if self.average else 1
-        return 1 + 3 * refs
+        return 2 + 3 * refs  # f(x) and x's exposed pass; per reference f, exposed, gradient
 
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
                 rng: np.random.Generator, groups: Groups | None = None) -> Explanation:

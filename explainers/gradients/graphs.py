@@ -49,7 +49,8 @@ def reads(node: NodeProto) -> set[str]:
     """Every tensor a node reads, including those its subgraphs (If/Loop/Scan) capture."""
     names = {name for name in node.input if name}
     for attr in node.attribute:
-        for graph in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+        subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for graph in [attr.g, *attr.graphs] if attr.type in subgraphs else []:
             for inner in graph.node:
                 names |= reads(inner)
     return names
