@@ -226,7 +226,7 @@ def test_gradcam_equals_a_hand_computation() -> None:
     weights = (alpha * np.maximum(G, 0)).sum(axis=(1, 2))
     np.testing.assert_allclose(plus.map[0], np.tensordot(weights, A, axes=1).ravel(),  # type: ignore[index]
                                rtol=1e-4, atol=1e-6)
-    assert plus.method == "gradcam++" and not plus.additive
+    assert plus.method == "gradcam++" and not plus.additive and plus.evaluations == 2
 
 
 def test_upsample_is_nearest_neighbour() -> None:

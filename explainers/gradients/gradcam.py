@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from explainers.base import Array, Explanation
+from explainers.base import Array, Background, Explanation
 from explainers.errors import InvalidArgument
 from explainers.gradients.backend import GradientModel
 from explainers.gradients.common import AtX, Calls, explanation
@@ -62,6 +62,9 @@ class GradCam(AtX):
         self.name = "gradcam++" if plus_plus else "gradcam"
         self.layer = gm.variables[0]
         self.image = _image_input(gm, len(self.layer.shape) - 1)
+
+    def expected_evaluations(self, n_features: int, background: Background) -> int | None:
+        return 2  # the layer's forward pass, then the gradient
 
     def _explain(self, calls: Calls, groups: Groups | None) -> Explanation:
         fx, g = calls.grads(calls.P)  # (1, outputs), (1, outputs, p)
