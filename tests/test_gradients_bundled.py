@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 
 from explainers import Background, Budget, Evaluator
 from explainers.base import Array
@@ -28,10 +27,6 @@ from tests.test_gradients import ort_function
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 CNN, TEXT = MODELS / "digits_cnn", MODELS / "text_sentiment"
-# Bundled by the deep-models branch: these must run (not skip) once both branches are merged.
-bundled = pytest.mark.skipif(not (CNN / "1" / "model.onnx").exists()
-                             or not (TEXT / "1" / "model.onnx").exists(),
-                             reason="examples/models/{digits_cnn,text_sentiment} not merged yet")
 
 
 def smooth_differences(f: Callable[[Array], Array], X: Array, h: float,
@@ -59,7 +54,6 @@ def unused() -> Evaluator:
     return Evaluator(lambda X: np.zeros((X.shape[0], 1)))
 
 
-@bundled
 def test_digits_cnn_gradients_equal_finite_differences() -> None:
     model = onnx.load(CNN / "1" / "model.onnx")
     feeds = models.feeds_for("image", (1, 8, 8), np.float32)
@@ -83,7 +77,6 @@ def test_digits_cnn_gradients_equal_finite_differences() -> None:
     assert got.map is not None and got.map.shape == (1, 64)
 
 
-@bundled
 def test_text_sentiment_gradients_at_the_embeddings_equal_finite_differences() -> None:
     model = onnx.load(TEXT / "1" / "model.onnx")
     feeds = models.feeds_for("tokens", (16,), np.int64)
