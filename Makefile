@@ -13,7 +13,7 @@ install: $(STAMP) prometheus
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[server,dev]'
 	touch $(STAMP)
 
 # Debian's `prometheus` package (with `promtool`) for tests/test_prometheus.py, which scrapes a

@@ -70,9 +70,13 @@ def parser() -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Build the settings once (flags override SIDELIGHT_* variables) and serve until killed."""
-    from explainers.errors import SidelightError
-    from service.api.server import StartupError, start
-    from service.config import Settings
+    try:
+        from explainers.errors import SidelightError
+        from service.api.server import StartupError, start
+        from service.config import Settings
+    except ImportError as err:  # the base install is the client
+        sys.exit(f"sidelight serve needs the server extras ({err.name} is missing): "
+                 "pip install 'sidelight[server]'")
 
     flags = {"models_dir": args.models, "port": args.port, "metrics_port": args.metrics_port}
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
