@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     tree_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
                                   description="TreeSHAP tables per background, parsed trees and "
                                   "affine fits per target (LRU).")
+    gradient_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
+                                      description="Gradient graphs and their onnxruntime "
+                                      "sessions per model, target and input shape (LRU).")
     result_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
                                     description="Explanations kept for identical requests "
                                     "(LRU, per replica); 0 = off.")

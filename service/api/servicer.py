@@ -19,7 +19,7 @@ from service.plane.baselines import DEFAULT_SIGMA, BaselineSpec
 from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summarize, summarize_all
 from service.plane.grouping import MAX_GROUPS, GroupRequest
 from service.plane.players import OcclusionRequest
-from service.plane.requests import BackgroundUpload, ExplainQuery
+from service.plane.requests import BackgroundUpload, ExplainQuery, GradientRequest
 from service.store.backgrounds import BackgroundMeta
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -123,7 +123,10 @@ def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext,
         background=r.background, target_error=r.target_error,
         max_evaluations=r.max_evaluations, groups=to_groups(r.groups, max_bytes),
         baseline=to_baseline(r.baseline), occlusion=OcclusionRequest(
-            tuple(r.occlusion.window), tuple(r.occlusion.strides), r.occlusion.input))
+            tuple(r.occlusion.window), tuple(r.occlusion.strides), r.occlusion.input),
+        gradients=GradientRequest(r.gradients.layer, r.gradients.signed,
+                                  r.gradients.noise_level, r.gradients.samples,
+                                  r.gradients.steps, r.gradients.relu))
 
 
 def to_groups(g: pb.FeatureGroups, max_bytes: int) -> GroupRequest:

@@ -33,6 +33,8 @@ from service.models.repository import LoadedModel, ModelRepository, shorten, unu
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
 from service.plane.baselines import baselines_for
+from service.plane.gradients import METHODS as GRADIENT_METHODS
+from service.plane.gradients import GradientMethods
 from service.plane.grouping import GroupRequest
 from service.plane.guard import checked, find_failure
 from service.plane.methods import Choice, MethodResolver
@@ -164,6 +166,7 @@ class DataPlane:
                  metrics: Metrics, registry: Mapping[str, Estimator] | None = None) -> None:
         self.repo, self.store, self.settings, self.metrics = repo, store, settings, metrics
         self.registry = registry or build_registry()
+        self.gradients = GradientMethods(settings.gradient_cache_bytes)
         self.methods = MethodResolver(self.registry, settings.tree_cache_bytes)
         self._backgrounds: ByteLru[tuple[object, ...], Background] = ByteLru(
             settings.background_cache_bytes)  # (content, target) -> rows and f(background)
@@ -473,7 +476,7 @@ class DataPlane:
     def _explain(self, p: Prepared) -> ExplainResult:
         """Choose the method and explain every row before the deadline."""
         method = (p.query.method or p.model.config.method).strip().lower()
-        if not p.players.plain or method == "occlusion":
+        if not p.players.plain or method == "occlusion" or method in GRADIENT_METHODS:
             return self._explain_grouped(p)
         q, model, X = p.query, p.model, p.X
         assert p.background is not None and p.meta is not None
@@ -510,7 +513,7 @@ class DataPlane:
             else choice.estimator.windows.labels()
         row_labels = () if labels else tuple(g.labels for g in groups)
         return ExplainResult(
-            model.name, model.version, model.feature_names, p.target, rows,
+            model.name, model.version, model.feature_names, choice.target, rows,
             1e3 * (time.monotonic() - p.start), 1e3 * p.budget_s, p.source,
             p.meta or baseline_meta(model, players), spread_of_rows(rows), X,
             notes=notes_of(choice, rows),
@@ -522,6 +525,10 @@ class DataPlane:
         """The estimator for grouped players: occlusion's windows, a generic method, or the
         sampler (with a note) for tree and linear, which attribute single features."""
         name = (p.query.method or p.model.config.method).strip().lower() or "auto"
+        if name in GRADIENT_METHODS:
+            g = self.gradients.choose(name, p.model, p.target, p.query.scale, p.layout,
+                                      p.query.gradients)
+            return Choice(g.estimator, g.target, g.notes)
         if name == "occlusion":
             windows = occlusion_windows(p.model, p.layout, p.query.occlusion)
             return Choice(Occlusion(windows), p.target)

@@ -18,13 +18,14 @@ from explainers.memory import ByteLru
 from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
 from explainers.trees.onnx_trees import predict_margin
 from explainers.trees.tree import FitCache, TreeShap
+from service.plane.gradients import METHODS as GRADIENT_METHODS
 
 if TYPE_CHECKING:
     from service.models.repository import LoadedModel
     from service.plane.targets import Target
 
 log = logging.getLogger(__name__)
-MODEL_METHODS = ("tree", "linear", "occlusion")  # built per model or per request
+MODEL_METHODS = ("tree", "linear", "occlusion", *GRADIENT_METHODS)  # per model or request
 AGREEMENT_TOL = 1e-4  # trees rebuilt from the graph vs onnxruntime, relative to the spread
 CACHE_SIZE = 256
 TREE_CACHE_BYTES = 128 * 1024**2  # SIDELIGHT_TREE_CACHE_BYTES's default at a 2 GiB limit

@@ -23,6 +23,18 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
+class GradientRequest:
+    """A request's options for the gradient methods (0 / "" = the method's default)."""
+
+    layer: str = ""
+    signed: bool = False
+    noise_level: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    relu: bool = False
+
+
+@dataclass(frozen=True)
 class ExplainQuery:
     """An Explain request in domain terms. `deadline_s` is the time left on the caller's clock."""
 
@@ -42,6 +54,7 @@ class ExplainQuery:
     groups: GroupRequest = dataclasses.field(default_factory=GroupRequest)
     baseline: BaselineSpec | None = None  # None = the model's default
     occlusion: OcclusionRequest = dataclasses.field(default_factory=OcclusionRequest)
+    gradients: GradientRequest = dataclasses.field(default_factory=GradientRequest)
 
 
 @dataclass(frozen=True)

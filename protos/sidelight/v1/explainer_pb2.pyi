@@ -156,6 +156,7 @@ class ExplainRequest(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
     OCCLUSION_FIELD_NUMBER: _builtins.int
+    GRADIENTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     """"" = newest version."""
@@ -201,6 +202,10 @@ class ExplainRequest(_message.Message):
     def occlusion(self) -> Global___OcclusionWindow:
         """Window and strides of method "occlusion"; unset = the model's default."""
 
+    @_builtins.property
+    def gradients(self) -> Global___GradientOptions:
+        """Options of the gradient methods; unset = their defaults."""
+
     def __init__(
         self,
         *,
@@ -217,14 +222,67 @@ class ExplainRequest(_message.Message):
         groups: Global___FeatureGroups | None = ...,
         baseline: Global___Baseline | None = ...,
         occlusion: Global___OcclusionWindow | None = ...,
+        gradients: Global___GradientOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "groups", b"groups", "occlusion", b"occlusion", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "gradients", b"gradients", "groups", b"groups", "occlusion", b"occlusion", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "baseline", b"baseline", "budget_ms", b"budget_ms", "groups", b"groups", "inputs", b"inputs", "max_evaluations", b"max_evaluations", "method", b"method", "model", b"model", "occlusion", b"occlusion", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "baseline", b"baseline", "budget_ms", b"budget_ms", "gradients", b"gradients", "groups", b"groups", "inputs", b"inputs", "max_evaluations", b"max_evaluations", "method", b"method", "model", b"model", "occlusion", b"occlusion", "seed", b"seed", "target", b"target", "target_error", b"target_error", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
+
+@_typing.final
+class GradientOptions(_message.Message):
+    """Options of the gradient methods ("saliency", "input_x_gradient", "smoothgrad",
+    "integrated_gradients", "deeplift", "deepshap", "gradcam", "gradcam++"), computed from the
+    ONNX graph itself. Their default scale is the logit (the input of a final Softmax or Sigmoid,
+    found in the graph), since probabilities saturate; target.scale "identity" asks for the
+    output itself. The response's `scale` and notes say which was used.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
+    NOISE_LEVEL_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    RELU_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    """gradcam: the layer, a tensor name as ListLayers reports it; "" = the last convolution with
+    a spatial output (after its ReLU).
+    """
+    signed: _builtins.bool
+    """saliency, smoothgrad: signed gradients instead of their absolute values."""
+    noise_level: _builtins.float
+    """smoothgrad: the noise's standard deviation as a share of the input's range (0 = 0.15) and
+    the sample count (0 = as many as the budget allows, with the standard error of the mean).
+    """
+    samples: _builtins.int
+    steps: _builtins.int
+    """integrated_gradients: Gauss-Legendre steps (0 = doubled while the budget allows, until the
+    completeness gap is below target_error).
+    """
+    relu: _builtins.bool
+    """gradcam: a ReLU on the map (Grad-CAM's paper; Captum's LayerGradCam leaves it off)."""
+    def __init__(
+        self,
+        *,
+        layer: _builtins.str = ...,
+        signed: _builtins.bool = ...,
+        noise_level: _builtins.float = ...,
+        samples: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        relu: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "noise_level", b"noise_level", "relu", b"relu", "samples", b"samples", "signed", b"signed", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GradientOptions: _TypeAlias = GradientOptions  # noqa: Y015
 
 @_typing.final
 class FeatureGroups(_message.Message):
