@@ -100,10 +100,10 @@ class Settings(BaseSettings):
     tree_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
                                   description="TreeSHAP tables per background, parsed trees and "
                                   "affine fits per target (LRU).")
-    gradient_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
+    gradient_cache_bytes: int = Field(default_factory=share_of_memory(1 / 32), ge=0,
                                       description="Gradient graphs and their onnxruntime "
                                       "sessions per model, target and input shape (LRU).")
-    result_cache_bytes: int = Field(default_factory=share_of_memory(1 / 16), ge=0,
+    result_cache_bytes: int = Field(default_factory=share_of_memory(1 / 32), ge=0,
                                     description="Explanations kept for identical requests "
                                     "(LRU, per replica); 0 = off.")
     result_cache_ttl_seconds: float = Field(600.0, gt=0, description="How long a cached "

@@ -180,4 +180,4 @@ def test_memory_limit_comes_from_the_cgroup(tmp_path: Path) -> None:
     assert memory_limit((v2, v1)) == 2 * 1024**3
     v2.write_text("1073741824\n")
     assert memory_limit((v2, v1)) == 1024**3
-    assert settings_for(MODELS, memory_limit_bytes=1024**3).result_cache_bytes == 1024**3 // 16
+    assert settings_for(MODELS, memory_limit_bytes=1024**3).result_cache_bytes == 1024**3 // 32
