@@ -1,11 +1,13 @@
-"""Dataset-wide explanations against scikit-learn on real converted models: permutation
-importance and partial dependence equal scikit-learn's on the same ONNX function, data and
-permutations; ICE curves average to the PDP. Also the jobs' contract: progress, cancellation,
-budgets, row caps, seeds."""
+"""Dataset-wide explanations against scikit-learn and shap on real converted models:
+permutation importance and partial dependence equal scikit-learn's on the same ONNX function,
+data and permutations; ICE curves average to the PDP; dataset-wide mean |phi| is the mean of the
+per-row answers; TreeSHAP interactions equal shap's on the native model. Also the jobs'
+contract: progress, cancellation, budgets, row caps, seeds."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,21 +15,27 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import shap
 from scipy.stats.mstats import mquantiles
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 from sklearn.inspection import partial_dependence as sk_partial_dependence
 from sklearn.inspection import permutation_importance as sk_permutation_importance
 
-from explainers.base import Array, Budget, Evaluator
+from explainers.base import Array, Background, Budget, Evaluator
 from explainers.errors import Cancelled, InvalidArgument, ResourceExhausted
+from explainers.global_.dataset_shapley import LocalExplainer, dataset_shapley, player_values
 from explainers.global_.dependence import GridSpec, partial_dependence
+from explainers.global_.interactions import tree_interactions
 from explainers.global_.jobs import Control, Progress, events, run
 from explainers.global_.permutation_importance import (
     importance_from_permutations,
     permutation_importance,
 )
 from explainers.groups import Groups
+from explainers.shapley.permutation import PermutationShapley
+from explainers.trees.onnx_trees import parse_onnx_trees
+from explainers.trees.tree import TreeShap
 
 D = 4  # features
 Fn = Callable[[Array], Array]
@@ -358,5 +366,86 @@ def test_cancelling_a_job_stops_it_at_once(X: Array, regressor: Any) -> None:
         run(permutation_importance(Evaluator(counted, rows_per_second=5), X,
                                    np.random.default_rng(0), control=control))
     assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------- dataset Shapley
+
+
+def test_dataset_mean_abs_phi_is_the_mean_of_the_row_answers(X: Array,
+                                                            regressor: Any) -> None:
+    """Exact TreeSHAP per row, aggregated: mean |phi|, its standard error across rows, mean
+    phi and the beeswarm data equal the same rows explained one by one."""
+    fn, tree = ort_fn(regressor[1]), TreeShap.from_onnx(regressor[1])
+    bg = Background.build(X[:30], fn(X[:30]))
+    rows = X[:40]
+    explain = LocalExplainer(tree, lambda rate: Evaluator(fn, rows_per_second=rate), bg,
+                             np.random.default_rng(0))
+    out = run(dataset_shapley(explain, rows, [f"x{j}" for j in range(D)],
+                              np.random.default_rng(1)))
+    single = np.stack([tree.explain(Evaluator(fn), x, bg, Budget(math.inf),
+                                    np.random.default_rng(0)).values for x in rows])
+    np.testing.assert_allclose(out.values, single, rtol=0, atol=TOL)
+    np.testing.assert_allclose(out.mean_abs, np.abs(single).mean(axis=0), rtol=0, atol=TOL)
+    se = np.abs(single).std(axis=0, ddof=1) / math.sqrt(40)
+    np.testing.assert_allclose(out.mean_abs_se, se, rtol=1e-9, atol=TOL)
+    np.testing.assert_allclose(out.mean, single.mean(axis=0), rtol=0, atol=TOL)
+    assert np.array_equal(out.rows, np.arange(40)) and np.array_equal(out.feature_values, rows)
+    assert out.methods == ("tree",) and out.labels == ("x0", "x1", "x2", "x3")
+
+
+def test_dataset_shapley_with_a_sampler_groups_and_a_row_cap(X: Array, regressor: Any) -> None:
+    """Any local method: the permutation sampler over two groups on a seeded sample of 12
+    rows; the aggregate is the mean of the per-row answers; a group has no single value."""
+    fn = ort_fn(regressor[1])
+    bg = Background.build(X[:20], fn(X[:20]))
+    groups = Groups.build(np.array([0, 0, 1, -1]), ["ab", "c"])
+    explain = LocalExplainer(PermutationShapley(), lambda rate: Evaluator(fn, rows_per_second=rate),
+                             bg, np.random.default_rng(0), groups)
+    control = Control(Budget.of_seconds(30, max_evaluations=12 * 4000), max_rows=12)
+    values = player_values(X, groups)
+    out = run(dataset_shapley(explain, X, groups.labels, np.random.default_rng(2), control,
+                              values))
+    assert out.rows.size == 12 and out.info.complete and out.info.evaluations <= 12 * 4000
+    np.testing.assert_allclose(out.mean_abs, np.abs(out.values).mean(axis=0), rtol=0, atol=TOL)
+    assert out.feature_values is not None and np.all(np.isnan(out.feature_values[:, 0]))
+    np.testing.assert_array_equal(out.feature_values[:, 1], X[out.rows, 2])
+    assert np.all(out.std_errors > 0)
+
+
+def test_dataset_shapley_on_a_deadline_reports_the_rows_done(X: Array, regressor: Any) -> None:
+    """Rows that take 50 ms each and a 0.4 s deadline: a partial answer over the rows done,
+    marked as stopped; cancelled before the first row, no row is explained."""
+    fn, tree = ort_fn(regressor[1]), TreeShap.from_onnx(regressor[1])
+    bg = Background.build(X[:20], fn(X[:20]))
+    explain = LocalExplainer(tree, lambda rate: Evaluator(fn, rows_per_second=rate), bg,
+                             np.random.default_rng(0))
+    calls = []
+
+    def slow(x: Array, budget: Budget) -> Any:
+        calls.append(budget)
+        time.sleep(0.05)
+        return explain(x, budget)
+    out = run(dataset_shapley(slow, X, list("abcd"), np.random.default_rng(0),
+                              Control(Budget.of_seconds(0.4))))
+    assert out.info.stopped == "deadline" and 2 <= out.rows.size < X.shape[0] // 2
+    assert out.rows.size == len(calls) and calls[0].deadline < calls[1].deadline
+    with pytest.raises(Cancelled):
+        run(dataset_shapley(slow, X, list("abcd"), np.random.default_rng(0),
+                            Control(should_stop=lambda: True)))
+    assert len(calls) == out.rows.size
+
+
+def test_tree_interactions_equal_shap_on_the_native_model(X: Array, regressor: Any) -> None:
+    """Covers counted on the training rows are the trained trees' covers: the interaction
+    values equal shap's path-dependent ones on the scikit-learn model."""
+    est, model = regressor
+    out = run(tree_interactions(parse_onnx_trees(model), X[:25], X))
+    native = shap.TreeExplainer(est)
+    assert out.values is not None and out.rows == 25
+    np.testing.assert_allclose(out.values[:, 0], native.shap_interaction_values(X[:25]),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.values[:, 0].sum(axis=2), native.shap_values(X[:25]),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.mean_abs, np.abs(out.values).mean(axis=0), atol=TOL)
 
 
