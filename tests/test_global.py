@@ -1,8 +1,8 @@
 """Dataset-wide explanations against scikit-learn and shap on real converted models:
 permutation importance and partial dependence equal scikit-learn's on the same ONNX function,
 data and permutations; ICE curves average to the PDP; dataset-wide mean |phi| is the mean of the
-per-row answers; TreeSHAP interactions equal shap's on the native model. Also the jobs'
-contract: progress, cancellation, budgets, row caps, seeds."""
+per-row answers; TreeSHAP interactions equal shap's on the native model; PCA equals
+scikit-learn's. Also the jobs' contract: progress, cancellation, budgets, row caps, seeds."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 import shap
 from scipy.stats.mstats import mquantiles
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.decomposition import PCA
 from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 from sklearn.inspection import partial_dependence as sk_partial_dependence
 from sklearn.inspection import permutation_importance as sk_permutation_importance
@@ -32,6 +33,7 @@ from explainers.global_.permutation_importance import (
     importance_from_permutations,
     permutation_importance,
 )
+from explainers.global_.projection import pca
 from explainers.groups import Groups
 from explainers.shapley.permutation import PermutationShapley
 from explainers.trees.onnx_trees import parse_onnx_trees
@@ -449,3 +451,17 @@ def test_tree_interactions_equal_shap_on_the_native_model(X: Array, regressor: A
     np.testing.assert_allclose(out.mean_abs, np.abs(out.values).mean(axis=0), atol=TOL)
 
 
+# ---------------------------------------------------------------------------- projection
+
+
+def test_pca_equals_sklearn(X: Array) -> None:
+    colour = np.arange(X.shape[0])
+    ours = pca(X, 3, colour)
+    theirs = PCA(n_components=3, svd_solver="full").fit(X)
+    np.testing.assert_allclose(ours.components, theirs.components_, atol=1e-10)
+    np.testing.assert_allclose(ours.coordinates, theirs.transform(X), atol=1e-10)
+    np.testing.assert_allclose(ours.explained_variance_ratio,
+                               theirs.explained_variance_ratio_, atol=1e-12)
+    assert ours.colour is not None and np.array_equal(ours.colour, colour)
+    with pytest.raises(InvalidArgument, match="components"):
+        pca(X, 5)
