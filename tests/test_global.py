@@ -449,6 +449,16 @@ def test_tree_interactions_equal_shap_on_the_native_model(X: Array, regressor: A
     np.testing.assert_allclose(out.values[:, 0].sum(axis=2), native.shap_values(X[:25]),
                                rtol=0, atol=1e-6)
     np.testing.assert_allclose(out.mean_abs, np.abs(out.values).mean(axis=0), atol=TOL)
+    assert out.info.notes == ()
+    few = run(tree_interactions(parse_onnx_trees(model), X[:5], X[:3]))  # most leaves unseen
+    assert few.values is not None and np.all(np.isfinite(few.values))
+
+
+def test_tree_interactions_of_a_classifier_are_on_the_margin(X: Array, classifier: Any) -> None:
+    out = run(tree_interactions(parse_onnx_trees(classifier[1]), X[:5], X, columns=[2]))
+    assert out.values is not None and out.values.shape == (5, 1, D, D)
+    assert out.info.notes == ("margin scale: the values are before the model's SOFTMAX",)
+    np.testing.assert_allclose(out.values, out.values.transpose(0, 1, 3, 2), atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- projection

@@ -54,7 +54,7 @@ def tree_interactions(parsed: ParsedTrees, X: Array, reference: Array,
     yield meter.progress()
     sums = _Sums(data.shape[0] * weights.shape[0] * data.shape[1] ** 2 <= VALUES_CELLS)
     stopped = yield from _explain(explainer, data, weights, ctl, meter, sums)
-    return sums.result(JobInfo(0, meter.elapsed, stopped, sums.notes()))
+    return sums.result(JobInfo(0, meter.elapsed, stopped, sums.notes() + _scale(parsed)))
 
 
 class _Sums:
@@ -122,6 +122,12 @@ def _leaves_below(tree: ShapTree) -> Array:
     for n in np.flatnonzero(left >= 0)[::-1]:
         below[n] = below[left[n]] + below[right[n]]
     return below
+
+
+def _scale(parsed: ParsedTrees) -> tuple[str, ...]:
+    """What the caller must be told about the scale of the values."""
+    link = parsed["post_transform"]
+    return () if link == "NONE" else (f"margin scale: the values are before the model's {link}",)
 
 
 def _explainer(parsed: ParsedTrees, reference: Array) -> shap.TreeExplainer:
