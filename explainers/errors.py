@@ -40,6 +40,12 @@ class Unavailable(SidelightError):
     code = "UNAVAILABLE"
 
 
+class Cancelled(SidelightError):
+    """The caller cancelled a long job; it stopped between two chunks of work."""
+
+    code = "CANCELLED"
+
+
 class DeadlineExceeded(SidelightError):
     """The caller's deadline passed before an answer could be produced."""
 
