@@ -1,5 +1,5 @@
 """Wires the process together: settings -> repository, store, metrics, data plane -> gRPC server
-with health checking and reflection, plus the Prometheus HTTP endpoint."""
+(TLS, tokens) with health checking and reflection, plus the Prometheus HTTP endpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
+from service.api.auth import AccessGuard, Tokens, exposure_problem, is_loopback
 from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
+from service.api.tls import CertificateWatch, HttpsMetricsServer, TlsFiles, server_credentials
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
@@ -52,6 +54,7 @@ class Sidelight:
     metrics_port: int = -1
     plane: DataPlane | None = None
     store: BackgroundStore | None = None
+    certificates: CertificateWatch | None = None  # TLS on
     _http: list[Any] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -90,6 +93,7 @@ class Sidelight:
         self.metrics.recorder.fold()
         for server in self._http:
             server.shutdown()
+            server.server_close()
         if self.store is not None:
             self.store.close()
             if self.store.pending():
@@ -115,24 +119,55 @@ def build_store(settings: Settings, metrics: Metrics,
     return RedisStore(RedisOptions.from_settings(settings), metrics, on_state)
 
 
+@dataclass(frozen=True)
+class Security:
+    """Who may call what (tokens, roles, admin switch) and the port's certificates."""
+
+    guard: AccessGuard
+    certificates: CertificateWatch | None  # None: plaintext
+
+
+def security(settings: Settings) -> Security:
+    """Tokens and certificates read and checked, or StartupError saying what is wrong; a
+    non-loopback address without tokens is refused unless SIDELIGHT_ALLOW_INSECURE."""
+    problem = exposure_problem(settings)
+    if problem is not None:
+        raise StartupError(problem)
+    try:
+        files = TlsFiles.from_settings(settings)
+        watch = CertificateWatch(files) if files is not None else None
+        tokens = Tokens(settings.tokens_path) if settings.tokens_path is not None else None
+    except (OSError, ValueError) as err:
+        raise StartupError(str(err)) from None
+    if tokens is not None and watch is None and not is_loopback(settings.host):
+        log.warning("tokens travel unencrypted to %s: set SIDELIGHT_TLS_CERT and "
+                    "SIDELIGHT_TLS_KEY, unless a service mesh encrypts the traffic",
+                    settings.host)
+    return Security(AccessGuard(tokens, settings.admin_rpcs), watch)
+
+
 def start(settings: Settings, registry: CollectorRegistry | None = None,
           load: bool = True) -> Sidelight:
     """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
+    secure = security(settings)
     metrics = Metrics(registry or CollectorRegistry())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
                          options=[("grpc.max_receive_message_length", message_limit(settings)),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)],  # a second server must not share
-                         interceptors=[DecodeGuard()],
+                         interceptors=[secure.guard, DecodeGuard()],
                          maximum_concurrent_rpcs=4 * settings.max_in_flight)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    app = Sidelight(settings, server, health_servicer, metrics, _bind(server, settings))
+    app = Sidelight(settings, server, health_servicer, metrics,
+                    _bind(server, settings, secure.certificates),
+                    certificates=secure.certificates)
     pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(app.data_plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
     try:
@@ -145,14 +180,16 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     return app
 
 
-def _bind(server: grpc.Server, settings: Settings) -> int:
-    """Listen on the gRPC port, or StartupError when another process does: grpcio would
-    otherwise share it (SO_REUSEPORT) and split the traffic between the two."""
+def _bind(server: grpc.Server, settings: Settings, certificates: CertificateWatch | None) -> int:
+    """Listen on the gRPC port (TLS when certificates are given), or StartupError when another
+    process does: grpcio would otherwise share it (SO_REUSEPORT) and split the traffic."""
     host, port = settings.host, settings.port
     if port and _in_use(host, port):  # checked first: grpcio's refusal also logs a C++ line
         raise StartupError(f"gRPC port {port} on {host} is in use (another sidelight?); choose "
                            "another with --port or SIDELIGHT_PORT")
     try:
+        if certificates is not None:
+            return int(server.add_secure_port(f"{host}:{port}", server_credentials(certificates)))
         return int(server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
         raise StartupError(f"gRPC: cannot listen on {host}:{port} (in use, or not an address "
@@ -178,13 +215,19 @@ def _in_use(host: str, port: int) -> bool:
 
 
 def _start_metrics(app: Sidelight) -> None:
-    port = app.settings.metrics_port
+    """/metrics on its own address (default: the gRPC one), over HTTPS with SIDELIGHT_METRICS_TLS
+    (TlsFiles makes sure a certificate is configured then)."""
+    s = app.settings
+    port, host = s.metrics_port, s.metrics_host or s.host
     if port < 0:
         return
     try:
-        http, _ = start_http_server(port, addr=app.settings.host, registry=app.metrics.registry)
+        if s.metrics_tls and app.certificates is not None:
+            http: Any = HttpsMetricsServer(host, port, app.certificates, app.metrics.registry)
+        else:
+            http, _ = start_http_server(port, addr=host, registry=app.metrics.registry)
     except OSError as err:
-        raise StartupError(f"metrics port {port} on {app.settings.host}: {err.strerror}; choose "
+        raise StartupError(f"metrics port {port} on {host}: {err.strerror}; choose "
                            "another with --metrics-port or SIDELIGHT_METRICS_PORT") from None
     app._http.append(http)
     app.metrics_port = int(http.server_port)
