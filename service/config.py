@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     reflection: bool = Field(True, description="Serve gRPC reflection.")
     admin_rpcs: bool = Field(True, description="Serve PutBackground and DeleteBackground "
                              "(false: PERMISSION_DENIED for every caller).")
+    uploads_per_client: int = Field(100, ge=0, description="PutBackground calls one client may "
+                                    "make per upload window (0 = no limit).")
+    upload_bytes_per_client: int = Field(1024**3, ge=0, description="Bytes of background data "
+                                         "one client may upload per window (0 = no limit).")
+    upload_window_seconds: float = Field(3600.0, gt=0, description="The window of the "
+                                         "per-client upload limits.")
     workers: int = Field(4, ge=1, description="gRPC worker threads (concurrent explanations).")
     ort_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
     default_budget_ms: float = Field(200.0, gt=0, description="Budget when neither the request, "

@@ -163,7 +163,8 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     app = Sidelight(settings, server, health_servicer, metrics,
                     _bind(server, settings, secure.certificates),
                     certificates=secure.certificates)
-    pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(app.data_plane), server)
+    pb_grpc.add_ExplainerServicer_to_server(
+        ExplainerServicer(app.data_plane, secure.guard.client_id), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
