@@ -41,6 +41,8 @@ class Settings(BaseSettings):
                       "quick start; a container sets 0.0.0.0 and tokens).")
     port: int = Field(50051, description="gRPC port (0 = any free port).")
     metrics_port: int = Field(9090, description="Prometheus /metrics port (0 = any, -1 = off).")
+    health_port: int = Field(-1, description="Plaintext gRPC port serving only health checks, "
+                             "for Kubernetes gRPC probes when TLS is on (-1 = off, 0 = any).")
     metrics_host: str | None = Field(None, description="Metrics listen address; unset = the "
                                      "gRPC address (127.0.0.1 keeps /metrics to the pod).")
     tls_cert: Path | None = Field(None, description="PEM certificate chain of the gRPC port; "

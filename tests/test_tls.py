@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import Sidelight, StartupError, start
-from service.cli import main
+from service.cli import client_needs, main
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.certs import Authority, Issued, served_serial
@@ -230,3 +231,31 @@ def test_a_silent_metrics_client_times_out_alone(pki: Pki, repo: Path, tmp_path:
             assert closed.wait(3)  # the server gave up on it
     finally:
         app.stop(grace=0)
+
+
+def test_a_plaintext_health_port_serves_probes_and_nothing_else(pki: Pki, repo: Path) -> None:
+    app = serve_tls(repo, pki.folder, health_port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.health_port}", options=FRESH) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service="sidelight.v1.Explainer"),
+                         timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert list_models(channel) == grpc.StatusCode.UNIMPLEMENTED
+        plain = grpc.insecure_channel(f"127.0.0.1:{app.port}", options=FRESH)
+        assert list_models(plain) == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(StartupError, match=f"health port {app.health_port} on 127.0.0.1 "
+                           "is in use .* SIDELIGHT_HEALTH_PORT"):
+            start(settings_for(repo, metrics_port=-1, health_port=app.health_port), load=False)
+    finally:
+        app.stop(grace=0)
+
+
+def test_the_banner_says_what_clients_need(pki: Pki, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, tls_cert=pki.folder / "server.crt",
+                            tls_key=pki.folder / "server.key", tls_client_ca=pki.ca_file,
+                            tokens_path=tmp_path / "tokens")
+    assert client_needs(settings) == [
+        "--tls-ca <the CA that signs SIDELIGHT_TLS_CERT>",
+        "--tls-cert and --tls-key <a client certificate>",
+        "SIDELIGHT_TOKEN=<a token> (or --token)"]
+    assert client_needs(settings_for(tmp_path)) == []

@@ -52,10 +52,12 @@ class Sidelight:
     metrics: Metrics
     port: int
     metrics_port: int = -1
+    health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
     store: BackgroundStore | None = None
     certificates: CertificateWatch | None = None  # TLS on
     _http: list[Any] = field(default_factory=list)
+    _grpc: list[grpc.Server] = field(default_factory=list)  # besides `server`: health only
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def data_plane(self) -> DataPlane:
@@ -86,7 +88,8 @@ class Sidelight:
                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float = 1.0) -> None:
-        self.server.stop(grace).wait()
+        for server in (self.server, *self._grpc):
+            server.stop(grace).wait()
         if self.plane is not None:
             self.plane.close()
         self._stop.set()
@@ -161,7 +164,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     app = Sidelight(settings, server, health_servicer, metrics,
-                    _bind(server, settings, secure.certificates),
+                    _bind(server, settings.host, settings.port, secure.certificates),
                     certificates=secure.certificates)
     pb_grpc.add_ExplainerServicer_to_server(
         ExplainerServicer(app.data_plane, secure.guard.client_id), server)
@@ -172,6 +175,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
     try:
+        _start_health_port(app)
         _start_metrics(app)
         if load:
             app.load()
@@ -181,20 +185,35 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     return app
 
 
-def _bind(server: grpc.Server, settings: Settings, certificates: CertificateWatch | None) -> int:
-    """Listen on the gRPC port (TLS when certificates are given), or StartupError when another
+def _bind(server: grpc.Server, host: str, port: int, certificates: CertificateWatch | None,
+          name: str = "gRPC port", setting: str = "--port or SIDELIGHT_PORT") -> int:
+    """Listen on a gRPC port (TLS when certificates are given), or StartupError when another
     process does: grpcio would otherwise share it (SO_REUSEPORT) and split the traffic."""
-    host, port = settings.host, settings.port
     if port and _in_use(host, port):  # checked first: grpcio's refusal also logs a C++ line
-        raise StartupError(f"gRPC port {port} on {host} is in use (another sidelight?); choose "
-                           "another with --port or SIDELIGHT_PORT")
+        raise StartupError(f"{name} {port} on {host} is in use (another sidelight?); choose "
+                           f"another with {setting}")
     try:
         if certificates is not None:
             return int(server.add_secure_port(f"{host}:{port}", server_credentials(certificates)))
         return int(server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
-        raise StartupError(f"gRPC: cannot listen on {host}:{port} (in use, or not an address "
-                           "of this host); see --port, SIDELIGHT_HOST and SIDELIGHT_PORT") from None
+        raise StartupError(f"{name}: cannot listen on {host}:{port} (in use, or not an address "
+                           f"of this host); see SIDELIGHT_HOST and {setting}") from None
+
+
+def _start_health_port(app: Sidelight) -> None:
+    """Health checks alone on a plaintext port (SIDELIGHT_HEALTH_PORT): Kubernetes gRPC probes
+    cannot speak TLS, and health tells nothing but SERVING / NOT_SERVING."""
+    port = app.settings.health_port
+    if port < 0:
+        return
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    app.health_port = _bind(server, app.settings.host, port, None, "health port",
+                            "SIDELIGHT_HEALTH_PORT")
+    server.start()
+    app._grpc.append(server)
 
 
 def _in_use(host: str, port: int) -> bool:
