@@ -52,6 +52,18 @@ class DeadlineExceeded(SidelightError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(SidelightError):
+    """The call carries no credentials, or credentials the server does not know."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SidelightError):
+    """The caller is known but may not make this call (its role, or a switched-off RPC)."""
+
+    code = "PERMISSION_DENIED"
+
+
 ECHO_CHARS = 80  # client text quoted in a message is cut to this many characters
 
 
