@@ -207,6 +207,27 @@ def test_weights_behind_identity_constant_and_dequantize_linear() -> None:
     assert found["gain"].source == "Constant" and found["gain"].zeros == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("scale, zero, attrs", [
+    (np.float32(0.1), np.int8(3), {}),  # per tensor
+    (np.array([0.1, 0.2, 0.3, 0.4], np.float32), np.array([1, 2, 3, 4], np.int8), {"axis": 0}),
+    (np.linspace(0.1, 1.2, 12, dtype=np.float32).reshape(4, 3),
+     np.arange(-6, 6, dtype=np.int8).reshape(4, 3), {"axis": 1, "block_size": 2})])
+def test_dequantised_weights_equal_onnxruntimes_per_tensor_axis_and_block(
+        scale: Array, zero: Array, attrs: dict[str, int]) -> None:
+    q = np.random.default_rng(0).integers(-128, 128, size=(4, 6)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], **attrs),
+             helper.make_node("Add", ["x", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.asarray(scale), "s"),
+         numpy_helper.from_array(np.asarray(zero), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    found, = weights(model)
+    check_stats(found, Exposed(model, ["w"]).run({"x": np.zeros((4, 6), np.float32)})["w"])
+
+
 # -- attention -------------------------------------------------------------------------------
 def test_bundled_attention_maps_sum_to_one_and_match_the_graphs_own_q_and_k() -> None:
     """softmax(Q K^T / sqrt(16) + mask) from the exposed MatMul operands, the mask -1e9 on

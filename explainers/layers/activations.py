@@ -71,6 +71,7 @@ def activations(exposed: Exposed, feeds: dict[str, Array], reduction: str = "non
 
 
 def _check_request(reduction: str, k: int) -> None:
+    """InvalidArgument for an unknown reduction or a top-k keeping nothing."""
     if reduction not in REDUCTIONS:
         raise InvalidArgument(f"reduction: {quoted(reduction)}; one of {', '.join(REDUCTIONS)}")
     if reduction == "top_k" and k < 1:
@@ -101,6 +102,7 @@ def check_answer(values: Sequence[Array], rows: int, max_bytes: int, reductions:
 
 
 def too_large(size: int, rows: int, max_bytes: int, reductions: str) -> ResourceExhausted:
+    """The refusal of an answer over the byte limit, naming it and what would fit."""
     return ResourceExhausted(f"layers: the values take {size} bytes for {rows} rows, over the "
                              f"{max_bytes}-byte limit on an answer; ask for a reduction "
                              f"({reductions}), fewer tensors or fewer rows")

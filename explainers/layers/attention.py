@@ -90,6 +90,7 @@ def find(model: onnx.ModelProto, infos: Sequence[TensorInfo] | None = None
 
 
 def _refuse_fused(graph: onnx.GraphProto) -> None:
+    """FailedPrecondition naming the first fused com.microsoft attention op."""
     for node in graph.node:
         if node.domain == "com.microsoft" and "Attention" in node.op_type:
             raise FailedPrecondition(
@@ -99,6 +100,7 @@ def _refuse_fused(graph: onnx.GraphProto) -> None:
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
+    """The nodes reading each tensor."""
     out: dict[str, list[NodeProto]] = {}
     for node in graph.node:
         for name in node.input:

@@ -100,6 +100,7 @@ def _inferred(model: onnx.ModelProto, batch: int,
 
 
 def _dims(kind: TypeProto | None) -> tuple[int, ...] | None:
+    """The sizes (-1 where unknown), or None when the rank is unknown."""
     if kind is None or not kind.HasField("tensor_type") or \
             not kind.tensor_type.HasField("shape"):
         return None
@@ -108,6 +109,7 @@ def _dims(kind: TypeProto | None) -> tuple[int, ...] | None:
 
 
 def _dtype(kind: TypeProto | None) -> str:
+    """numpy's name for the element type; "" when unknown."""
     if kind is None or not kind.HasField("tensor_type") or not kind.tensor_type.elem_type:
         return ""
     return np.dtype(helper.tensor_dtype_to_np_dtype(kind.tensor_type.elem_type)).name

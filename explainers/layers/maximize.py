@@ -111,6 +111,7 @@ def channel_objective(model: onnx.ModelProto, layer: str, channel: int,
 
 
 def _with_objective(model: onnx.ModelProto, layer: str, weights: Array) -> onnx.ModelProto:
+    """A copy with OBJECTIVE = Flatten(layer) @ weights as one more output."""
     out = copy(model)
     flat, vector = f"{OBJECTIVE}__flat", f"{OBJECTIVE}__weights"
     out.graph.node.extend([helper.make_node("Flatten", [layer], [flat], axis=1),
@@ -152,6 +153,7 @@ def describe(objective: Objective, gm: GradientModel) -> str:
 
 
 def _checked(gm: GradientModel, start: Array, settings: Settings) -> Array:
+    """The start as a float64 row; InvalidArgument for a bad row or settings."""
     x = np.asarray(start, np.float64)
     if x.shape != (gm.elements,) or not np.all(np.isfinite(x)):
         raise InvalidArgument(f"start: one finite row of {gm.elements} elements, got shape "

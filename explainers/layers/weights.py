@@ -25,6 +25,8 @@ from explainers.layers.graph import op_name
 
 BINS = 32
 DEQUANTIZE = "DequantizeLinear"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,25 @@ class WeightStats:
 
 
 def weights(model: onnx.ModelProto) -> list[WeightStats]:
-    """Every weight of the main graph, in the order nodes first use them."""
+    """Every weight of the main graph, in the order nodes first use them; values are read
+    one weight at a time (a large model's weights are never all copied at once)."""
     g = model.graph
     made = producers(g)
     constants = _constants(g)
-    quantised, outputs = _dequantised(g, constants, made)
+    quantised = _dequantizers(g, constants, made)
+    outputs = {node.output[0]: x for x, (node, _) in quantised.items()}
     aliases = _aliases(g, {**{n: n for n in constants}, **outputs}, made)
-    uses = _uses(g, aliases, outputs)
     out = []
-    for tensor, used in uses.items():
-        source, stored = constants[tensor]
-        values = quantised.get(tensor, stored)
-        if tensor in quantised:
-            source = DEQUANTIZE
-        elif values.dtype.kind != "f":
+    for tensor, used in _uses(g, aliases, outputs).items():
+        source, value = constants[tensor]
+        if tensor not in quantised and not _floating(value):
             continue
+        stored = _values(value)
+        values = stored if tensor not in quantised else _dequantised(*quantised[tensor],
+                                                                     constants)
         others = tuple(a for a, t in aliases.items() if t == tensor and a != tensor)
-        out.append(statistics(tensor, source, stored, values, used, others))
+        out.append(statistics(tensor, DEQUANTIZE if tensor in quantised else source, stored,
+                              values, used, others))
     return out
 
 
@@ -98,11 +102,12 @@ def statistics(name: str, source: str, stored: Array, values: Array, uses: tuple
                        int(x.size - finite.size), Histogram(counts, edges), uses, aliases)
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, tuple[str, Array]]:
-    """Initializers and Constant nodes' values by tensor name: (source, values)."""
-    out: dict[str, tuple[str, Array]] = {}
-    for init in graph.initializer:
-        out[init.name] = ("initializer", _array(init))
+Constant = tuple[str, onnx.TensorProto | Array]  # (source, the value as stored)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, Constant]:
+    """Initializers and Constant nodes' values by tensor name, not yet read."""
+    out: dict[str, Constant] = {i.name: ("initializer", i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             value = _constant_value(node)
@@ -111,19 +116,28 @@ def _constants(graph: onnx.GraphProto) -> dict[str, tuple[str, Array]]:
     return out
 
 
-def _array(tensor: onnx.TensorProto) -> Array:
+def _floating(value: onnx.TensorProto | Array) -> bool:
+    if isinstance(value, onnx.TensorProto):
+        return value.data_type in FLOAT_TYPES
+    return value.dtype.kind == "f"
+
+
+def _values(value: onnx.TensorProto | Array) -> Array:
+    """A constant's values; FailedPrecondition when they cannot be read."""
+    if not isinstance(value, onnx.TensorProto):
+        return value
     try:
-        return np.asarray(numpy_helper.to_array(tensor))
+        return np.asarray(numpy_helper.to_array(value))
     except Exception as exc:  # external data not loaded, a type numpy cannot hold
-        raise FailedPrecondition(f"weights: cannot read initializer {tensor.name!r}: "
+        raise FailedPrecondition(f"weights: cannot read {value.name!r}: "
                                  f"{type(exc).__name__}") from exc
 
 
-def _constant_value(node: NodeProto) -> Array | None:
+def _constant_value(node: NodeProto) -> onnx.TensorProto | Array | None:
     """A Constant node's value (tensor, float or floats); None for the other forms."""
     for attr in node.attribute:
         if attr.name == "value":
-            return _array(attr.t)
+            return attr.t
         if attr.name == "value_float":
             return np.asarray(attr.f, np.float32)
         if attr.name == "value_floats":
@@ -145,27 +159,32 @@ def _aliases(graph: onnx.GraphProto, roots: dict[str, str],
 
 
 def _through_identity(name: str, made: dict[str, NodeProto]) -> str:
+    """The tensor an Identity chain ending at `name` starts from."""
     while name in made and made[name].op_type == "Identity" and \
             made[name].domain in DEFAULT_DOMAINS:
         name = made[name].input[0]
     return name
 
 
-def _dequantised(graph: onnx.GraphProto, constants: dict[str, tuple[str, Array]],
-                 made: dict[str, NodeProto]) -> tuple[dict[str, Array], dict[str, str]]:
-    """Quantised weights: their integer constant's name -> dequantised values, and each
-    DequantizeLinear output -> that name."""
-    values, outputs = {}, {}
+def _dequantizers(graph: onnx.GraphProto, constants: dict[str, Constant],
+                  made: dict[str, NodeProto]) -> dict[str, tuple[NodeProto, list[str]]]:
+    """DequantizeLinear nodes whose operands are all constants, by their x's name: the node
+    and its operands' constant names ("" for an omitted zero point)."""
+    out = {}
     for node in graph.node:
-        names = [_through_identity(n, made) if n else "" for n in node.input]
-        if node.op_type != DEQUANTIZE or node.domain not in DEFAULT_DOMAINS or \
-                len(names) < 2 or not all(n in constants for n in names if n):
+        if node.op_type != DEQUANTIZE or node.domain not in DEFAULT_DOMAINS:
             continue
-        x, scale = constants[names[0]][1], constants[names[1]][1]
-        zero = constants[names[2]][1] if len(names) > 2 and names[2] else None
-        values[names[0]] = dequantise(node, x, scale, zero)
-        outputs[node.output[0]] = names[0]
-    return values, outputs
+        names = [_through_identity(n, made) if n else "" for n in node.input]
+        if len(names) >= 2 and all(n in constants for n in names if n):
+            out[names[0]] = (node, names)
+    return out
+
+
+def _dequantised(node: NodeProto, names: list[str], constants: dict[str, Constant]) -> Array:
+    """The dequantised values of one DequantizeLinear weight."""
+    x, scale, *zero = (_values(constants[n][1]) if n else None for n in names)
+    assert x is not None and scale is not None  # _dequantizers checked both
+    return dequantise(node, x, scale, zero[0] if zero else None)
 
 
 def dequantise(node: NodeProto, x: Array, scale: Array, zero: Array | None) -> Array:
