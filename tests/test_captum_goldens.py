@@ -16,18 +16,6 @@ import pytest
 
 from tests.captum_parity import KEYS, TOLERANCE, goldens, ours, relative_error
 
-# DeepLIFT on the digits CNN: the rewritten graph's MaxPool sees y0 + m (a - a0) instead of the
-# ReLU's output y; both are 0 where a 2x2 window holds only dead ReLUs, but the rewritten values
-# carry float32 rounding (~1e-8), so MaxPool routes the gradient to whichever element rounding
-# made largest (not the first, as at x), and the multipliers there are not 0 (m = -y0 / (a - a0)).
-# Centring the rewrite at x (feed a(x) and y(x) as a0 and y0, keep m) makes the forward values
-# exact and the maps agree within 4e-7 (the helper's report has the reproduction and the fix).
-MAXPOOL_TIES = pytest.mark.xfail(strict=True, reason="DeepLIFT's rewritten graph breaks MaxPool "
-                                 "ties by float32 rounding (explainers/gradients/backend.py "
-                                 "reference_feeds)")
-KEYED = [pytest.param(k, marks=MAXPOOL_TIES) if k in ("digits.deeplift", "digits.deepshap")
-         else k for k in KEYS]
-
 
 def test_the_goldens_are_plain_small_arrays() -> None:
     g = goldens()
@@ -38,7 +26,7 @@ def test_the_goldens_are_plain_small_arrays() -> None:
         assert np.all(np.isfinite(g[key])) and np.any(g[key] != 0)
 
 
-@pytest.mark.parametrize("key", KEYED)
+@pytest.mark.parametrize("key", KEYS)
 def test_sidelight_reproduces_captum(key: str) -> None:
     error = relative_error(ours()[key], goldens()[key])
     assert error <= TOLERANCE, f"{key}: max |Sidelight - Captum| / max |Captum| = {error:.2e}"

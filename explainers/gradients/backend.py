@@ -399,14 +399,20 @@ class GradientModel:
 
     def reference_feeds(self, x: Array, P: Array, P0: Array) -> dict[str, Array]:
         """DeepLIFT's feeds for one row (x (1, elements) at P (1, p)) against references P0
-        (refs, p), one fed row per reference: per rescaled nonlinearity the reference's a0
-        and y0 and the multiplier m = (y - y0) / (a - a0), or f'(a) where a = a0."""
+        (refs, p), one fed row per reference: per rescaled nonlinearity the multiplier
+        m = (y - y0) / (a - a0) (or f'(a) where a = a0), and the linearisation's centre. The
+        centre is x's own a and y: the rewrite f(a) -> y_c + m (a - a_c) is then exact at x, so
+        a MaxPool after it sees x's values (float32 rounding of a centre at the reference would
+        break MaxPool's ties among dead ReLUs and route the gradient elsewhere); m, hence the
+        gradient, is the same whichever centre is fed."""
         at = self._expose(x, P)
         ref = self._expose(np.repeat(x, P0.shape[0], axis=0), P0)
         out = {}
+        rows = P0.shape[0]
         for n in self.rescaled:
             a0, y0, m = n.inputs
-            out[a0], out[y0] = ref[n.a], ref[n.y]
+            out[a0] = np.repeat(at[n.a], rows, axis=0)
+            out[y0] = np.repeat(at[n.y], rows, axis=0)
             out[m] = multiplier(n, at[n.a], at[n.y], ref[n.a], ref[n.y]).astype(ref[n.a].dtype)
         return out
 
