@@ -234,6 +234,6 @@ def test_deadline_bounds_the_retries() -> None:
     began = time.monotonic()
     with Client(f"127.0.0.1:{free_port()}", timeout=0.5,
                 retry=Retry(attempts=100, first_s=0.05, max_s=0.1)) as c, \
-            pytest.raises(CallError, match="UNAVAILABLE|DEADLINE_EXCEEDED"):
+            pytest.raises(CallError, match=r"UNAVAILABLE|DEADLINE_EXCEEDED"):
         c.explain_response("m", Inputs({"x": np.zeros((1, 1))}))
     assert time.monotonic() - began < 2.0

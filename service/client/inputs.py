@@ -83,6 +83,13 @@ def from_array(info: pb.ModelInfo, X: Array) -> Inputs:
 def from_columns(info: pb.ModelInfo, columns: list[str], values: Array) -> Inputs:
     """Named columns (a DataFrame, a CSV header) reordered to the model's features; extra
     columns are left out and reported."""
+    ordered = values[:, feature_columns(info, columns)]  # (rows, features)
+    ignored = tuple(c for c in columns if c not in set(info.feature_names))
+    return Inputs(from_array(info, ordered).arrays, ignored)
+
+
+def feature_columns(info: pb.ModelInfo, columns: Sequence[str]) -> list[int]:
+    """The position of each model feature among `columns` (ValueError naming the missing)."""
     names = list(info.feature_names)
     where = {c: k for k, c in enumerate(columns)}
     missing = [n for n in names if n not in where]
@@ -90,9 +97,7 @@ def from_columns(info: pb.ModelInfo, columns: list[str], values: Array) -> Input
         raise ValueError(f"columns: model {info.name} needs {len(names)} features; missing "
                          f"{', '.join(map(repr, missing[:5]))}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    ordered = values[:, [where[n] for n in names]]  # (rows, features)
-    ignored = tuple(c for c in columns if c not in set(names))
-    return Inputs(from_array(info, ordered).arrays, ignored)
+    return [where[n] for n in names]
 
 
 def conform(spec: pb.TensorSpec, X: Array) -> Array:
