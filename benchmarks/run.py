@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("shapley", "trees", "store", "metrics_overhead", "memory", "fuzz")
+SECTIONS = ("shapley", "trees", "store", "metrics_overhead", "memory", "fuzz", "batch")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 

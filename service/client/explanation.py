@@ -157,16 +157,10 @@ class Explanation:
 
 def from_response(r: pb.ExplainResponse, inputs: Inputs | None = None) -> Explanation:
     """The response's rows as arrays (text rows aligned by token position)."""
-    k = len(r.output_names)
     names, place, labels = players(r)
-    d = len(names)
-    empty = np.zeros((len(r.rows), k, d))  # (rows, outputs, features)
-    values, errors, low, high = (empty.copy() for _ in range(4))
-    for i, row in enumerate(r.rows):
-        cols = place[i]
-        for target, source in ((values, row.attributions), (errors, row.std_errors),
-                               (low, row.ci_low), (high, row.ci_high)):
-            target[i][:, cols] = np.asarray(source, np.float64).reshape(k, len(cols))
+    values, errors, low, high = (matrix(r, field, len(names), place if labels else None)
+                                 for field in ("attributions", "std_errors", "ci_low",
+                                               "ci_high"))
     return Explanation(
         model=r.model, version=r.version, method=r.method, values=values, std_errors=errors,
         ci_low=low, ci_high=high, base_values=per_output(r, "base_values"),
@@ -199,6 +193,19 @@ def players(r: pb.ExplainResponse) -> tuple[tuple[str, ...], list[list[int]],
     return (tuple(f"{name}[{p}]" for p in range(width)),
             [[int(p) for p in row if p is not None] for row in parsed],
             tuple(tuple(w) for w in words))
+
+
+def matrix(r: pb.ExplainResponse, field: str, d: int, place: list[list[int]] | None) -> Array:
+    """One [outputs x players] field of every row as (rows, outputs, features); rows with
+    their own players are scattered into their columns (zeros elsewhere)."""
+    n, k = len(r.rows), len(r.output_names)
+    if place is None:  # every row has the same players: one conversion
+        return np.array([list(getattr(row, field)) for row in r.rows], np.float64)\
+            .reshape(n, k, d)
+    out = np.zeros((n, k, d))
+    for i, row in enumerate(r.rows):
+        out[i][:, place[i]] = np.asarray(getattr(row, field), np.float64).reshape(k, -1)
+    return out
 
 
 def position(label: str) -> int | None:
