@@ -99,8 +99,8 @@ def which(e: Explanation, row: int, output: int | str | None) -> int:
 
 
 def subtitle(e: Explanation, row: int, k: int) -> str:
-    return (f"{e.model} · {e.output_names[k]} · row {row}: prediction "
-            f"{e.predictions[row, k]:.4g}, base {e.base_values[row, k]:.4g} ({e.method})")
+    return (f"{e.model} · {e.output_names[k]} · row {row} ({e.method})\nprediction "
+            f"{e.predictions[row, k]:.4g}, base value {e.base_values[row, k]:.4g}")
 
 
 def bar(e: Explanation, row: int = 0, output: int | str | None = None,
@@ -143,6 +143,8 @@ def waterfall(e: Explanation, row: int = 0, output: int | str | None = None,
         starts = e.base_values[row, k] + np.concatenate([[0.0], np.cumsum(steps)[:-1]])
         y = np.arange(len(steps))
         ax.barh(y, steps, left=starts, color=[POSITIVE if s > 0 else NEGATIVE for s in steps])
+        ax.use_sticky_edges = False  # room around the base and the prediction lines
+        ax.margins(x=0.05)
         if bars is not None:
             ax.errorbar(starts + np.array(steps), y, xerr=bars, fmt="none", ecolor="black",
                         capsize=2, linewidth=0.8)
@@ -301,8 +303,10 @@ def image_row(fig: SubFigure, e: Explanation, row: int, k: int, max_groups: int)
     first, second, third = fig.subplots(1, 3, width_ratios=[1, 1.25, 1.4])
     first.imshow(x, cmap="gray")
     first.set_title(f"input {name!r}")
-    second.imshow(x, cmap="gray", alpha=0.6)
-    shown = second.imshow(m, cmap=DIVERGING, vmin=-limit, vmax=limit, alpha=0.7)
+    second.imshow(x, cmap="gray")
+    shown = second.imshow(m, cmap=DIVERGING, vmin=-limit, vmax=limit, alpha=0.6)
+    if x.ndim == 2 and np.ptp(x) > 0:  # the input's strokes drawn over the colours
+        second.contour(x, levels=[0.5], colors="black", linewidths=0.8)
     fig.colorbar(shown, ax=second, shrink=0.8)
     second.set_title(f"{e.output_names[k]}: {e.predictions[row, k]:.3g} "
                      f"(base {e.base_values[row, k]:.3g})")

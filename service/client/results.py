@@ -89,5 +89,5 @@ def shapley_importance(e: Explanation, output: int = 0) -> Importance:
     phi = np.abs(e.values[:, output, :])  # (rows, features)
     rows = len(phi)
     se = phi.std(axis=0, ddof=1) / np.sqrt(rows) if rows > 1 else np.zeros(phi.shape[1])
-    return Importance(e.feature_names, phi.mean(axis=0), se, method="shapley",
+    return Importance(e.feature_names, phi.mean(axis=0), se, method="Shapley",
                       metric=f"mean |attribution| ({e.output_names[output]})")
