@@ -91,14 +91,43 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--concurrency", type=int, default=CONCURRENCY,
                          help=f"requests in flight (default {CONCURRENCY})")
     explain.add_argument("--json", action="store_true", help="print the response as JSON")
-    explain.add_argument("--address", default="localhost:50051")
+    connection_options(explain)
     explain.add_argument("--timeout", type=float, help="seconds to wait for each request "
                          "(default none; a deadline also sets the budget when --budget-ms is 0)")
     explain.set_defaults(run=run_explain)
     models = sub.add_parser("models", help="list the models of a running server")
-    models.add_argument("--address", default="localhost:50051")
+    connection_options(models)
     models.set_defaults(run=run_models)
     return p
+
+
+def connection_options(p: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: TLS, mutual TLS, a bearer token."""
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by the next "
+                   "three; without --tls-ca the system's CAs verify the server)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signs the server's")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="the client certificate's private key (PEM)")
+    p.add_argument("--token", default=os.environ.get("SIDELIGHT_TOKEN"),
+                   help="bearer token (default: $SIDELIGHT_TOKEN, which keeps it out of `ps`)")
+
+
+def client_of(args: argparse.Namespace, timeout: float | None = None) -> Client:
+    """A client for --address with the connection options."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        sys.exit("--tls-cert and --tls-key go together")
+    ca, cert, key = (None if f is None else read_pem(f)
+                     for f in (args.tls_ca, args.tls_cert, args.tls_key))
+    return Client(args.address, timeout=timeout, tls=args.tls, root_certificates=ca,
+                  certificate_chain=cert, private_key=key, token=args.token)
+
+
+def read_pem(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        sys.exit(f"{path}: {err.strerror}")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -162,7 +191,7 @@ def pasteable(path: Path) -> str:
 def run_explain(args: argparse.Namespace) -> None:
     """One request, or a batch in chunks when the rows need several or --out is given."""
     options = options_of(args)
-    with Client(args.address, timeout=args.timeout) as client:
+    with client_of(args, args.timeout) as client:
         try:
             source = rows_of(args, client.model(args.model))
             if args.json:
@@ -279,7 +308,7 @@ def write_pictures(args: argparse.Namespace, e: Explanation) -> None:
 
 
 def run_models(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with client_of(args) as client:
         try:
             models = client.models()
         except CallError as err:

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from service.api.server import Sidelight, start
+from service.cli import main
 from service.client.inputs import Inputs
 from sidelight.client import CallError, Client, Explanation, Retry
 from sidelight.v1 import explainer_pb2 as pb
@@ -208,25 +209,59 @@ class Echo(pb_grpc.ExplainerServicer):
         return pb.ListModelsResponse(models=[pb.ModelInfo(name=str(token))])
 
 
-def test_tls_and_a_token(tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+def openssl(*args: object) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def pki(folder: Path) -> dict[str, bytes]:
+    """A CA, a server certificate for localhost and a client certificate, all PEM."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ca",
+            "-keyout", folder / "ca.key", "-out", folder / "ca.crt")
+    (folder / "san").write_text("subjectAltName=DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+                folder / f"{name}.key", "-out", folder / f"{name}.csr")
+        openssl("x509", "-req", "-in", folder / f"{name}.csr", "-CA", folder / "ca.crt",
+                "-CAkey", folder / "ca.key", "-CAcreateserial", "-days", "1", "-extfile",
+                folder / "san", "-out", folder / f"{name}.crt")
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".crt", ".key")}
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """The stand-in server on localhost with TLS that requires a client certificate."""
+    pem = pki(tmp_path)
     server = grpc.server(futures.ThreadPoolExecutor(2))
     pb_grpc.add_ExplainerServicer_to_server(Echo(), server)
     port = server.add_secure_port("localhost:0", grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())]))
+        [(pem["server.key"], pem["server.crt"])], root_certificates=pem["ca.crt"],
+        require_client_auth=True))
     server.start()
-    try:
-        with Client(f"localhost:{port}", root_certificates=cert.read_bytes(),
-                    token="s3cret") as c:
-            assert c.models()[0].name == "Bearer s3cret"
-        with Client(f"localhost:{port}", retry=Retry(attempts=1)) as plain, \
+    yield port, pem
+    server.stop(grace=0)
+
+
+def test_mutual_tls_and_a_token(echo: tuple[int, dict[str, bytes]]) -> None:
+    port, pem = echo
+    with Client(f"localhost:{port}", root_certificates=pem["ca.crt"], token="s3cret",
+                certificate_chain=pem["client.crt"], private_key=pem["client.key"]) as c:
+        assert c.models()[0].name == "Bearer s3cret"
+    for without in ({}, {"root_certificates": pem["ca.crt"]}):  # plaintext; no client cert
+        with Client(f"localhost:{port}", retry=Retry(attempts=1), **without) as plain, \
                 pytest.raises(CallError, match="UNAVAILABLE"):
             plain.models()
-    finally:
-        server.stop(grace=0)
+    with pytest.raises(ValueError, match="go together"):
+        Client("localhost:1", certificate_chain=pem["client.crt"])
+
+
+def test_the_command_line_uses_tls_and_a_token(echo: tuple[int, dict[str, bytes]],
+                                               tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    port, _ = echo
+    files = [f"--tls-{kind}={tmp_path / name}" for kind, name in
+             (("ca", "ca.crt"), ("cert", "client.crt"), ("key", "client.key"))]
+    main(["models", "--address", f"localhost:{port}", *files, "--token", "s3cret"])
+    assert capsys.readouterr().out.startswith("Bearer s3cret v")
 
 
 def test_deadline_bounds_the_retries() -> None:

@@ -94,7 +94,8 @@ class CsvSource:
         with self.path.open(newline="") as f:
             reader = csv.reader(f)
             first = next(reader, [])
-            self.header = [] if numeric(first) else first
+            named = first == list(self.info.feature_names)  # names may look like numbers
+            self.header = first if named or not numeric(first) else []
             self.rows = sum(1 for _ in reader) + (0 if self.header else int(bool(first)))
         if self.header:
             feature_columns(self.info, self.header)

@@ -101,19 +101,25 @@ class Client:
     """A connection to one Sidelight server: `Client("host:50051").explain(model, X)`.
 
     `timeout` is the default deadline of Explain in seconds (None: wait as long as the budget
-    needs; a deadline also sets the budget when budget_ms is 0). `tls` or `root_certificates`
-    (PEM bytes) use a TLS channel; `token` is sent as `authorization: Bearer <token>` on every
-    call. `on_retry(error, attempt, delay_s)` is told about each retry."""
+    needs; a deadline also sets the budget when budget_ms is 0). `tls`, `root_certificates`
+    (the CA's PEM; default the system's CAs) or a client certificate (`certificate_chain` and
+    `private_key`, PEM, for mutual TLS) use a TLS channel; `token` is sent as
+    `authorization: Bearer <token>` on every call. `on_retry(error, attempt, delay_s)` is told
+    about each retry."""
 
     def __init__(self, address: str = "localhost:50051", *, timeout: float | None = None,
                  retry: Retry = Retry(), tls: bool = False,
-                 root_certificates: bytes | None = None, token: str | None = None,
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, token: str | None = None,
                  options: Sequence[tuple[str, Any]] = (), on_retry: RetryHook | None = None,
                  seed: int | None = None) -> None:
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("certificate_chain and private_key go together (mutual TLS)")
         limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
-        if tls or root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        if tls or root_certificates is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
             self._channel = grpc.secure_channel(address, credentials, options=limits)
         else:
             self._channel = grpc.insecure_channel(address, options=limits)
