@@ -71,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
                       "shaped like the model's input), .csv or .parquet (a column per feature)")
     rows.add_argument("--text", action="append", help="a text for a text model (words of its "
                       "vocabulary; an unknown word is an error); repeat for more")
-    explain.add_argument("--method", default="")
+    explain.add_argument("--method", default="", help="auto, exact, permutation, kernel, tree, "
+                         "linear, partition, occlusion, lime, ... (default: the model's)")
     explain.add_argument("--budget-ms", type=float, default=0.0,
                          help="latency budget per request (per chunk of --chunk-rows rows)")
     explain.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,9 @@ def assert_renders(page: str, tmp_path: Path, images: int, tables: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(app: Sidelight) -> Client:
-    return Client(f"127.0.0.1:{app.port}")
+def client(app: Sidelight) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{app.port}") as c:
+        yield c
 
 
 def test_a_report_of_rows_and_dataset_wide_results_renders(client: Client,
