@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install prometheus serve test lint typecheck protos bench fuzz models clean
+.PHONY: install prometheus chromium serve test lint typecheck protos bench fuzz models clean
 
-install: $(STAMP) prometheus
+install: $(STAMP) prometheus chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,21 +16,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[server,dev]'
 	touch $(STAMP)
 
-# Debian's `prometheus` package (with `promtool`) for tests/test_prometheus.py, which scrapes a
-# real server and evaluates the dashboard's and the alert rules' queries. Costs nothing when both
-# are on PATH; needs apt-get as root (or password-less sudo); never fatal (the test then skips).
-# The package does not start a Prometheus by itself.
+# $(call apt_install,PACKAGE,COMMANDS,WHO SKIPS): Debian's PACKAGE unless every command in
+# COMMANDS is on PATH. Needs apt-get as root (or password-less sudo); never fatal (WHO SKIPS then
+# skips with the reason).
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || (sudo -n true 2>/dev/null && echo sudo apt-get))
-prometheus:
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+define apt_install
+	@if (for c in $(2); do command -v $$c >/dev/null || exit 1; done); then :; \
 	elif [ -z "$(APT)" ] || ! command -v apt-get >/dev/null; then \
-	  echo "note: prometheus not installed (needs apt-get as root); its test will skip"; \
+	  echo "note: $(1) not installed (needs apt-get as root); $(3) will skip"; \
 	else \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  $(APT) install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
-	  { $(APT) update -qq && $(APT) install -y --no-install-recommends prometheus >/dev/null; } || \
-	  echo "note: could not install prometheus with apt-get; its test will skip"; \
+	  $(APT) install -y --no-install-recommends $(1) >/dev/null 2>&1 || \
+	  { $(APT) update -qq && $(APT) install -y --no-install-recommends $(1) >/dev/null; } || \
+	  echo "note: could not install $(1) with apt-get; $(3) will skip"; \
 	fi
+endef
+
+# Debian's `prometheus` package (with `promtool`) for tests/test_prometheus.py, which scrapes a
+# real server and evaluates the dashboard's and the alert rules' queries. The package does not
+# start a Prometheus by itself.
+prometheus:
+	$(call apt_install,prometheus,prometheus promtool,its test)
+
+# Debian's `chromium` for tests/test_report.py, which opens an HTML report in headless Chromium
+# and checks that its images and tables render.
+chromium:
+	$(call apt_install,chromium,chromium,the report test)
 
 serve: install
 	$(VENV)/bin/sidelight serve --models examples/models

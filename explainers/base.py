@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -27,8 +28,10 @@ def _frozen(array: Array, dtype: type = np.float64) -> Array:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(level: float, dof: float) -> float:
-    """Student-t quantile for a two-sided interval (normal when dof is infinite)."""
+    """Student-t quantile for a two-sided interval (normal when dof is infinite). Cached: scipy
+    takes ~0.4 ms a call, which was 10x the work of a 256-row linear or tree answer."""
     q = 0.5 + level / 2
     return float(stats.norm.ppf(q) if not math.isfinite(dof) else stats.t.ppf(q, max(dof, 1.0)))
 

@@ -1,7 +1,8 @@
 """`sidelight serve` runs the sidecar; `sidelight explain` and `sidelight models` call one.
 
-The client commands import gRPC, numpy and the stubs only (a fraction of a second); `serve`
-imports the server stack (onnx, onnxruntime, shap: seconds) when it runs."""
+The client commands import the client (gRPC, numpy, the stubs: a fraction of a second; plus
+matplotlib for --plot/--report and pyarrow for parquet files); `serve` imports the server stack
+(onnx, onnxruntime, shap: seconds) when it runs."""
 
 from __future__ import annotations
 
@@ -13,21 +14,32 @@ import shlex
 import signal
 import sys
 import threading
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from service.client import batch, inputs, terminal
+from service.client.batch import CHUNK_ROWS, CONCURRENCY
+from service.client.client import CallError, Client, Options
+from service.client.explanation import Explanation
 from sidelight.v1 import explainer_pb2 as pb
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from service.api.server import Sidelight
     from service.config import Settings
 
-LOOKUP_TIMEOUT_S = 10.0  # ListModels and GetModel; Explain's deadline is --timeout only
+EXPLAIN_HELP = """Explain rows of a table, images or texts with a running server.
+
+  sidelight explain --model diabetes_linear --row=0.03,0.05,0.06,0.02,-0.04,-0.03,-0.04,0,0.02,-0.01
+  sidelight explain --model text_sentiment --text "not bad" --plot words.png
+  sidelight explain --model digits_cnn --input digits.npy --grid 4 --report digits.html
+  sidelight explain --model breast_cancer_gbdt --input rows.csv --out results.parquet
+
+Files are sent in chunks of --chunk-rows rows, --concurrency at a time, with progress on
+stderr; a chunk that fails after retries is reported and left out (exit status 1)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,18 +61,40 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (SIDELIGHT_PORT, default 50051)")
     serve.add_argument("--metrics-port", type=int, help="metrics port (default 9090, -1 off)")
     serve.set_defaults(run=run_serve)
-    explain = sub.add_parser("explain", help="explain rows with a running server")
+    explain = sub.add_parser("explain", help="explain rows, images or texts with a running "
+                             "server", description=EXPLAIN_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("--model", required=True)
-    explain.add_argument("--row", action="append", required=True,
-                         help="comma-separated feature values; repeat for more rows")
-    explain.add_argument("--method", default="")
-    explain.add_argument("--budget-ms", type=float, default=0.0)
+    rows = explain.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--row", action="append",
+                      help="comma-separated feature values; repeat for more rows")
+    rows.add_argument("--input", type=Path, help="a file of rows: .npy (batch axis first, "
+                      "shaped like the model's input), .csv or .parquet (a column per feature)")
+    rows.add_argument("--text", action="append", help="a text for a text model (words of its "
+                      "vocabulary; an unknown word is an error); repeat for more")
+    explain.add_argument("--method", default="", help="auto, exact, permutation, kernel, tree, "
+                         "linear, partition, occlusion, lime, ... (default: the model's)")
+    explain.add_argument("--budget-ms", type=float, default=0.0,
+                         help="latency budget per request (per chunk of --chunk-rows rows)")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--target-error", type=float, default=0.0)
     explain.add_argument("--classes", default="", help="comma-separated output columns")
+    explain.add_argument("--background", default="", help="named background ('' = default)")
+    explain.add_argument("--grid", help="images: patches per axis, e.g. 4 or 4,2")
+    explain.add_argument("--patch", help="images: patch size in pixels, e.g. 2 or 2,4")
+    explain.add_argument("--baseline", help="what replaces a removed group: zeros, mean, "
+                         "background, mask (text), blur[:SIGMA], constant:VALUE")
+    explain.add_argument("--out", type=Path, help="write every row's attributions, standard "
+                         "errors, base value and prediction: .parquet, .csv or .npy")
+    explain.add_argument("--plot", type=Path, help="write a PNG (needs matplotlib)")
+    explain.add_argument("--report", type=Path, help="write a self-contained HTML report")
+    explain.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
+                         help=f"rows per request (default {CHUNK_ROWS})")
+    explain.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                         help=f"requests in flight (default {CONCURRENCY})")
     explain.add_argument("--json", action="store_true", help="print the response as JSON")
     connection_options(explain)
-    explain.add_argument("--timeout", type=float, help="seconds to wait for the explanation "
+    explain.add_argument("--timeout", type=float, help="seconds to wait for each request "
                          "(default none; a deadline also sets the budget when --budget-ms is 0)")
     explain.set_defaults(run=run_explain)
     models = sub.add_parser("models", help="list the models of a running server")
@@ -81,15 +115,14 @@ def connection_options(p: argparse.ArgumentParser) -> None:
                    help="bearer token (default: $SIDELIGHT_TOKEN, which keeps it out of `ps`)")
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
-    """A channel to --address: plaintext, or TLS when any --tls option is given."""
-    files = (args.tls_ca, args.tls_key, args.tls_cert)
-    if not args.tls and all(f is None for f in files):
-        return grpc.insecure_channel(args.address)
+def client_of(args: argparse.Namespace, timeout: float | None = None) -> Client:
+    """A client for --address with the connection options."""
     if (args.tls_cert is None) != (args.tls_key is None):
         sys.exit("--tls-cert and --tls-key go together")
-    ca, key, cert = (None if f is None else read_pem(f) for f in files)
-    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca, key, cert))
+    ca, cert, key = (None if f is None else read_pem(f)
+                     for f in (args.tls_ca, args.tls_cert, args.tls_key))
+    return Client(args.address, timeout=timeout, tls=args.tls, root_certificates=ca,
+                  certificate_chain=cert, private_key=key, token=args.token)
 
 
 def read_pem(path: Path) -> bytes:
@@ -97,11 +130,6 @@ def read_pem(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         sys.exit(f"{path}: {err.strerror}")
-
-
-def credentials(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The call metadata carrying --token, if any."""
-    return (("authorization", f"Bearer {args.token}"),) if args.token else ()
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -173,76 +201,132 @@ def pasteable(path: Path) -> str:
     return shlex.quote(relative if "/" in relative else f"./{relative}")
 
 
-def failed(err: grpc.RpcError) -> str:
-    """A failed call as one line: `CODE: details`."""
-    return f"{err.code().name}: {' '.join((err.details() or '').split())}"
-
-
 def run_explain(args: argparse.Namespace) -> None:
-    with open_channel(args) as channel:
-        stub, token = pb_grpc.ExplainerStub(channel), credentials(args)
+    """One request, or a batch in chunks when the rows need several or --out is given."""
+    options = options_of(args)
+    with client_of(args, args.timeout) as client:
         try:
-            info = stub.GetModel(pb.GetModelRequest(model=args.model), timeout=LOOKUP_TIMEOUT_S,
-                                 metadata=token)
-            response = stub.Explain(build_request(args, info), timeout=args.timeout,
-                                    metadata=token)
-        except grpc.RpcError as err:
-            sys.exit(failed(err))
-    print(json.dumps(MessageToDict(response), indent=2) if args.json else render(response))
+            source = rows_of(args, client.model(args.model))
+            if args.json:
+                print_json(client, args, source, options)
+                return
+            result = explain_rows(client, args, source, options)
+        except CallError as err:
+            sys.exit(str(err))
+        except (ValueError, ImportError, OSError) as err:
+            sys.exit(f"sidelight: {err}")
+    show(args, result)
 
 
-def build_request(args: argparse.Namespace, info: pb.ModelInfo) -> pb.ExplainRequest:
-    """Split each --row across the model's inputs by their column counts."""
+def rows_of(args: argparse.Namespace, info: pb.ModelInfo) -> batch.Source:
+    """The rows to explain: --row values split across the model's inputs, --text tokenized,
+    or --input read chunk by chunk."""
+    if args.input is not None:
+        return batch.open_source(args.input, info)
+    if args.text:
+        return batch.Prepared(inputs.prepare(info, args.text))
     try:
-        rows = np.array([[float(v) for v in r.split(",")] for r in args.row])  # (rows, feats)
+        values = np.array([[float(v) for v in r.split(",")] for r in args.row])  # (rows, feats)
+        return batch.Prepared(inputs.from_array(info, values))
     except ValueError as err:
         sys.exit(f"--row: {err}")
-    widths = [s.shape[1] if len(s.shape) > 1 else 1 for s in info.inputs]
-    if rows.shape[1] != sum(widths):
-        sys.exit(f"--row: {rows.shape[1]} values; model {info.name} takes {sum(widths)}")
-    edges = np.cumsum([0, *widths])
-    inputs = [fp64_tensor(s.name, rows[:, a:b] if len(s.shape) > 1 else rows[:, a])
-              for s, a, b in zip(info.inputs, edges[:-1], edges[1:], strict=True)]
+
+
+def options_of(args: argparse.Namespace) -> Options:
     classes = [int(c) for c in args.classes.split(",") if c.strip()]
-    return pb.ExplainRequest(model=args.model, inputs=inputs, method=args.method,
-                             budget_ms=args.budget_ms, seed=args.seed,
-                             target_error=args.target_error,
-                             target=pb.Target(classes=classes))
+    return Options(method=args.method, budget_ms=args.budget_ms, seed=args.seed,
+                   target_error=args.target_error, classes=tuple(classes),
+                   background=args.background,
+                   groups=inputs.groups(grid=sizes(args.grid, "--grid"),
+                                        patch=sizes(args.patch, "--patch")),
+                   baseline=baseline_of(args.baseline))
 
 
-def fp64_tensor(name: str, values: np.ndarray) -> pb.Tensor:
-    """Values as an FP64 tensor (raw little-endian); the server casts to the input's type."""
-    return pb.Tensor(name=name, datatype="FP64", shape=list(values.shape),
-                     raw=np.ascontiguousarray(values, dtype="<f8").tobytes())
+def sizes(text: str | None, flag: str) -> list[int] | None:
+    try:
+        return None if text is None else [int(v) for v in text.split(",")]
+    except ValueError:
+        sys.exit(f"{flag}: {text!r}: one or two whole numbers, e.g. 4 or 4,2")
 
 
-def render(r: pb.ExplainResponse) -> str:
-    """A readable table per row and output, features by decreasing |attribution|."""
-    c = r.cost
-    out = [f"{r.model} v{r.version}: {r.method}, {c.model_evaluations} evaluations, "
-           f"{c.elapsed_ms:.1f} ms of {c.budget_ms:.0f} ms ({c.budget_source}), "
-           f"background {r.background} ({r.background_rows} rows), scale {r.scale}"]
-    out.extend(f"note: {n}" for n in r.notes)
-    d = len(r.feature_names)
-    for i, row in enumerate(r.rows):
-        for k, name in enumerate(r.output_names):
-            phi = np.array(row.attributions[k * d:(k + 1) * d])
-            se = np.array(row.std_errors[k * d:(k + 1) * d])
-            out.append(f"row {i} · {name}: prediction {row.predictions[k]:.4g} = base "
-                       f"{row.base_values[k]:.4g} + sum of attributions")
-            out.extend(f"  {r.feature_names[j]:<28} {phi[j]:+.4g} ± {1.96 * se[j]:.2g}"
-                       for j in np.argsort(-np.abs(phi)))
-    return "\n".join(out)
+def baseline_of(text: str | None) -> pb.Baseline | None:
+    """--baseline KIND[:NUMBER]: the number is blur's sigma or the constant's value."""
+    if not text:
+        return None
+    kind, _, number = text.partition(":")
+    try:
+        value = float(number) if number else 0.0
+    except ValueError:
+        sys.exit(f"--baseline: {text!r}: KIND or KIND:NUMBER, e.g. blur:2 or constant:0.5")
+    return inputs.baseline(kind, value=value if kind == "constant" else 0.0,
+                           sigma=value if kind == "blur" else 0.0)
+
+
+def print_json(client: Client, args: argparse.Namespace, source: batch.Source,
+               options: Options) -> None:
+    """The one response as JSON (the rows must fit one request)."""
+    chunks = list(islice(source.chunks(args.chunk_rows), 2))
+    if len(chunks) != 1 or args.out or args.plot or args.report:
+        sys.exit(f"--json prints one response: at most --chunk-rows ({args.chunk_rows}) rows "
+                 "and no --out, --plot or --report")
+    response = client.explain_response(args.model, chunks[0], options)
+    print(json.dumps(MessageToDict(response), indent=2))
+
+
+def explain_rows(client: Client, args: argparse.Namespace, source: batch.Source,
+                 options: Options) -> batch.Result:
+    """Every row, in chunks; progress on stderr for files, the answer kept unless only
+    written to --out."""
+    if source.ignored:
+        print(f"sidelight: ignoring columns {', '.join(source.ignored)}", file=sys.stderr)
+    sink = batch.open_sink(args.out) if args.out else None
+    progress = batch.Progress(source.rows) if args.input is not None else None
+    keep = args.plot is not None or args.report is not None or args.out is None
+    result = batch.run(client, args.model, source, options, sink, chunk_rows=args.chunk_rows,
+                       concurrency=args.concurrency, progress=progress, keep=keep,
+                       timeout=args.timeout)
+    if result.rows == 0 and result.failures:
+        sys.exit(f"sidelight: no row was explained; {result.failures[0]}")
+    return result
+
+
+def show(args: argparse.Namespace, result: batch.Result) -> None:
+    """Print, plot and report what was kept; say what was written; exit 1 after failures."""
+    e = result.explanation
+    if e is not None and args.out is None:
+        classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        print(terminal.render(e, outputs=range(len(e.output_names)) if classes else None))
+    if e is not None and (args.plot or args.report):
+        write_pictures(args, e)
+    if args.out is not None:
+        print(f"wrote {result.rows:,} rows to {args.out} in {result.seconds:.1f} s "
+              f"({result.rows / max(result.seconds, 1e-9):,.0f} rows/s)")
+    if result.failures:
+        sys.exit(f"sidelight: {len(result.failures)} chunk(s) failed; first: "
+                 f"{result.failures[0]}")
+
+
+def write_pictures(args: argparse.Namespace, e: Explanation) -> None:
+    try:
+        from service.client import plots, report
+    except ImportError as err:
+        sys.exit(f"--plot and --report need matplotlib ({err.name} is missing): "
+                 "pip install 'sidelight[plots]'")
+    if args.plot:
+        plots.save(plots.summary(e), args.plot)
+        print(f"wrote {args.plot}")
+    if args.report:
+        report.explanation_report(e).save(args.report)
+        print(f"wrote {args.report}")
 
 
 def run_models(args: argparse.Namespace) -> None:
-    with open_channel(args) as channel:
+    with client_of(args) as client:
         try:
-            response = pb_grpc.ExplainerStub(channel).ListModels(
-                pb.ListModelsRequest(), timeout=LOOKUP_TIMEOUT_S, metadata=credentials(args))
-        except grpc.RpcError as err:
-            sys.exit(failed(err))
-    for m in response.models:
+            models = client.models()
+        except CallError as err:
+            sys.exit(str(err))
+    for m in models:
         detail = m.error or f"{len(m.feature_names)} features, output {m.output}"
         print(f"{m.name} v{m.version} {m.state}: {detail}")
 

@@ -25,7 +25,6 @@ from tests.captum_parity import (
     unused,
 )
 from tests.gradient_models import feeds_for
-from tests.test_captum_goldens import KEYED
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("captum")
@@ -46,7 +45,7 @@ def test_captum_reproduces_the_committed_goldens() -> None:
     assert max(errors.values()) <= RERUN, errors
 
 
-@pytest.mark.parametrize("key", KEYED)
+@pytest.mark.parametrize("key", KEYS)
 def test_sidelight_matches_captum_now(key: str) -> None:
     assert relative_error(ours()[key], captum()[key]) <= TOLERANCE
 

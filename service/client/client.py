@@ -1,0 +1,258 @@
+"""`Client`: the Python client of a Sidelight sidecar (`from sidelight.client import Client`).
+
+It needs grpcio, protobuf and numpy only. Every RPC goes through `Client._call`, which retries
+UNAVAILABLE (the server starting, restarting or unreachable) and RESOURCE_EXHAUSTED (calls shed
+beyond the server's in-flight limit) with exponential backoff and jitter within the call's
+deadline; a RESOURCE_EXHAUSTED that names the request's own budget or a full store is final.
+New RPCs (e.g. a `global_...` family) are one `_call` each plus a result type."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.client.explanation import Explanation, from_response
+from service.client.inputs import Inputs, baseline, groups, prepare
+from service.client.wire import Array, tensor
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+
+LOOKUP_TIMEOUT_S = 10.0  # ListModels, GetModel and the background RPCs
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # answers with maps of large images are large
+FINAL_RESOURCE_EXHAUSTED = ("budget_ms:", "background:")  # the same request meets them again
+RetryHook = Callable[["CallError", int, float], None]  # (error, attempt, seconds until next)
+
+
+class CallError(Exception):
+    """A call that failed: its gRPC status code, the server's message, attempts made."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, attempts: int = 1) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details, self.attempts = code, details, attempts
+
+    @classmethod
+    def of(cls, err: grpc.RpcError, attempts: int) -> CallError:
+        return cls(err.code(), " ".join((err.details() or "").split()), attempts)
+
+    @property
+    def retryable(self) -> bool:
+        """Worth sending again: the server is away or shedding load."""
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return (self.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and not self.details.startswith(FINAL_RESOURCE_EXHAUSTED)
+                and "larger than max" not in self.details)  # gRPC's message size limit
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Exponential backoff: attempt n waits first_s * multiplier**(n-1), at most max_s, times a
+    random factor in [0.5, 1] so that clients shed together do not return together."""
+
+    attempts: int = 5
+    first_s: float = 0.1
+    max_s: float = 2.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return min(self.max_s, self.first_s * self.multiplier ** (attempt - 1)) \
+            * rng.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything of an ExplainRequest except the model and its inputs."""
+
+    method: str = ""
+    budget_ms: float = 0.0
+    seed: int = 0
+    classes: tuple[int, ...] = ()
+    output: str = ""
+    scale: str = ""
+    background: str = ""
+    target_error: float = 0.0
+    max_evaluations: int = 0
+    version: str = ""
+    groups: pb.FeatureGroups | None = None
+    baseline: pb.Baseline | None = None
+    occlusion: pb.OcclusionWindow | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # reserved for fields added later
+
+    def request(self, model: str, inputs: Inputs) -> pb.ExplainRequest:
+        return pb.ExplainRequest(
+            model=model, version=self.version, inputs=inputs.tensors(), method=self.method,
+            target=pb.Target(output=self.output, classes=list(self.classes), scale=self.scale),
+            budget_ms=self.budget_ms, seed=self.seed, background=self.background,
+            target_error=self.target_error, max_evaluations=self.max_evaluations,
+            groups=self.groups, baseline=self.baseline, occlusion=self.occlusion, **self.extra)
+
+
+DEFAULT = Options()
+
+
+class Client:
+    """A connection to one Sidelight server: `Client("host:50051").explain(model, X)`.
+
+    `timeout` is the default deadline of Explain in seconds (None: wait as long as the budget
+    needs; a deadline also sets the budget when budget_ms is 0). `tls`, `root_certificates`
+    (the CA's PEM; default the system's CAs) or a client certificate (`certificate_chain` and
+    `private_key`, PEM, for mutual TLS) use a TLS channel; `token` is sent as
+    `authorization: Bearer <token>` on every call. `on_retry(error, attempt, delay_s)` is told
+    about each retry."""
+
+    def __init__(self, address: str = "localhost:50051", *, timeout: float | None = None,
+                 retry: Retry = Retry(), tls: bool = False,
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, token: str | None = None,
+                 options: Sequence[tuple[str, Any]] = (), on_retry: RetryHook | None = None,
+                 seed: int | None = None) -> None:
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("certificate_chain and private_key go together (mutual TLS)")
+        limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
+        if tls or root_certificates is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
+            self._channel = grpc.secure_channel(address, credentials, options=limits)
+        else:
+            self._channel = grpc.insecure_channel(address, options=limits)
+        self._stub = pb_grpc.ExplainerStub(self._channel)
+        self.address, self.timeout, self.retry, self.on_retry = address, timeout, retry, on_retry
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._random = random.Random(seed)  # jitter only; never the global generator
+        self._models: dict[tuple[str, str], pb.ModelInfo] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def models(self) -> list[pb.ModelInfo]:
+        """Every model of the server, including those that failed to load (state FAILED)."""
+        return list(self._call("ListModels", pb.ListModelsRequest(), LOOKUP_TIMEOUT_S).models)
+
+    def model(self, name: str, version: str = "", refresh: bool = False) -> pb.ModelInfo:
+        """A model's inputs, features, outputs and defaults (asked once per Client)."""
+        key = (name, version)
+        with self._lock:
+            known = self._models.get(key)
+        if known is not None and not refresh:
+            return known
+        info: pb.ModelInfo = self._call("GetModel", pb.GetModelRequest(model=name,
+                                                                       version=version),
+                                        LOOKUP_TIMEOUT_S)
+        with self._lock:
+            self._models[key] = info
+        return info
+
+    def prepare(self, model: str, X: Any, version: str = "") -> Inputs:
+        """X as the model's input tensors (see `explain`); errors name what does not fit."""
+        return prepare(self.model(model, version), X)
+
+    def explain(self, model: str, X: Any, *, method: str = "", budget_ms: float = 0.0,
+                seed: int = 0, classes: Sequence[int] = (), output: str = "", scale: str = "",
+                background: str = "", target_error: float = 0.0, max_evaluations: int = 0,
+                version: str = "", mask: Array | None = None,
+                grid: int | Sequence[int] | None = None,
+                patch: int | Sequence[int] | None = None, group_labels: Sequence[str] = (),
+                baseline_kind: str | None = None, baseline_value: float = 0.0,
+                blur_sigma: float = 0.0, window: Sequence[int] = (),
+                strides: Sequence[int] = (), timeout: float | None = None) -> Explanation:
+        """Explain the rows of X with `model`.
+
+        X: a numpy array shaped like the model's input with the batch axis first (one row or
+        image without it), a pandas DataFrame (columns matched to the feature names; other
+        columns are ignored), a dict of arrays per input name, or for text models a string or
+        list of strings (words looked up in the model's vocabulary, padded with id 0).
+        method: "" (the model's default), "auto", "exact", "permutation", "kernel", "tree",
+        "linear", "partition", "occlusion", "lime", ... mask/grid/patch: the players of an
+        image or text (a group id per element, patches per axis, or a patch size).
+        baseline_kind: what replaces a removed group ("zeros", "mean", "blur", "constant",
+        "mask", "background"). window/strides: occlusion's window."""
+        options = Options(
+            method=method, budget_ms=budget_ms, seed=seed, classes=tuple(classes),
+            output=output, scale=scale, background=background, target_error=target_error,
+            max_evaluations=max_evaluations, version=version,
+            groups=groups(mask, grid, patch, group_labels),
+            baseline=baseline(baseline_kind, baseline_value, blur_sigma),
+            occlusion=pb.OcclusionWindow(window=list(window), strides=list(strides))
+            if window else None)
+        return self.explain_inputs(model, self.prepare(model, X, version), options, timeout)
+
+    def explain_inputs(self, model: str, inputs: Inputs, options: Options = DEFAULT,
+                       timeout: float | None = None,
+                       on_retry: RetryHook | None = None) -> Explanation:
+        """Explain prepared inputs (see `prepare`), e.g. one chunk of a batch file."""
+        return from_response(self.explain_response(model, inputs, options, timeout, on_retry),
+                             inputs)
+
+    def explain_response(self, model: str, inputs: Inputs, options: Options = DEFAULT,
+                         timeout: float | None = None,
+                         on_retry: RetryHook | None = None) -> pb.ExplainResponse:
+        """The ExplainResponse message itself."""
+        response: pb.ExplainResponse = self._call(
+            "Explain", options.request(model, inputs),
+            self.timeout if timeout is None else timeout, on_retry)
+        return response
+
+    def put_background(self, model: str, data: Any, *, name: str = "", version: str = "",
+                       feature_names: Sequence[str] = ()) -> pb.PutBackgroundResponse:
+        """Store a background (rows, features) for a model; a DataFrame's columns become the
+        feature names unless given."""
+        if hasattr(data, "columns") and hasattr(data, "to_numpy"):
+            feature_names = feature_names or [str(c) for c in data.columns]
+            data = data.to_numpy()
+        values = np.asarray(data)
+        values = values if values.dtype in (np.float32, np.float64) else values.astype(float)
+        request = pb.PutBackgroundRequest(model=model, version=version, name=name,
+                                          data=tensor("data", values),
+                                          feature_names=list(feature_names))
+        response: pb.PutBackgroundResponse = self._call("PutBackground", request,
+                                                        LOOKUP_TIMEOUT_S)
+        return response
+
+    def get_background(self, model: str, name: str = "", version: str = "") -> pb.BackgroundInfo:
+        info: pb.BackgroundInfo = self._call("GetBackground", pb.GetBackgroundRequest(
+            model=model, version=version, name=name), LOOKUP_TIMEOUT_S)
+        return info
+
+    def list_backgrounds(self, model: str = "") -> list[pb.BackgroundInfo]:
+        return list(self._call("ListBackgrounds", pb.ListBackgroundsRequest(model=model),
+                               LOOKUP_TIMEOUT_S).backgrounds)
+
+    def delete_background(self, model: str, name: str = "", version: str = "") -> bool:
+        return bool(self._call("DeleteBackground", pb.DeleteBackgroundRequest(
+            model=model, version=version, name=name), LOOKUP_TIMEOUT_S).deleted)
+
+    def _call(self, rpc: str, request: Any, timeout: float | None,
+              on_retry: RetryHook | None = None) -> Any:
+        """One RPC with retries of transient failures, all within `timeout` seconds."""
+        method = getattr(self._stub, rpc)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(1, self.retry.attempts + 1):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = CallError.of(err, attempt)
+                delay = self.retry.delay(attempt, self._random)
+                late = deadline is not None and time.monotonic() + delay >= deadline
+                if not error.retryable or attempt == self.retry.attempts or late:
+                    raise error from None
+                hook = on_retry or self.on_retry
+                if hook is not None:
+                    hook(error, attempt, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
