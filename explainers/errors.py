@@ -58,3 +58,9 @@ def clip(text: str, limit: int = ECHO_CHARS) -> str:
 def quoted(text: str, limit: int = ECHO_CHARS) -> str:
     """Client text as a message quotes it: repr() of at most `limit` characters."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+class Cancelled(SidelightError):
+    """The call was cancelled (the client went away or the server is stopping): stop work."""
+
+    code = "CANCELLED"

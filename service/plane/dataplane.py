@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -59,6 +60,7 @@ from service.plane.rows import (
     maps_of,
     reference_maker,
 )
+from service.plane.scheduler import Control, Cores
 from service.plane.targets import Target, build_background, resolve_target, target_fn
 from service.store.backgrounds import (
     DEFAULT_NAME,
@@ -116,6 +118,7 @@ class Prepared:
     meta: BackgroundMeta | None  # None when a named baseline replaces the stored background
     background: Background | None
     players: Players
+    control: Control | None = None  # the call's yield point and cancellation
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class ExplainResult:
     row_labels: tuple[tuple[str, ...], ...] = ()  # per row, when they vary (text)
     maps: tuple[Array, ...] = ()  # per row (outputs, elements), for grouped answers
     layout: Layout | None = None  # how the maps' elements form the inputs
+    not_reached: int = 0  # the request's last rows, left when the budget ran out
 
     @property
     def method(self) -> str:
@@ -178,6 +182,7 @@ class DataPlane:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._cores = usable_cores()
+        self.cores = Cores(max(1, round(self._cores)))
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -408,8 +413,9 @@ class DataPlane:
         return self.drift.status(model.name, model.version)
 
     # --- Explain --------------------------------------------------------------------------
-    def explain(self, q: ExplainQuery) -> ExplainResult:
-        """Explain every row of the request within its budget; records the outcome metrics."""
+    def explain(self, q: ExplainQuery, control: Control | None = None) -> ExplainResult:
+        """Explain every row of the request within its budget; records the outcome metrics.
+        `control` lets the caller cancel the call (client gone, server stopping)."""
         start, cpu = time.monotonic(), time.thread_time()
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
         method = q.method.strip().lower() or "auto"
@@ -417,7 +423,7 @@ class DataPlane:
         code, result = "INTERNAL", None
         self._admit()
         try:
-            result = self._explain_cached(q, start)
+            result = self._explain_cached(q, start, control or Control(math.inf))
             code = "OK"
             return result
         except SidelightError as err:
@@ -484,11 +490,13 @@ class DataPlane:
         deadline = self._deadline(p)
         choice = self.choose(q.method or model.config.method, model, p.target, background,
                              meta.sha256, X.shape[0], deadline - time.monotonic())
+        pause = p.control.pause if p.control else None
         rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
-                                  deadline)
+                                  deadline, pause)
         choice, rows = checked(choice, rows, p.target, background, model.onnx.precision,
                                meta.name, lambda c: self._explain_rows(
-                                   model, X, c.target, background, c.estimator, q, deadline),
+                                   model, X, c.target, background, c.estimator, q, deadline,
+                                   pause),
                                self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
@@ -501,7 +509,8 @@ class DataPlane:
         q, model, X, players = p.query, p.model, p.X, p.players
         choice = self._grouped_choice(p)
         job = RowJob(model, target_fn(model, p.target, p.layout), choice.estimator, q.seed,
-                     q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements)
+                     q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements,
+                     p.control.pause if p.control else None)
         references = reference_maker(players, p.layout, p.background)
         rows, groups = explain_grouped(job, X, players, references)
         choice, rows = checked(choice, rows, p.target, None, model.onnx.precision,
@@ -559,10 +568,11 @@ class DataPlane:
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
-                      deadline: float) -> tuple[Explanation, ...]:
+                      deadline: float, pause: Callable[[], None] | None = None
+                      ) -> tuple[Explanation, ...]:
         """One player per feature, rows one after the other (service/plane/rows.py)."""
         job = RowJob(model, target_fn(model, target), estimator, q.seed, q.max_evaluations,
-                     q.target_error, deadline, X.shape[1])
+                     q.target_error, deadline, X.shape[1], pause)
         return explain_plain(job, X, background)
 
     def _fold_drift(self, batch: list[Record]) -> None:
@@ -630,11 +640,13 @@ class DataPlane:
         return predictions if ok else None
 
     # --- result cache -----------------------------------------------------------------------
-    def _explain_cached(self, q: ExplainQuery, start: float) -> ExplainResult:
-        """The stored answer to an identical request (cached=true), else compute and store."""
-        p = self._prepare(q, start)
+    def _explain_cached(self, q: ExplainQuery, start: float, control: Control) -> ExplainResult:
+        """The stored answer to an identical request (cached=true), else compute (holding a
+        core, earliest deadline first) and store a complete answer."""
+        p = replace(self._prepare(q, start), control=control)
+        control.deadline, control.cores = p.start + p.budget_s, self.cores
         if not self.results.enabled:
-            return self._explain(p)
+            return self._compute(p)
         key = result_key(p)
         hit = self.results.get(key)
         if hit is not None and find_failure(hit.rows, p.model.onnx.precision, None):
@@ -643,9 +655,22 @@ class DataPlane:
         if hit is not None:  # this call's budget and time; the answer's own evaluations
             return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
                            budget_ms=1e3 * p.budget_s, budget_source=p.source)
-        result = self._explain(p)
-        self.results.put(key, replace(result, X=result.X[:0]))
+        result = self._compute(p)
+        if not result.not_reached:  # a partial answer depends on the clock: not kept
+            self.results.put(key, replace(result, X=result.X[:0]))
         return result
+
+    def _compute(self, p: Prepared) -> ExplainResult:
+        """Explain while holding a core; say which rows were not reached."""
+        assert p.control is not None
+        with self.cores.held(p.control):
+            result = self._explain(p)
+        missing = p.X.shape[0] - len(result.rows)
+        if not missing:
+            return result
+        return replace(result, not_reached=missing, notes=(*result.notes, (
+            f"{missing} of {p.X.shape[0]} rows not reached: the budget ran out before them "
+            "(their status is NOT_REACHED); send them again or raise budget_ms")))
 
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:
