@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="gRPC listen address.")
     port: int = Field(50051, description="gRPC port (0 = any free port).")
     metrics_port: int = Field(9090, description="Prometheus /metrics port (0 = any, -1 = off).")
-    workers: int = Field(4, ge=1, description="gRPC worker threads (concurrent explanations).")
+    workers: int = Field(64, ge=1, description="gRPC handler threads: every call gets one on "
+                         "arrival (its budget's clock starts then and admission sees it at "
+                         "once); computing is limited to the cores, earliest deadline first.")
     ort_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
     default_budget_ms: float = Field(200.0, gt=0, description="Budget when neither the request, "
                                      "its deadline nor explain.yaml sets one.")

@@ -124,7 +124,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)],  # a second server must not share
                          interceptors=[DecodeGuard()],
-                         maximum_concurrent_rpcs=4 * settings.max_in_flight)
+                         maximum_concurrent_rpcs=None)  # shedding is admission's (counted)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -29,6 +29,7 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_DEADLINE_S = 1e9
+RETRY_AFTER = "retry-after-ms"  # trailing metadata of a shed call
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 MAX_DETAILS_BYTES = 1024  # status details travel in a header: gRPC refuses them past 16 KiB
 UNDECODABLE_LOG_EVERY_S = 60.0
@@ -52,6 +53,8 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except SidelightError as err:
+        if err.retry_after_s is not None:  # a shed call: when to try again
+            context.set_trailing_metadata(((RETRY_AFTER, str(round(1e3 * err.retry_after_s))),))
         context.abort(grpc.StatusCode[err.code], capped(str(err)))
     except Exception as err:  # the one place unknown errors are turned into INTERNAL
         where = traceback.extract_tb(err.__traceback__)[-1]

@@ -33,6 +33,7 @@ from service.models.inputs import Layout, TensorInfo
 from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
+from service.plane.admission import Admission, Ticket, least_seconds
 from service.plane.baselines import baselines_for
 from service.plane.gradients import METHODS as GRADIENT_METHODS
 from service.plane.gradients import GradientMethods
@@ -183,6 +184,7 @@ class DataPlane:
         self._in_flight = 0
         self._cores = usable_cores()
         self.cores = Cores(max(1, round(self._cores)))
+        self.admission = Admission(self.cores.n)
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -445,6 +447,21 @@ class DataPlane:
                                         f"(max_in_flight); retry with backoff")
             self._in_flight += 1
 
+    def _admit_work(self, p: Prepared) -> Ticket:
+        """Admission on the model of the work (service/plane/admission.py): shed at once when
+        this call's least answer, or an accepted call's, would no longer fit."""
+        method = p.query.method or p.model.config.method
+        players = p.players.groups_for(p.X[0]).size
+        refs = p.background.rows if p.background is not None and \
+            p.players.baseline.kind == "background" else 1
+        least = least_seconds(method, players, refs, p.model.onnx.rows_per_second,
+                              tree=p.model.trees is not None)
+        try:
+            return self.admission.admit(self._deadline(p), least, p.control)
+        except ResourceExhausted:
+            self.metrics.rejected.labels("admission").inc()
+            raise
+
     def _leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
@@ -661,10 +678,14 @@ class DataPlane:
         return result
 
     def _compute(self, p: Prepared) -> ExplainResult:
-        """Explain while holding a core; say which rows were not reached."""
+        """Admit the work, explain while holding a core, say which rows were not reached."""
         assert p.control is not None
-        with self.cores.held(p.control):
-            result = self._explain(p)
+        ticket = self._admit_work(p)
+        try:
+            with self.cores.held(p.control):
+                result = self._explain(p)
+        finally:
+            self.admission.done(ticket)
         missing = p.X.shape[0] - len(result.rows)
         if not missing:
             return result

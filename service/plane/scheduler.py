@@ -1,9 +1,11 @@
 """Who computes now: earliest deadline first over the cores this process may use.
 
 A call computes only while it holds a core. At every yield point (before each model call, see
-Evaluator.pause) it hands its core to a waiting call with an earlier deadline and queues for
-it again, so a long call cannot starve a short one and the time a call waits counts against
-its own budget (its sampler sees a slower unit cost and plans smaller rounds). The same yield
+Evaluator.pause) it hands its core to a waiting call with an earlier deadline, or to the
+earliest waiting one once it has computed for SLICE_S while others wait, and queues for it
+again: a long call cannot starve a short one, the admitted calls share the cores, and the time
+a call waits counts against its own budget (its sampler sees a slower unit cost and plans
+smaller rounds: its share of the cores). The same yield
 point stops a call at once when it is cancelled (client gone, deadline passed, server
 stopping).
 """
@@ -13,10 +15,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from explainers.errors import Cancelled
+
+SLICE_S = 0.005  # a call computes at most this long while others wait, then takes its turn
 
 
 class Control:
@@ -26,6 +31,8 @@ class Control:
         self.deadline, self.cores = deadline, cores
         self._cancelled = threading.Event()
         self.reason = ""
+        self.since = 0.0  # time.monotonic() when it last took a core
+        self.ran_s = 0.0  # seconds it has held a core
 
     def cancel(self, reason: str = "the call was cancelled") -> None:
         self.reason = self.reason or reason
@@ -40,7 +47,7 @@ class Control:
         if self._cancelled.is_set():
             raise Cancelled(self.reason)
         if self.cores is not None:
-            self.cores.yield_to_earlier(self.deadline, self)
+            self.cores.yield_point(self)
             if self._cancelled.is_set():
                 raise Cancelled(self.reason)
 
@@ -62,7 +69,7 @@ class Cores:
         try:
             yield
         finally:
-            self.release()
+            self.release(control)
 
     def acquire(self, control: Control) -> None:
         """Take a free core unless an earlier deadline waits; else wait for a hand-over (a
@@ -70,6 +77,7 @@ class Cores:
         with self._lock:
             if self._free > 0 and not self._ahead_of(control.deadline):
                 self._free -= 1
+                control.since = time.monotonic()
                 return
             turn = threading.Event()
             entry = (control.deadline, next(self._seq), turn)
@@ -77,21 +85,26 @@ class Cores:
         while not turn.wait(0.05):
             if control.cancelled and self._withdraw(entry):
                 raise Cancelled(control.reason)
+        control.since = time.monotonic()
 
-    def release(self) -> None:
+    def release(self, control: Control | None = None) -> None:
         """Hand the core to the earliest waiting deadline, or free it."""
+        if control is not None:
+            control.ran_s += time.monotonic() - control.since
         with self._lock:
             if self._waiting:
                 heapq.heappop(self._waiting)[2].set()
             else:
                 self._free += 1
 
-    def yield_to_earlier(self, deadline: float, control: Control) -> None:
-        """Give the core up when a call with an earlier deadline waits, then queue again."""
+    def yield_point(self, control: Control) -> None:
+        """Give the core up when a call with an earlier deadline waits, or when others wait
+        and this one has had its slice; then queue again."""
         with self._lock:
-            if not self._ahead_of(deadline):
+            turn_over = bool(self._waiting) and time.monotonic() - control.since > SLICE_S
+            if not self._ahead_of(control.deadline) and not turn_over:
                 return
-        self.release()
+        self.release(control)
         self.acquire(control)
 
     @property
