@@ -6,7 +6,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf 
 WORKDIR /app
 COPY . .
 RUN make install && rm -rf /var/lib/apt/lists/*
-ENV SIDELIGHT_MODELS_DIR=/models SIDELIGHT_PORT=50051 SIDELIGHT_METRICS_PORT=9090
+ENV SIDELIGHT_MODELS_DIR=/models SIDELIGHT_PORT=50051 SIDELIGHT_METRICS_PORT=9090 \
+    SIDELIGHT_HOST=0.0.0.0
 EXPOSE 50051 9090
 USER 65534
 ENTRYPOINT [".venv/bin/sidelight", "serve"]

@@ -42,10 +42,28 @@ class Unavailable(SidelightError):
     code = "UNAVAILABLE"
 
 
+class Cancelled(SidelightError):
+    """The caller cancelled a long job; it stopped between two chunks of work."""
+
+    code = "CANCELLED"
+
+
 class DeadlineExceeded(SidelightError):
     """The caller's deadline passed before an answer could be produced."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(SidelightError):
+    """The call carries no credentials, or credentials the server does not know."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SidelightError):
+    """The caller is known but may not make this call (its role, or a switched-off RPC)."""
+
+    code = "PERMISSION_DENIED"
 
 
 ECHO_CHARS = 80  # client text quoted in a message is cut to this many characters

@@ -25,6 +25,7 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from service.api.server import Sidelight
+    from service.config import Settings
 
 LOOKUP_TIMEOUT_S = 10.0  # ListModels and GetModel; Explain's deadline is --timeout only
 
@@ -58,14 +59,49 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--target-error", type=float, default=0.0)
     explain.add_argument("--classes", default="", help="comma-separated output columns")
     explain.add_argument("--json", action="store_true", help="print the response as JSON")
-    explain.add_argument("--address", default="localhost:50051")
+    connection_options(explain)
     explain.add_argument("--timeout", type=float, help="seconds to wait for the explanation "
                          "(default none; a deadline also sets the budget when --budget-ms is 0)")
     explain.set_defaults(run=run_explain)
     models = sub.add_parser("models", help="list the models of a running server")
-    models.add_argument("--address", default="localhost:50051")
+    connection_options(models)
     models.set_defaults(run=run_models)
     return p
+
+
+def connection_options(p: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: TLS, mutual TLS, a bearer token."""
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by the next "
+                   "three; without --tls-ca the system's CAs verify the server)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signs the server's")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="the client certificate's private key (PEM)")
+    p.add_argument("--token", default=os.environ.get("SIDELIGHT_TOKEN"),
+                   help="bearer token (default: $SIDELIGHT_TOKEN, which keeps it out of `ps`)")
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to --address: plaintext, or TLS when any --tls option is given."""
+    files = (args.tls_ca, args.tls_key, args.tls_cert)
+    if not args.tls and all(f is None for f in files):
+        return grpc.insecure_channel(args.address)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        sys.exit("--tls-cert and --tls-key go together")
+    ca, key, cert = (None if f is None else read_pem(f) for f in files)
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+def read_pem(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        sys.exit(f"{path}: {err.strerror}")
+
+
+def credentials(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying --token, if any."""
+    return (("authorization", f"Bearer {args.token}"),) if args.token else ()
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -105,7 +141,18 @@ def banner(app: Sidelight) -> str:
         row = ",".join(f"{v:.6g}" for v in example.background[0])
         lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
                      f"{shlex.quote(example.name)} --row={row}")
+    needs = client_needs(app.settings)
+    if needs:
+        lines.append(f"clients need: {', '.join(needs)}")
     return "\n".join(lines)
+
+
+def client_needs(s: Settings) -> list[str]:
+    """What a client must add to the example call under these security settings."""
+    return [need for on, need in (
+        (s.tls_cert is not None, "--tls-ca <the CA that signs SIDELIGHT_TLS_CERT>"),
+        (s.tls_client_ca is not None, "--tls-cert and --tls-key <a client certificate>"),
+        (s.tokens_path is not None, "SIDELIGHT_TOKEN=<a token> (or --token)")) if on]
 
 
 def command() -> str:
@@ -132,11 +179,13 @@ def failed(err: grpc.RpcError) -> str:
 
 
 def run_explain(args: argparse.Namespace) -> None:
-    with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.ExplainerStub(channel)
+    with open_channel(args) as channel:
+        stub, token = pb_grpc.ExplainerStub(channel), credentials(args)
         try:
-            info = stub.GetModel(pb.GetModelRequest(model=args.model), timeout=LOOKUP_TIMEOUT_S)
-            response = stub.Explain(build_request(args, info), timeout=args.timeout)
+            info = stub.GetModel(pb.GetModelRequest(model=args.model), timeout=LOOKUP_TIMEOUT_S,
+                                 metadata=token)
+            response = stub.Explain(build_request(args, info), timeout=args.timeout,
+                                    metadata=token)
         except grpc.RpcError as err:
             sys.exit(failed(err))
     print(json.dumps(MessageToDict(response), indent=2) if args.json else render(response))
@@ -187,10 +236,10 @@ def render(r: pb.ExplainResponse) -> str:
 
 
 def run_models(args: argparse.Namespace) -> None:
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         try:
-            response = pb_grpc.ExplainerStub(channel).ListModels(pb.ListModelsRequest(),
-                                                                  timeout=LOOKUP_TIMEOUT_S)
+            response = pb_grpc.ExplainerStub(channel).ListModels(
+                pb.ListModelsRequest(), timeout=LOOKUP_TIMEOUT_S, metadata=credentials(args))
         except grpc.RpcError as err:
             sys.exit(failed(err))
     for m in response.models:

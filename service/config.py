@@ -37,9 +37,35 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIDELIGHT_")
 
     models_dir: Path = Field(Path("models"), description="Model repository (Triton layout).")
-    host: str = Field("0.0.0.0", description="gRPC listen address.")
+    host: str = Field("127.0.0.1", description="gRPC listen address (default loopback: the "
+                      "quick start; a container sets 0.0.0.0 and tokens).")
     port: int = Field(50051, description="gRPC port (0 = any free port).")
     metrics_port: int = Field(9090, description="Prometheus /metrics port (0 = any, -1 = off).")
+    health_port: int = Field(-1, description="Plaintext gRPC port serving only health checks, "
+                             "for Kubernetes gRPC probes when TLS is on (-1 = off, 0 = any).")
+    metrics_host: str | None = Field(None, description="Metrics listen address; unset = the "
+                                     "gRPC address (127.0.0.1 keeps /metrics to the pod).")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain of the gRPC port; "
+                                  "with tls_key turns TLS on. Re-read when the file changes.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: clients must present "
+                                       "a certificate it signs (mutual TLS).")
+    metrics_tls: bool = Field(False, description="Serve /metrics over HTTPS with tls_cert and "
+                              "tls_key.")
+    tokens_path: Path | None = Field(None, description="File, or directory of files (a mounted "
+                                     "Secret), of `<name> <roles> <token>` lines; set = every "
+                                     "call but health needs a bearer token. Re-read on change.")
+    allow_insecure: bool = Field(False, description="Serve a non-loopback address without "
+                                 "tokens (refused otherwise).")
+    reflection: bool = Field(True, description="Serve gRPC reflection.")
+    admin_rpcs: bool = Field(True, description="Serve PutBackground and DeleteBackground "
+                             "(false: PERMISSION_DENIED for every caller).")
+    uploads_per_client: int = Field(100, ge=0, description="PutBackground calls one client may "
+                                    "make per upload window (0 = no limit).")
+    upload_bytes_per_client: int = Field(1024**3, ge=0, description="Bytes of background data "
+                                         "one client may upload per window (0 = no limit).")
+    upload_window_seconds: float = Field(3600.0, gt=0, description="The window of the "
+                                         "per-client upload limits.")
     workers: int = Field(64, ge=1, description="gRPC handler threads: every call gets one on "
                          "arrival (its budget's clock starts then and admission sees it at "
                          "once); computing is limited to the cores, earliest deadline first.")

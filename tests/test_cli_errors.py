@@ -53,11 +53,11 @@ def test_serve_without_a_repository_fails_with_one_line() -> None:
 def test_serve_on_ports_in_use_fails_with_one_line(app: Sidelight) -> None:
     with pytest.raises(SystemExit) as info:
         main(["serve", "--models", str(MODELS), "--port", str(app.port), "--metrics-port", "-1"])
-    assert one_line(info).startswith(f"sidelight: gRPC port {app.port} on 0.0.0.0 is in use")
+    assert one_line(info).startswith(f"sidelight: gRPC port {app.port} on 127.0.0.1 is in use")
     with pytest.raises(SystemExit) as info:
         main(["serve", "--models", str(MODELS), "--port", "0",
               "--metrics-port", str(app.metrics_port)])
-    assert one_line(info).startswith(f"sidelight: metrics port {app.metrics_port} on 0.0.0.0")
+    assert one_line(info).startswith(f"sidelight: metrics port {app.metrics_port} on 127.0.0.1")
 
 
 def _env() -> dict[str, str]:

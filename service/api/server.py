@@ -1,5 +1,5 @@
 """Wires the process together: settings -> repository, store, metrics, data plane -> gRPC server
-with health checking and reflection, plus the Prometheus HTTP endpoint."""
+(TLS, tokens) with health checking and reflection, plus the Prometheus HTTP endpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
+from service.api.auth import AccessGuard, Tokens, exposure_problem, is_loopback
 from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
+from service.api.tls import CertificateWatch, HttpsMetricsServer, TlsFiles, server_credentials
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
@@ -50,9 +52,12 @@ class Sidelight:
     metrics: Metrics
     port: int
     metrics_port: int = -1
+    health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
     store: BackgroundStore | None = None
+    certificates: CertificateWatch | None = None  # TLS on
     _http: list[Any] = field(default_factory=list)
+    _grpc: list[grpc.Server] = field(default_factory=list)  # besides `server`: health only
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def data_plane(self) -> DataPlane:
@@ -83,13 +88,15 @@ class Sidelight:
                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float = 1.0) -> None:
-        self.server.stop(grace).wait()
+        for server in (self.server, *self._grpc):
+            server.stop(grace).wait()
         if self.plane is not None:
             self.plane.close()
         self._stop.set()
         self.metrics.recorder.fold()
         for server in self._http:
             server.shutdown()
+            server.server_close()
         if self.store is not None:
             self.store.close()
             if self.store.pending():
@@ -115,27 +122,60 @@ def build_store(settings: Settings, metrics: Metrics,
     return RedisStore(RedisOptions.from_settings(settings), metrics, on_state)
 
 
+@dataclass(frozen=True)
+class Security:
+    """Who may call what (tokens, roles, admin switch) and the port's certificates."""
+
+    guard: AccessGuard
+    certificates: CertificateWatch | None  # None: plaintext
+
+
+def security(settings: Settings) -> Security:
+    """Tokens and certificates read and checked, or StartupError saying what is wrong; a
+    non-loopback address without tokens is refused unless SIDELIGHT_ALLOW_INSECURE."""
+    problem = exposure_problem(settings)
+    if problem is not None:
+        raise StartupError(problem)
+    try:
+        files = TlsFiles.from_settings(settings)
+        watch = CertificateWatch(files) if files is not None else None
+        tokens = Tokens(settings.tokens_path) if settings.tokens_path is not None else None
+    except (OSError, ValueError) as err:
+        raise StartupError(str(err)) from None
+    if tokens is not None and watch is None and not is_loopback(settings.host):
+        log.warning("tokens travel unencrypted to %s: set SIDELIGHT_TLS_CERT and "
+                    "SIDELIGHT_TLS_KEY, unless a service mesh encrypts the traffic",
+                    settings.host)
+    return Security(AccessGuard(tokens, settings.admin_rpcs), watch)
+
+
 def start(settings: Settings, registry: CollectorRegistry | None = None,
           load: bool = True) -> Sidelight:
     """Start gRPC (health NOT_SERVING), the metrics endpoint, then load the models."""
+    secure = security(settings)
     metrics = Metrics(registry or CollectorRegistry())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
                          options=[("grpc.max_receive_message_length", message_limit(settings)),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)],  # a second server must not share
-                         interceptors=[DecodeGuard()],
+                         interceptors=[secure.guard, DecodeGuard()],
                          maximum_concurrent_rpcs=None)  # shedding is admission's (counted)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    app = Sidelight(settings, server, health_servicer, metrics, _bind(server, settings))
-    pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(app.data_plane), server)
+    app = Sidelight(settings, server, health_servicer, metrics,
+                    _bind(server, settings.host, settings.port, secure.certificates),
+                    certificates=secure.certificates)
+    pb_grpc.add_ExplainerServicer_to_server(
+        ExplainerServicer(app.data_plane, secure.guard.client_id), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
     try:
+        _start_health_port(app)
         _start_metrics(app)
         if load:
             app.load()
@@ -145,18 +185,35 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     return app
 
 
-def _bind(server: grpc.Server, settings: Settings) -> int:
-    """Listen on the gRPC port, or StartupError when another process does: grpcio would
-    otherwise share it (SO_REUSEPORT) and split the traffic between the two."""
-    host, port = settings.host, settings.port
+def _bind(server: grpc.Server, host: str, port: int, certificates: CertificateWatch | None,
+          name: str = "gRPC port", setting: str = "--port or SIDELIGHT_PORT") -> int:
+    """Listen on a gRPC port (TLS when certificates are given), or StartupError when another
+    process does: grpcio would otherwise share it (SO_REUSEPORT) and split the traffic."""
     if port and _in_use(host, port):  # checked first: grpcio's refusal also logs a C++ line
-        raise StartupError(f"gRPC port {port} on {host} is in use (another sidelight?); choose "
-                           "another with --port or SIDELIGHT_PORT")
+        raise StartupError(f"{name} {port} on {host} is in use (another sidelight?); choose "
+                           f"another with {setting}")
     try:
+        if certificates is not None:
+            return int(server.add_secure_port(f"{host}:{port}", server_credentials(certificates)))
         return int(server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
-        raise StartupError(f"gRPC: cannot listen on {host}:{port} (in use, or not an address "
-                           "of this host); see --port, SIDELIGHT_HOST and SIDELIGHT_PORT") from None
+        raise StartupError(f"{name}: cannot listen on {host}:{port} (in use, or not an address "
+                           f"of this host); see SIDELIGHT_HOST and {setting}") from None
+
+
+def _start_health_port(app: Sidelight) -> None:
+    """Health checks alone on a plaintext port (SIDELIGHT_HEALTH_PORT): Kubernetes gRPC probes
+    cannot speak TLS, and health tells nothing but SERVING / NOT_SERVING."""
+    port = app.settings.health_port
+    if port < 0:
+        return
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    app.health_port = _bind(server, app.settings.host, port, None, "health port",
+                            "SIDELIGHT_HEALTH_PORT")
+    server.start()
+    app._grpc.append(server)
 
 
 def _in_use(host: str, port: int) -> bool:
@@ -178,13 +235,19 @@ def _in_use(host: str, port: int) -> bool:
 
 
 def _start_metrics(app: Sidelight) -> None:
-    port = app.settings.metrics_port
+    """/metrics on its own address (default: the gRPC one), over HTTPS with SIDELIGHT_METRICS_TLS
+    (TlsFiles makes sure a certificate is configured then)."""
+    s = app.settings
+    port, host = s.metrics_port, s.metrics_host or s.host
     if port < 0:
         return
     try:
-        http, _ = start_http_server(port, addr=app.settings.host, registry=app.metrics.registry)
+        if s.metrics_tls and app.certificates is not None:
+            http: Any = HttpsMetricsServer(host, port, app.certificates, app.metrics.registry)
+        else:
+            http, _ = start_http_server(port, addr=host, registry=app.metrics.registry)
     except OSError as err:
-        raise StartupError(f"metrics port {port} on {app.settings.host}: {err.strerror}; choose "
+        raise StartupError(f"metrics port {port} on {host}: {err.strerror}; choose "
                            "another with --metrics-port or SIDELIGHT_METRICS_PORT") from None
     app._http.append(http)
     app.metrics_port = int(http.server_port)

@@ -65,10 +65,12 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
 
 
 class ExplainerServicer(pb_grpc.ExplainerServicer):
-    """Explainer service over a data plane that may still be loading (then UNAVAILABLE)."""
+    """Explainer service over a data plane that may still be loading (then UNAVAILABLE).
+    `client_of` names the caller (auth.AccessGuard.client_id) for per-client upload limits."""
 
-    def __init__(self, plane: Callable[[], DataPlane]) -> None:
-        self._plane = plane
+    def __init__(self, plane: Callable[[], DataPlane],
+                 client_of: Callable[[grpc.ServicerContext], str]) -> None:
+        self._plane, self._client_of = plane, client_of
 
     def Explain(self, request: pb.ExplainRequest,
                 context: grpc.ServicerContext) -> pb.ExplainResponse:
@@ -95,7 +97,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                       context: grpc.ServicerContext) -> pb.PutBackgroundResponse:
         def put() -> pb.PutBackgroundResponse:
             plane = self._plane()
-            upload = to_upload(request, plane.settings.max_upload_bytes)
+            upload = to_upload(request, plane.settings.max_upload_bytes,
+                               self._client_of(context))
             meta = plane.put_background(upload)
             return pb.PutBackgroundResponse(background=to_background_info(meta),
                                             persisted=plane.persisted(meta))
@@ -159,7 +162,7 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > NO_DEADLINE_S else float(remaining)
 
 
-def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
+def to_upload(r: pb.PutBackgroundRequest, max_bytes: int, client: str) -> BackgroundUpload:
     """Decode an upload after checking its size against max_upload_bytes (the tensor's encoded
     size: reading `raw` would copy it)."""
     size = r.data.ByteSize()
@@ -167,7 +170,7 @@ def to_upload(r: pb.PutBackgroundRequest, max_bytes: int) -> BackgroundUpload:
         raise InvalidArgument(f"data: {size} bytes exceeds max_upload_bytes {max_bytes}")
     return BackgroundUpload(model=r.model, version=r.version, name=r.name,
                             data=to_array(r.data, "data", max_bytes),
-                            feature_names=tuple(r.feature_names))
+                            feature_names=tuple(r.feature_names), client=client)
 
 
 def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:

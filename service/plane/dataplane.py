@@ -47,6 +47,7 @@ from service.plane.players import (
     occlusion_windows,
     resolve_players,
 )
+from service.plane.quotas import UploadQuota
 from service.plane.requests import (
     BackgroundUpload,
     ExplainQuery,
@@ -175,6 +176,7 @@ class DataPlane:
         self.methods = MethodResolver(self.registry, settings.tree_cache_bytes)
         self._backgrounds: ByteLru[tuple[object, ...], Background] = ByteLru(
             settings.background_cache_bytes)  # (content, target) -> rows and f(background)
+        self.uploads = UploadQuota.from_settings(settings)  # per-client upload limits
         self.results = ResultCache(settings.result_cache_size, settings.result_cache_ttl_seconds,
                                    ExplainResult, (Explanation, Target, BackgroundMeta, Layout,
                                                    TensorInfo),
@@ -610,6 +612,7 @@ class DataPlane:
                                   f"{model.onnx.n_features} model features")
         meta = make_meta(model.name, model.version, name, data, "upload", model.sha256,
                          tuple(q.feature_names) or model.feature_names)
+        self.uploads.admit(q.client, data.nbytes)
         return self.store.put(meta, data)
 
     def background_meta(self, model: str, version: str, name: str) -> BackgroundMeta:

@@ -66,6 +66,7 @@ class BackgroundUpload:
     version: str = ""
     name: str = ""
     feature_names: tuple[str, ...] = ()
+    client: str = ""  # who uploads (token name, else peer address): per-client upload limits
 
 
 def assemble(model: LoadedModel, inputs: tuple[tuple[str, Array], ...],
