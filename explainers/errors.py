@@ -43,7 +43,8 @@ class Unavailable(SidelightError):
 
 
 class Cancelled(SidelightError):
-    """The caller cancelled a long job; it stopped between two chunks of work."""
+    """The call was cancelled (the client went away, the server is stopping): work stops at
+    its next yield point (between two model calls or chunks)."""
 
     code = "CANCELLED"
 
@@ -78,9 +79,3 @@ def clip(text: str, limit: int = ECHO_CHARS) -> str:
 def quoted(text: str, limit: int = ECHO_CHARS) -> str:
     """Client text as a message quotes it: repr() of at most `limit` characters."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-class Cancelled(SidelightError):
-    """The call was cancelled (the client went away or the server is stopping): stop work."""
-
-    code = "CANCELLED"
