@@ -184,6 +184,8 @@ class DataPlane:
                                    max_bytes=settings.result_cache_bytes, nbytes=result_nbytes)
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._stopping = False
+        self._calls: set[Control] = set()  # the calls in flight, to cancel when stopping
         self._cores = usable_cores()
         self.cores = Cores(max(1, round(self._cores)))
         self.admission = Admission(self.cores.n)
@@ -329,8 +331,10 @@ class DataPlane:
         """Stop start-up's background work and wait for it (a row being explained finishes
         first, at most LATE_ROW_MAX_S): a thread still inside onnxruntime when the
         interpreter exits aborts the process."""
+        self.cancel_all("the server is stopping")
         with self._lock:
             self._closed.set()
+            self._stopping = True
             threads, self._threads = self._threads, []
         for thread in threads:
             thread.join(LATE_ROW_MAX_S + 1.0)
@@ -425,29 +429,49 @@ class DataPlane:
         method = q.method.strip().lower() or "auto"
         method_label = method if method in self.methods.known() else UNKNOWN
         code, result = "INTERNAL", None
-        self._admit()
+        control = control or Control(math.inf)
+        self._admit(control)
         try:
-            result = self._explain_cached(q, start, control or Control(math.inf))
+            result = self._explain_cached(q, start, control)
             code = "OK"
             return result
         except SidelightError as err:
             code = err.code
             raise
         finally:
-            self._leave()
+            self._leave(control)
             self.metrics.record_call(model_label, method_label, code, time.monotonic() - start,
                                      time.thread_time() - cpu,
                                      None if result is None or not result.rows
                                      else answer_of(result))
 
-    def _admit(self) -> None:
-        """Shed load beyond max_in_flight before doing any work."""
+    def _admit(self, control: Control) -> None:
+        """Shed before any work: while stopping (UNAVAILABLE: another replica will answer) and
+        beyond max_in_flight (RESOURCE_EXHAUSTED); each shed is counted by reason."""
         with self._lock:
+            if self._stopping:
+                self.metrics.rejected.labels("shutdown").inc()
+                raise Unavailable("the server is stopping; retry on another replica")
             if self._in_flight >= self.settings.max_in_flight:
                 self.metrics.rejected.labels("overload").inc()
-                raise ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
+                err = ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
                                         f"(max_in_flight); retry with backoff")
+                err.retry_after_s = 0.01
+                raise err
             self._in_flight += 1
+            self._calls.add(control)
+
+    def drain(self) -> None:
+        """Refuse new explanations from now on (the calls in flight go on)."""
+        with self._lock:
+            self._stopping = True
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every call in flight: each stops at its next yield point."""
+        with self._lock:
+            calls = list(self._calls)
+        for control in calls:
+            control.cancel(reason)
 
     def _admit_work(self, p: Prepared) -> Ticket:
         """Admission on the model of the work (service/plane/admission.py): shed at once when
@@ -464,9 +488,10 @@ class DataPlane:
             self.metrics.rejected.labels("admission").inc()
             raise
 
-    def _leave(self) -> None:
+    def _leave(self, control: Control) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._calls.discard(control)
 
     def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
         """Resolve the request once: budget, model, inputs, target, background and players."""
