@@ -98,12 +98,16 @@ class Evaluator:
     """Evaluates any batch in bounded chunks, counts rows and learns rows/second as it goes.
 
     One per request: the data plane seeds it with the throughput measured when the model loaded,
-    so the first round is planned from a real figure rather than a guess.
+    so the first round is planned from a real figure rather than a guess. `pause`, called before
+    every model call, is where the caller's scheduler may hold the call back (a more urgent call
+    takes the core) or stop it (raising: the client went away, the server is stopping).
     """
 
     def __init__(self, fn: ModelFn, chunk_rows: int = 4096, rows_per_second: float = 1e5,
-                 call_overhead_s: float = 5e-5, dtype: type = np.float64) -> None:
+                 call_overhead_s: float = 5e-5, dtype: type = np.float64,
+                 pause: Callable[[], None] | None = None) -> None:
         self._fn = fn
+        self.pause = pause
         self.dtype = dtype  # masked batches are built in the model's input type: no extra cast
         self.chunk_rows = max(1, int(chunk_rows))
         self.rows_per_second = float(rows_per_second)
@@ -120,6 +124,8 @@ class Evaluator:
 
     def _timed(self, X: Array) -> Array:
         """One model call; folds its measured speed into the running estimate."""
+        if self.pause is not None:
+            self.pause()
         start = time.perf_counter()
         y = self._fn(X)
         elapsed = time.perf_counter() - start

@@ -8,6 +8,8 @@ class SidelightError(Exception):
     """Base class: an error whose message is safe to show to the caller."""
 
     code = "INTERNAL"
+    retry_after_s: float | None = None  # when to try again, sent as trailing metadata
+    reason = ""  # why a call was shed before any work (the rejected-calls metric's label)
 
 
 class InvalidArgument(SidelightError):
@@ -41,7 +43,8 @@ class Unavailable(SidelightError):
 
 
 class Cancelled(SidelightError):
-    """The caller cancelled a long job; it stopped between two chunks of work."""
+    """The call was cancelled (the client went away, the server is stopping): work stops at
+    its next yield point (between two model calls or chunks)."""
 
     code = "CANCELLED"
 

@@ -154,8 +154,9 @@ def run_serve(args: argparse.Namespace) -> None:
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    app.stop(grace=5.0)
+    while not stopped.wait(0.2):  # a blocked wait may never see a signal that the kernel
+        pass  # delivered to another thread (grpc's): the handler runs only between bytecodes
+    app.drain(settings.shutdown_grace_seconds, settings.shutdown_drain_seconds)
 
 
 def banner(app: Sidelight) -> str:

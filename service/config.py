@@ -66,7 +66,14 @@ class Settings(BaseSettings):
                                          "one client may upload per window (0 = no limit).")
     upload_window_seconds: float = Field(3600.0, gt=0, description="The window of the "
                                          "per-client upload limits.")
-    workers: int = Field(4, ge=1, description="gRPC worker threads (concurrent explanations).")
+    shutdown_grace_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long the "
+                                          "calls in flight may finish before they are cancelled "
+                                          "(keep under terminationGracePeriodSeconds).")
+    shutdown_drain_seconds: float = Field(1.0, ge=0, description="On SIGTERM, how long health "
+                                          "reports NOT_SERVING before the port closes.")
+    workers: int = Field(64, ge=1, description="gRPC handler threads: every call gets one on "
+                         "arrival (its budget's clock starts then and admission sees it at "
+                         "once); computing is limited to the cores, earliest deadline first.")
     ort_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
     default_budget_ms: float = Field(200.0, gt=0, description="Budget when neither the request, "
                                      "its deadline nor explain.yaml sets one.")

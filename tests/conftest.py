@@ -21,7 +21,7 @@ MODELS = ROOT / "examples" / "models"
 def settings_for(models: Path, **overrides: object) -> Settings:
     """Settings for a test server: free ports, loopback only."""
     values: dict[str, object] = {"models_dir": models, "port": 0, "metrics_port": 0,
-                                 "host": "127.0.0.1", "workers": 4}
+                                 "host": "127.0.0.1"}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

@@ -53,7 +53,7 @@ class Calls:
         self.gm, self.X = gm, x[None]
         self.ev = Evaluator(self._packed, chunk_rows=CHUNK_ROWS,
                             rows_per_second=1.0 / max(gm.seconds_per_row, 1e-9),
-                            call_overhead_s=0.0)
+                            call_overhead_s=0.0, pause=model.pause)
         self.ev.evaluations = model.evaluations + (1 if gm.is_layer else 0)  # the layer's pass
         self.P = gm.point(self.X)  # (1, p)
 

@@ -8,6 +8,7 @@ import gc
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class Sidelight:
         self.health.set(REDIS_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    def drain(self, grace: float, delay: float) -> None:
+        """Stop gracefully: health NOT_SERVING first (readiness drains), new explanations
+        refused, a `delay` for probes and balancers to see it, then the port closes while the
+        calls in flight get `grace` seconds; calls still running are cancelled (their
+        computation stops at the next yield point) and the process is left to exit."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.plane is not None:
+            self.plane.drain()
+        log.info("stopping: NOT_SERVING; closing the port in %.1f s, %.1f s for calls in flight",
+                 delay, grace)
+        time.sleep(delay)
+        self.stop(grace)
+
     def stop(self, grace: float = 1.0) -> None:
         for server in (self.server, *self._grpc):
             server.stop(grace).wait()
@@ -159,7 +174,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)],  # a second server must not share
                          interceptors=[secure.guard, DecodeGuard()],
-                         maximum_concurrent_rpcs=4 * settings.max_in_flight)
+                         maximum_concurrent_rpcs=None)  # shedding is admission's (counted)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -20,6 +21,7 @@ from service.plane.dataplane import DataPlane, ExplainResult, ModelSummary, summ
 from service.plane.grouping import MAX_GROUPS, GroupRequest
 from service.plane.players import OcclusionRequest
 from service.plane.requests import BackgroundUpload, ExplainQuery, GradientRequest
+from service.plane.scheduler import Control
 from service.store.backgrounds import BackgroundMeta
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -27,6 +29,7 @@ from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_DEADLINE_S = 1e9
+RETRY_AFTER = "retry-after-ms"  # trailing metadata of a shed call
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # room beyond max_upload_bytes for the rest of a message
 MAX_DETAILS_BYTES = 1024  # status details travel in a header: gRPC refuses them past 16 KiB
 UNDECODABLE_LOG_EVERY_S = 60.0
@@ -50,6 +53,8 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except SidelightError as err:
+        if err.retry_after_s is not None:  # a shed call: when to try again
+            context.set_trailing_metadata(((RETRY_AFTER, str(round(1e3 * err.retry_after_s))),))
         context.abort(grpc.StatusCode[err.code], capped(str(err)))
     except Exception as err:  # the one place unknown errors are turned into INTERNAL
         where = traceback.extract_tb(err.__traceback__)[-1]
@@ -72,7 +77,10 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         def explain() -> pb.ExplainResponse:
             plane = self._plane()
             query = to_query(request, context, message_limit(plane.settings))
-            return to_response(plane.explain(query))
+            control = Control(math.inf)
+            context.add_callback(lambda: control.cancel(
+                "the call ended (the client cancelled or its deadline passed)"))
+            return to_response(plane.explain(query, control))
         return call(context, "Explain", explain)
 
     def ListModels(self, request: pb.ListModelsRequest,
@@ -175,10 +183,14 @@ def to_background_info(m: BackgroundMeta) -> pb.BackgroundInfo:
 
 def to_response(res: ExplainResult) -> pb.ExplainResponse:
     rows = [to_row(e, res, i) for i, e in enumerate(res.rows)]
+    rows += [pb.RowExplanation(status="NOT_REACHED", status_detail="the budget ran out before "
+                               "this row") for _ in range(res.not_reached)]
     cost = pb.Cost(model_evaluations=res.evaluations, elapsed_ms=res.elapsed_ms,
-                   budget_exhausted=any(e.budget_exhausted for e in res.rows),
-                   converged=all(e.converged for e in res.rows), budget_ms=res.budget_ms,
-                   budget_source=res.budget_source)
+                   budget_exhausted=any(e.budget_exhausted for e in res.rows)
+                   or res.not_reached > 0,
+                   converged=all(e.converged for e in res.rows) and not res.not_reached,
+                   budget_ms=res.budget_ms, budget_source=res.budget_source,
+                   rows_not_reached=res.not_reached)
     bg = res.background
     return pb.ExplainResponse(
         model=res.model, version=res.version, method=res.method,
@@ -196,6 +208,7 @@ def to_row(e: Explanation, res: ExplainResult, i: int) -> pb.RowExplanation:
         attributions=e.values.ravel(), std_errors=e.std_errors.ravel(),
         base_values=e.base_values, predictions=e.prediction, model_evaluations=e.evaluations,
         converged=e.converged, budget_exhausted=e.budget_exhausted, method=e.method,
+        status="OK",
         ci_low=low.ravel(), ci_high=high.ravel(), samples=e.samples,
         labels=res.row_labels[i] if res.row_labels else (), diagnostics=dict(e.diagnostics))
     if res.maps and res.layout is not None:

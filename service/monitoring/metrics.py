@@ -42,7 +42,7 @@ EVALUATION_BUCKETS = tuple(float(10**e) for e in range(1, 9))
 RELATIVE_ERROR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GAP_BUCKETS = (1e-12, 1e-9, 1e-6, 1e-3, 1.0)
 UNKNOWN = "_unknown"  # label for names not in the repository: keeps label sets bounded
-REJECT_REASONS = ("overload",)  # why an Explain call is shed before any work
+REJECT_REASONS = ("overload", "admission", "shutdown")  # why a call is shed before any work
 CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
          "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")  # what an Explain call can end with
 CACHE_LABELS = tuple((cache, result) for cache in ("background", "derived", "result")

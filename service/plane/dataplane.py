@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from service.models.inputs import Layout, TensorInfo
 from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
 from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
 from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
+from service.plane.admission import Admission, Ticket, least_seconds
 from service.plane.baselines import baselines_for
 from service.plane.gradients import METHODS as GRADIENT_METHODS
 from service.plane.gradients import GradientMethods
@@ -60,6 +62,7 @@ from service.plane.rows import (
     maps_of,
     reference_maker,
 )
+from service.plane.scheduler import Control, Cores
 from service.plane.targets import Target, build_background, resolve_target, target_fn
 from service.store.backgrounds import (
     DEFAULT_NAME,
@@ -117,6 +120,7 @@ class Prepared:
     meta: BackgroundMeta | None  # None when a named baseline replaces the stored background
     background: Background | None
     players: Players
+    control: Control | None = None  # the call's yield point and cancellation
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class ExplainResult:
     row_labels: tuple[tuple[str, ...], ...] = ()  # per row, when they vary (text)
     maps: tuple[Array, ...] = ()  # per row (outputs, elements), for grouped answers
     layout: Layout | None = None  # how the maps' elements form the inputs
+    not_reached: int = 0  # the request's last rows, left when the budget ran out
 
     @property
     def method(self) -> str:
@@ -179,7 +184,11 @@ class DataPlane:
                                    max_bytes=settings.result_cache_bytes, nbytes=result_nbytes)
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._stopping = False
+        self._calls: set[Control] = set()  # the calls in flight, to cancel when stopping
         self._cores = usable_cores()
+        self.cores = Cores(max(1, round(self._cores)))
+        self.admission = Admission(self.cores.n)
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -322,8 +331,10 @@ class DataPlane:
         """Stop start-up's background work and wait for it (a row being explained finishes
         first, at most LATE_ROW_MAX_S): a thread still inside onnxruntime when the
         interpreter exits aborts the process."""
+        self.cancel_all("the server is stopping")
         with self._lock:
             self._closed.set()
+            self._stopping = True
             threads, self._threads = self._threads, []
         for thread in threads:
             thread.join(LATE_ROW_MAX_S + 1.0)
@@ -410,40 +421,77 @@ class DataPlane:
         return self.drift.status(model.name, model.version)
 
     # --- Explain --------------------------------------------------------------------------
-    def explain(self, q: ExplainQuery) -> ExplainResult:
-        """Explain every row of the request within its budget; records the outcome metrics."""
+    def explain(self, q: ExplainQuery, control: Control | None = None) -> ExplainResult:
+        """Explain every row of the request within its budget; records the outcome metrics.
+        `control` lets the caller cancel the call (client gone, server stopping)."""
         start, cpu = time.monotonic(), time.thread_time()
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
         method = q.method.strip().lower() or "auto"
         method_label = method if method in self.methods.known() else UNKNOWN
         code, result = "INTERNAL", None
-        self._admit()
+        control = control or Control(math.inf)
+        self._admit(control)
         try:
-            result = self._explain_cached(q, start)
+            result = self._explain_cached(q, start, control)
             code = "OK"
             return result
         except SidelightError as err:
             code = err.code
             raise
         finally:
-            self._leave()
+            self._leave(control)
             self.metrics.record_call(model_label, method_label, code, time.monotonic() - start,
                                      time.thread_time() - cpu,
                                      None if result is None or not result.rows
                                      else answer_of(result))
 
-    def _admit(self) -> None:
-        """Shed load beyond max_in_flight before doing any work."""
+    def _admit(self, control: Control) -> None:
+        """Shed before any work: while stopping (UNAVAILABLE: another replica will answer) and
+        beyond max_in_flight (RESOURCE_EXHAUSTED); each shed is counted by reason."""
         with self._lock:
+            if self._stopping:
+                self.metrics.rejected.labels("shutdown").inc()
+                raise Unavailable("the server is stopping; retry on another replica")
             if self._in_flight >= self.settings.max_in_flight:
                 self.metrics.rejected.labels("overload").inc()
-                raise ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
+                err = ResourceExhausted(f"server busy: {self._in_flight} explanations in flight "
                                         f"(max_in_flight); retry with backoff")
+                err.retry_after_s = 0.01
+                raise err
             self._in_flight += 1
+            self._calls.add(control)
 
-    def _leave(self) -> None:
+    def drain(self) -> None:
+        """Refuse new explanations from now on (the calls in flight go on)."""
+        with self._lock:
+            self._stopping = True
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every call in flight: each stops at its next yield point."""
+        with self._lock:
+            calls = list(self._calls)
+        for control in calls:
+            control.cancel(reason)
+
+    def _admit_work(self, p: Prepared) -> Ticket:
+        """Admission on the model of the work (service/plane/admission.py): shed at once when
+        this call's least answer, or an accepted call's, would no longer fit."""
+        method = p.query.method or p.model.config.method
+        players = p.players.groups_for(p.X[0]).size
+        refs = p.background.rows if p.background is not None and \
+            p.players.baseline.kind == "background" else 1
+        least = least_seconds(method, players, refs, p.model.onnx.rows_per_second,
+                              tree=p.model.trees is not None)
+        try:
+            return self.admission.admit(self._deadline(p), least, p.control)
+        except ResourceExhausted:
+            self.metrics.rejected.labels("admission").inc()
+            raise
+
+    def _leave(self, control: Control) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._calls.discard(control)
 
     def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
         """Resolve the request once: budget, model, inputs, target, background and players."""
@@ -486,11 +534,13 @@ class DataPlane:
         deadline = self._deadline(p)
         choice = self.choose(q.method or model.config.method, model, p.target, background,
                              meta.sha256, X.shape[0], deadline - time.monotonic())
+        pause = p.control.pause if p.control else None
         rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
-                                  deadline)
+                                  deadline, pause)
         choice, rows = checked(choice, rows, p.target, background, model.onnx.precision,
                                meta.name, lambda c: self._explain_rows(
-                                   model, X, c.target, background, c.estimator, q, deadline),
+                                   model, X, c.target, background, c.estimator, q, deadline,
+                                   pause),
                                self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
@@ -503,7 +553,8 @@ class DataPlane:
         q, model, X, players = p.query, p.model, p.X, p.players
         choice = self._grouped_choice(p)
         job = RowJob(model, target_fn(model, p.target, p.layout), choice.estimator, q.seed,
-                     q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements)
+                     q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements,
+                     p.control.pause if p.control else None)
         references = reference_maker(players, p.layout, p.background)
         rows, groups = explain_grouped(job, X, players, references)
         choice, rows = checked(choice, rows, p.target, None, model.onnx.precision,
@@ -561,10 +612,11 @@ class DataPlane:
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
-                      deadline: float) -> tuple[Explanation, ...]:
+                      deadline: float, pause: Callable[[], None] | None = None
+                      ) -> tuple[Explanation, ...]:
         """One player per feature, rows one after the other (service/plane/rows.py)."""
         job = RowJob(model, target_fn(model, target), estimator, q.seed, q.max_evaluations,
-                     q.target_error, deadline, X.shape[1])
+                     q.target_error, deadline, X.shape[1], pause)
         return explain_plain(job, X, background)
 
     def _fold_drift(self, batch: list[Record]) -> None:
@@ -633,11 +685,13 @@ class DataPlane:
         return predictions if ok else None
 
     # --- result cache -----------------------------------------------------------------------
-    def _explain_cached(self, q: ExplainQuery, start: float) -> ExplainResult:
-        """The stored answer to an identical request (cached=true), else compute and store."""
-        p = self._prepare(q, start)
+    def _explain_cached(self, q: ExplainQuery, start: float, control: Control) -> ExplainResult:
+        """The stored answer to an identical request (cached=true), else compute (holding a
+        core, earliest deadline first) and store a complete answer."""
+        p = replace(self._prepare(q, start), control=control)
+        control.deadline, control.cores = p.start + p.budget_s, self.cores
         if not self.results.enabled:
-            return self._explain(p)
+            return self._compute(p)
         key = result_key(p)
         hit = self.results.get(key)
         if hit is not None and find_failure(hit.rows, p.model.onnx.precision, None):
@@ -646,9 +700,26 @@ class DataPlane:
         if hit is not None:  # this call's budget and time; the answer's own evaluations
             return replace(hit, X=p.X, cached=True, elapsed_ms=1e3 * (time.monotonic() - start),
                            budget_ms=1e3 * p.budget_s, budget_source=p.source)
-        result = self._explain(p)
-        self.results.put(key, replace(result, X=result.X[:0]))
+        result = self._compute(p)
+        if not result.not_reached:  # a partial answer depends on the clock: not kept
+            self.results.put(key, replace(result, X=result.X[:0]))
         return result
+
+    def _compute(self, p: Prepared) -> ExplainResult:
+        """Admit the work, explain while holding a core, say which rows were not reached."""
+        assert p.control is not None
+        ticket = self._admit_work(p)
+        try:
+            with self.cores.held(p.control):
+                result = self._explain(p)
+        finally:
+            self.admission.done(ticket)
+        missing = p.X.shape[0] - len(result.rows)
+        if not missing:
+            return result
+        return replace(result, not_reached=missing, notes=(*result.notes, (
+            f"{missing} of {p.X.shape[0]} rows not reached: the budget ran out before them "
+            "(their status is NOT_REACHED); send them again or raise budget_ms")))
 
     # --- decisions ------------------------------------------------------------------------
     def resolve_budget(self, q: ExplainQuery, start: float) -> tuple[float, str]:

@@ -1,6 +1,8 @@
 """Rows of a request explained one after the other, each with an equal share of the time left:
 against the stored background (tables), or over each row's groups against its reference rows
-(images, text, feature blocks)."""
+(images, text, feature blocks). A row that no longer fits its share ends the request early:
+the rows explained are returned and the others are reported as not reached (the first row's
+refusal is the request's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation, ModelFn
+from explainers.errors import DeadlineExceeded, ResourceExhausted
 from explainers.groups import Groups
 from service.models.inputs import Layout
 from service.models.repository import LoadedModel
@@ -34,18 +37,32 @@ class RowJob:
     target_error: float
     deadline: float
     elements: int
+    pause: Callable[[], None] | None = None  # the call's yield point (service/plane/scheduler)
 
     def evaluator(self, rate: float) -> Evaluator:
         """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
-        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype)
+        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause)
 
     def budget(self, rows_left: int) -> Budget:
         """This row's share of the time left, and the request's caps."""
         now = time.monotonic()
         share = max(self.deadline - now, 0.0) / rows_left
         return Budget(now + share, self.max_evaluations or None, self.target_error or None)
+
+    def attempt(self, explain: Callable[[Budget], Explanation], rows_left: int,
+                first: bool) -> Explanation | None:
+        """A row with its equal share; when that share is below the method's minimum, with all
+        the time left (finishing rows beats spreading thin). None when even that does not fit
+        and earlier rows were explained; the first row's refusal is the request's."""
+        for share_of in dict.fromkeys((rows_left, 1)):
+            try:
+                return explain(self.budget(share_of))
+            except (ResourceExhausted, DeadlineExceeded):
+                if share_of == 1 and first:
+                    raise
+        return None
 
 
 def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explanation, ...]:
@@ -58,7 +75,11 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
     rate, out = job.model.onnx.rows_per_second, []
     for i, x in enumerate(X):
         ev = job.evaluator(rate)
-        out.append(job.estimator.explain(ev, x, background, job.budget(X.shape[0] - i), rng))
+        found = job.attempt(lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
+            ev, x, background, b, rng), X.shape[0] - i, first=i == 0)
+        if found is None:
+            break  # the rows done are kept; the rest are reported as not reached
+        out.append(found)
         rate = ev.rows_per_second
     return tuple(out)
 
@@ -75,8 +96,12 @@ def explain_grouped(job: RowJob, X: Array, players: Players,
     for i, x in enumerate(X):
         ev = job.evaluator(rate)
         g = players.groups_for(x)
-        budget = job.budget(X.shape[0] - i)
-        out.append(job.estimator.explain(ev, x, references(x, ev), budget, rng, g))
+        ref = references(x, ev)
+        found = job.attempt(lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
+            ev, x, ref, b, rng, g), X.shape[0] - i, first=i == 0)
+        if found is None:
+            break  # as in explain_plain
+        out.append(found)
         groups.append(g)
         rate = ev.rows_per_second
     return tuple(out), tuple(groups)

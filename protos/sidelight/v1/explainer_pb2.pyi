@@ -476,6 +476,8 @@ class RowExplanation(_message.Message):
     MAPS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DIAGNOSTICS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_DETAIL_FIELD_NUMBER: _builtins.int
     model_evaluations: _builtins.int
     converged: _builtins.bool
     budget_exhausted: _builtins.bool
@@ -483,6 +485,11 @@ class RowExplanation(_message.Message):
     """The method used for this row (auto may pick differently per row as time runs out)."""
     samples: _builtins.int
     """Independent sampling units behind the standard errors (permutation or coalition pairs)."""
+    status: _builtins.str
+    """"OK", or "NOT_REACHED" when the budget ran out before this row was explained (a multi-row
+    call returns the rows it explained instead of failing late); its arrays are then empty.
+    """
+    status_detail: _builtins.str
     @_builtins.property
     def attributions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """[outputs x features], row-major."""
@@ -544,10 +551,12 @@ class RowExplanation(_message.Message):
         maps: _abc.Iterable[Global___Tensor] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         diagnostics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        status: _builtins.str = ...,
+        status_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "ci_high", b"ci_high", "ci_low", b"ci_low", "converged", b"converged", "diagnostics", b"diagnostics", "labels", b"labels", "maps", b"maps", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "samples", b"samples", "std_errors", b"std_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "base_values", b"base_values", "budget_exhausted", b"budget_exhausted", "ci_high", b"ci_high", "ci_low", b"ci_low", "converged", b"converged", "diagnostics", b"diagnostics", "labels", b"labels", "maps", b"maps", "method", b"method", "model_evaluations", b"model_evaluations", "predictions", b"predictions", "samples", b"samples", "status", b"status", "status_detail", b"status_detail", "std_errors", b"std_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,6 +574,7 @@ class Cost(_message.Message):
     CONVERGED_FIELD_NUMBER: _builtins.int
     BUDGET_MS_FIELD_NUMBER: _builtins.int
     BUDGET_SOURCE_FIELD_NUMBER: _builtins.int
+    ROWS_NOT_REACHED_FIELD_NUMBER: _builtins.int
     model_evaluations: _builtins.int
     """Rows evaluated by the model for the whole request."""
     elapsed_ms: _builtins.float
@@ -575,6 +585,8 @@ class Cost(_message.Message):
     budget_ms: _builtins.float
     """The budget that applied and where it came from ("request", "deadline", "model_default")."""
     budget_source: _builtins.str
+    rows_not_reached: _builtins.int
+    """Rows whose status is NOT_REACHED (the last ones of the request)."""
     def __init__(
         self,
         *,
@@ -584,10 +596,11 @@ class Cost(_message.Message):
         converged: _builtins.bool = ...,
         budget_ms: _builtins.float = ...,
         budget_source: _builtins.str = ...,
+        rows_not_reached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_ms", b"budget_ms", "budget_source", b"budget_source", "converged", b"converged", "elapsed_ms", b"elapsed_ms", "model_evaluations", b"model_evaluations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "budget_ms", b"budget_ms", "budget_source", b"budget_source", "converged", b"converged", "elapsed_ms", b"elapsed_ms", "model_evaluations", b"model_evaluations", "rows_not_reached", b"rows_not_reached"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,206 @@
+"""Earliest deadline first over the cores, cancellation at the next yield point, and rows
+that are never thrown away: a multi-row call that runs out of time returns the rows done."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from explainers.errors import Cancelled
+from service.api.server import Sidelight, start
+from service.api.tensors import from_array
+from service.plane.scheduler import Control, Cores
+from sidelight.v1 import explainer_pb2 as pb
+from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from tests.conftest import settings_for
+from tests.test_budget import D, slow_app  # noqa: F401  (the slow model's server)
+
+
+def test_cores_go_to_the_earliest_deadline() -> None:
+    cores = Cores(1)
+    holder = Control(100.0, cores)
+    cores.acquire(holder)
+    order: list[str] = []
+
+    def wait(name: str, deadline: float) -> None:
+        control = Control(deadline, cores)
+        cores.acquire(control)
+        order.append(name)
+        cores.release()
+
+    late = threading.Thread(target=wait, args=("late", 50.0))
+    early = threading.Thread(target=wait, args=("early", 10.0))
+    late.start()
+    time.sleep(0.05)
+    early.start()
+    time.sleep(0.05)
+    assert cores.waiting == 2
+    cores.release()
+    late.join(1)
+    early.join(1)
+    assert order == ["early", "late"]
+
+
+def test_a_yield_point_hands_the_core_to_an_earlier_deadline() -> None:
+    cores = Cores(1)
+    long_call = Control(100.0, cores)
+    cores.acquire(long_call)
+    ran = threading.Event()
+
+    def short() -> None:
+        control = Control(1.0, cores)
+        with cores.held(control):
+            ran.set()
+
+    thread = threading.Thread(target=short)
+    thread.start()
+    time.sleep(0.05)
+    assert not ran.is_set()  # the long call still holds the only core
+    long_call.pause()  # its next yield point: the short call computes first
+    assert ran.is_set()
+    cores.release()
+    thread.join(1)
+
+
+def test_a_cancelled_call_stops_at_its_next_yield_point_and_leaves_the_queue() -> None:
+    cores = Cores(1)
+    holder = Control(1.0, cores)
+    cores.acquire(holder)
+    waiting = Control(2.0, cores)
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            cores.acquire(waiting)
+        except Cancelled as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.05)
+    waiting.cancel("client gone")
+    thread.join(1)
+    assert failed and cores.waiting == 0
+    holder.cancel("server stopping")
+    with pytest.raises(Cancelled, match="server stopping"):
+        holder.pause()
+    cores.release()
+    cores.acquire(Control(3.0, cores))  # the core is free again
+
+
+@pytest.fixture(scope="module")
+def stub(slow_app: Sidelight) -> Iterator[pb_grpc.ExplainerStub]:  # noqa: F811
+    with grpc.insecure_channel(f"127.0.0.1:{slow_app.port}") as channel:
+        yield pb_grpc.ExplainerStub(channel)
+
+
+def test_a_call_that_runs_out_of_time_returns_the_rows_done(
+        stub: pb_grpc.ExplainerStub) -> None:
+    """40 rows of a slow model in 150 ms: each row's share shrinks below the sampler's minimum
+    part-way; the rows explained come back OK, the rest are NOT_REACHED, nothing is late."""
+    X = np.random.default_rng(5).normal(size=(40, D)).astype(np.float32)
+    start = time.monotonic()
+    r = stub.Explain(pb.ExplainRequest(model="slow", inputs=[from_array("x", X)],
+                                       method="permutation", budget_ms=150, seed=1))
+    wall = time.monotonic() - start
+    statuses = [row.status for row in r.rows]
+    done = statuses.count("OK")
+    assert len(r.rows) == 40 and 1 <= done < 40
+    assert statuses == ["OK"] * done + ["NOT_REACHED"] * (40 - done)
+    assert r.cost.rows_not_reached == 40 - done and r.cost.budget_exhausted
+    assert not r.rows[-1].attributions and "not reached" in " ".join(r.notes)
+    for row in r.rows[:done]:
+        assert row.predictions[0] - row.base_values[0] == pytest.approx(sum(row.attributions),
+                                                                        abs=1e-6)
+    assert wall < 0.150 * 1.5
+
+
+def test_a_cancelled_client_stops_server_work(slow_app: Sidelight,  # noqa: F811
+                                              stub: pb_grpc.ExplainerStub) -> None:
+    """A 20 s explanation cancelled by its client after 0.3 s: the server stops at the next
+    yield point, so the next call gets a core at once."""
+    X = np.random.default_rng(6).normal(size=(1, D)).astype(np.float32)
+    future = stub.Explain.future(pb.ExplainRequest(model="slow", inputs=[from_array("x", X)],
+                                                   method="permutation", budget_ms=20_000))
+    time.sleep(0.3)
+    future.cancel()
+    plane = slow_app.data_plane()
+    deadline = time.monotonic() + 2
+    while (plane.cores.waiting or plane._in_flight) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert plane._in_flight == 0
+    r = stub.Explain(pb.ExplainRequest(model="slow", inputs=[from_array("x", X)],
+                                       method="permutation", budget_ms=100), timeout=2)
+    assert r.rows[0].status == "OK"
+
+
+def slow_model(features: int) -> onnx.ModelProto:
+    """features -> 1024 -> 1024 -> 1 tanh MLP: about a million multiply-adds per row."""
+    rng = np.random.default_rng(0)
+    shapes = [(features, 1024), (1024, 1024), (1024, 1)]
+    inits = [numpy_helper.from_array((rng.normal(size=s) / np.sqrt(s[0])).astype(np.float32),
+                                     f"W{i}") for i, s in enumerate(shapes)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"]),
+             helper.make_node("Tanh", ["h0"], ["a0"]),
+             helper.make_node("MatMul", ["a0", "W1"], ["h1"]),
+             helper.make_node("Tanh", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", features])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def exact_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidelight]:
+    """Eight features and 30 background rows: exact needs 254 x 30 rows, ~80 ms here."""
+    root = tmp_path_factory.mktemp("exact")
+    (root / "slow8" / "1").mkdir(parents=True)
+    onnx.save(slow_model(8), root / "slow8" / "1" / "model.onnx")
+    np.save(root / "slow8" / "bg.npy", np.random.default_rng(1).normal(size=(30, 8)))
+    (root / "slow8" / "explain.yaml").write_text("background: {path: bg.npy}\n")
+    app = start(settings_for(root, metrics_port=-1, drift_enabled=False))
+    yield app
+    app.stop(grace=0)
+
+
+def test_a_burst_beyond_capacity_is_shed_at_arrival_and_counted(exact_app: Sidelight) -> None:
+    """Twelve exact calls at once, each needing most of its budget on one of two cores: the
+    ones that would not fit are refused at arrival (fast, with a retry hint, counted); the
+    accepted ones answer within their budget."""
+    X = np.random.default_rng(2).normal(size=(1, 8)).astype(np.float32)
+    plane = exact_app.data_plane()
+    rate = plane.repo.get("slow8").onnx.rows_per_second
+    budget_ms = 1e3 * 2.2 * (254 * 30 + 1) / rate  # room for about two at a time per core
+
+    def call(_: int) -> tuple[str, float, str]:
+        start = time.monotonic()
+        with grpc.insecure_channel(f"127.0.0.1:{exact_app.port}") as channel:
+            try:
+                r, _ = pb_grpc.ExplainerStub(channel).Explain.with_call(pb.ExplainRequest(
+                    model="slow8", inputs=[from_array("x", X)], method="exact",
+                    budget_ms=budget_ms), timeout=10)
+                return "OK", time.monotonic() - start, str(r.cost.elapsed_ms)
+            except grpc.RpcError as err:
+                hint = dict(err.trailing_metadata() or ()).get("retry-after-ms", "")  # type: ignore[attr-defined]
+                return err.code().name, time.monotonic() - start, hint
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(12)))
+    shed = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
+    done = [r for r in results if r[0] == "OK"]
+    assert shed and done and len(shed) + len(done) == 12, results
+    assert all(r[2] for r in shed)  # a retry hint
+    assert max(r[1] for r in shed) < 0.25 * budget_ms / 1e3 + 0.05  # refused at once
+    assert all(float(r[2]) <= 1.1 * budget_ms for r in done)
+    counted = exact_app.metrics.registry.get_sample_value(
+        "sidelight_explain_rejected_total", {"reason": "admission"})
+    assert counted == len(shed)
