@@ -47,7 +47,7 @@ def test_explain_returns_attributions_errors_base_and_prediction(
         low, high = np.array(row.ci_low), np.array(row.ci_high)
         np.testing.assert_allclose(high - phi, phi - low, rtol=1e-9)
         ratio = (high - low) / (2 * se)  # Student t per attribution, many dof: just above z
-        assert np.all(ratio >= 1.959) and np.all(ratio <= 2.1)
+        assert np.all(ratio >= 1.959) and np.all(ratio <= 2.6)  # Student t with >= 5 dof
         assert row.samples >= 8
     assert r.cost.model_evaluations == sum(row.model_evaluations for row in r.rows) > 0
     # budget adherence is measured in benchmarks; here only a loose sanity bound

@@ -4,9 +4,11 @@ the cores are shared among one more call. Otherwise it is shed at once, with a r
 
 The model: admitted calls share the cores (the scheduler hands them round, earliest deadline
 first), so with n calls on c cores each progresses at min(1, c / n) of a core; a call's least
-cost is what its method needs before it can answer at all (exact: every coalition; a sampler:
-its first two units; tree: its measured speed), in seconds at the model's measured speed; a
-call's remaining least cost falls as it computes.
+cost is what its method needs before it can answer at all (exact: every coalition, with the
+margin its own check keeps; a sampler: its first two units; tree: its measured speed), in
+seconds at the model's speed as the last calls measured it (contention included); a call's
+remaining least cost falls as it computes. A call too slow even alone is let through: its
+method refuses it at once, naming what it needs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from explainers.base import SAFETY
 from explainers.errors import ResourceExhausted
 from service.plane.scheduler import Control
 
@@ -57,7 +60,8 @@ class Admission:
             tickets = [*self._tickets, ticket]
             slowdown = max(1.0, len(tickets) / self.cores)
             late = [t for t in tickets if now + t.remaining_least() * slowdown > t.deadline]
-            if late:
+            alone = now + least_s <= deadline
+            if late and alone:  # too slow alone: its method refuses it, naming what it needs
                 raise self._shed(ticket, late, slowdown, now)
             self._tickets.add(ticket)
         return ticket
@@ -96,7 +100,7 @@ def least_seconds(method: str, players: int, references: int, rows_per_second: f
     sampler = SAMPLER_ROUNDS * (1 + 4 * (d - 1)) / rate  # two antithetic pairs, one row each
     if key == "tree" or (key == "auto" and tree):
         return FIXED_S
-    rows = {"exact": (2**d - 2) * bg + 1 if d <= 16 else math.inf,
+    rows = {"exact": ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
             "kernel": 1 + 2 * bg * (d + max(8, 2 * d)),
             "lime": max(8, d + 2) * 2, "linear": 1, "occlusion": d * bg + 1}
     if key in ("auto", "permutation", "partition"):

@@ -22,6 +22,8 @@ from service.plane.methods import batch_explainer
 from service.plane.players import Players
 
 CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
+LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
+LEARN_WEIGHT = 0.2  # how much one call moves the model's measured speed
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class RowJob:
         now = time.monotonic()
         share = max(self.deadline - now, 0.0) / rows_left
         return Budget(now + share, self.max_evaluations or None, self.target_error or None)
+
+    def learn(self, ev: Evaluator) -> float:
+        """The model's speed as this row measured it (contention included), folded into the
+        model's own figure so the next request plans and is admitted with it."""
+        onnx = self.model.onnx
+        if ev.evaluations >= LEARN_MIN_ROWS:
+            onnx.rows_per_second = (1 - LEARN_WEIGHT) * onnx.rows_per_second \
+                + LEARN_WEIGHT * ev.rows_per_second
+        return ev.rows_per_second
 
     def attempt(self, explain: Callable[[Budget], Explanation], rows_left: int,
                 first: bool) -> Explanation | None:
@@ -80,7 +91,7 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
         if found is None:
             break  # the rows done are kept; the rest are reported as not reached
         out.append(found)
-        rate = ev.rows_per_second
+        rate = job.learn(ev)
     return tuple(out)
 
 
@@ -103,7 +114,7 @@ def explain_grouped(job: RowJob, X: Array, players: Players,
             break  # as in explain_plain
         out.append(found)
         groups.append(g)
-        rate = ev.rows_per_second
+        rate = job.learn(ev)
     return tuple(out), tuple(groups)
 
 
