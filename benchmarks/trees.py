@@ -178,7 +178,7 @@ def brute_force_gaps(case: Case, f: Callable[[Array], Array]) -> str:
     def g(Z: Array) -> Array:
         return np.asarray(case.native.predict(Z), np.float64).reshape(len(Z), -1)
 
-    exact = np.stack([ExactShapley()._explain(Evaluator(g), x, Background.build(bg, g(bg)))
+    exact = np.stack([ExactShapley()._explain(Evaluator(g), x, Background.build(bg, g(bg)), None)
                       .values[0] for x in X])
     mine = np.stack([e.values[0] for e in TreeShap(parse_onnx_trees(case.onnx), [case.column])
                      .explain_rows(X, Background.build(bg, f(bg)))])
@@ -220,7 +220,8 @@ def run(quick: bool) -> str:
              f"explaining the {ROWS} rows in one call (*batch*) or one row per call (*1 row*); "
              "*table fit* = the one-off cost of a new background (first request only). "
              "*shap walk* = shap's interventional C code on the same parsed trees (what `tree` "
-             "used before, and still uses for leaves with over 9 path features). *vs native* = "
+             "used before; now only for leaves past 52 path features, see the next section). "
+             "*vs native* = "
              "Sidelight batch / shap's TreeExplainer on the native model (target <= 1.2); "
              "*max diff* = largest attribution difference between the two. *sampler to 1%* = "
              "permutation sampling on the same ONNX model until its mean relative error over "
@@ -250,8 +251,9 @@ def run(quick: bool) -> str:
               "stratified permutation estimator (see the Shapley section). The leaf tables make "
               "a row's cost independent of the background size: per leaf and per possible "
               "answer of the row to the leaf's path conditions, the background's Shapley "
-              "contribution is tabulated once per background (explainers/leaf_tables.py), so "
-              "a row costs one comparison and one table look-up per (leaf, path feature) "
+              "contribution is tabulated once per background "
+              "(explainers/trees/leaf_tables.py), so a row costs one comparison and one table "
+              "look-up per (leaf, path feature) "
               "instead of shap's walk over every background row. A single-row call also pays "
               "fixed Python and numpy overhead, which is why *1 row* is slower than *batch*.",
               "", "*max diff* is shap's own rounding (about 1e-8 relative), and where it is "

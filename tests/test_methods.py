@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from explainers.base import Background
 from explainers.errors import ResourceExhausted
 from service.api.server import Sidelight, start
 from service.api.tensors import from_array
@@ -26,7 +27,15 @@ from service.plane.targets import resolve_target
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import settings_for
-from tests.test_tree import D, labels, make_data, target
+from tests.redis_process import wait_for
+from tests.test_tree import (  # noqa: F401 (registered: a fixture)
+    D,
+    labels,
+    lightgbm_defaults,
+    make_data,
+    registered,
+    target,
+)
 
 Array = np.ndarray
 TIGHT = 1e-6
@@ -244,7 +253,9 @@ def test_tree_refuses_or_samples_when_its_measured_speed_misses_the_budget(
 
     tree = choose("tree", 10.0).estimator
     assert tree.name == "tree"
-    tree._seconds_per_cell = 0.02  # as if a row took 20 ms (leaf tables): 2 s for 100 rows
+    measured = dict(tree._per_unit)
+    tree.prefit(bg)  # (the first explanation would have fitted it)
+    tree._per_unit[True] = 0.02 / tree._units(bg)  # as if a row took 20 ms: 2 s for 100 rows
     try:
         with pytest.raises(ResourceExhausted, match="budget_ms"):
             choose("tree", 1.0)
@@ -252,4 +263,72 @@ def test_tree_refuses_or_samples_when_its_measured_speed_misses_the_budget(
         assert auto.estimator.name == "auto" and "sampled instead" in auto.notes[0]
         assert choose("", 10.0).estimator is tree
     finally:
-        tree._seconds_per_cell = None  # leave the shared server as it was
+        tree._per_unit = measured  # leave the shared server as it was
+
+
+def test_a_new_backgrounds_fit_is_counted_in_the_budget_and_done_off_the_request_path(
+        server: Sidelight) -> None:
+    """A background no one fitted here (uploaded through another replica, say): its one-off
+    fit is predicted and counted; when it misses the budget, tree refuses (explicit) or samples
+    (auto), says so, and the fit runs in the background for the next requests."""
+    plane = server.data_plane()
+    model = plane.repo.get("gbc")
+    target = resolve_target(model, "", (), "logit")
+    fresh, other = (Background.build(make_data(40, seed), np.zeros((40, 1))) for seed in (21, 22))
+
+    def choose(method: str, seconds: float, bg: Background) -> Any:
+        return plane.choose(method, model, target, bg, "fresh", 1, seconds)
+
+    tree = choose("tree", 10.0, fresh).estimator
+    fit = tree.fit_seconds(fresh)
+    assert fit > 0 and tree.seconds_for(1, fresh) >= fit
+    with pytest.raises(ResourceExhausted, match="to tabulate this background, once"):
+        choose("tree", fit / 2, fresh)
+    assert wait_for(lambda: tree.fit_seconds(fresh) == 0)  # fitted off the request path
+    assert choose("tree", 10.0, fresh).estimator is tree and tree.seconds_for(1, fresh) < fit
+    auto = choose("", tree.fit_seconds(other) / 2, other)
+    assert auto.estimator.name == "auto" and "sampled instead" in auto.notes[0]
+    assert "to tabulate this background" in auto.notes[0]
+
+
+def test_start_up_and_uploads_fit_the_trees_ahead_of_traffic(
+        models: dict[str, Any], tmp_path: Path) -> None:
+    add_model(tmp_path, "gbc", convert(models["gbc"]), models["X"][:24],
+              "output: probabilities\nclasses: [1]\n")
+    app = start(settings_for(tmp_path, metrics_port=-1, drift_enabled=False))
+    try:
+        plane = app.data_plane()
+        model = plane.repo.get("gbc")
+        target = resolve_target(model, "", (), "")  # the logit: the trees' margin
+
+        def fitted(name: str) -> bool:
+            meta, bg = plane.background(model, name, target)
+            tree = plane.choose("tree", model, target, bg, meta.sha256, 1, 10.0).estimator
+            return bool(tree.fit_seconds(bg) == 0)
+
+        assert len(plane.methods._fits) == 1 and fitted("default")  # before any request
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            pb_grpc.ExplainerStub(channel).PutBackground(pb.PutBackgroundRequest(
+                model="gbc", name="other", data=from_array("", models["X"][100:160])))
+        assert wait_for(lambda: len(plane.methods._fits) == 2) and fitted("other")
+    finally:
+        app.stop(grace=0)
+
+
+@pytest.mark.usefixtures("registered")
+def test_auto_explains_lightgbm_defaults_by_tree_in_a_small_budget_and_names_the_engine(
+        tmp_path: Path) -> None:
+    """num_leaves=31 grows leaves with 10+ path features; with 1,000 background rows `auto`
+    used to sample (shap's walk was too slow). Now tree answers within the budget, exactly,
+    and the notes say which engine ran."""
+    _, model, X = lightgbm_defaults()
+    add_model(tmp_path, "lgbm", model, X[:1000], "output: probabilities\nclasses: [1]\n")
+    app = start(settings_for(tmp_path, metrics_port=-1, drift_enabled=False))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            r = explain(pb_grpc.ExplainerStub(channel), "lgbm", X[1100:1101], budget_ms=50)
+        assert r.method == "tree" and r.scale == "logit" and r.cost.elapsed_ms < 50
+        assert any(n.startswith("tree engine: exact interventional TreeSHAP by leaf tables")
+                   and "background patterns (k 10-" in n for n in r.notes), list(r.notes)
+    finally:
+        app.stop(grace=0)

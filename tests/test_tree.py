@@ -224,6 +224,41 @@ def test_lightgbm_matches_shap_on_the_native_model(kind: str, registered: None) 
     compare_with_native(est, to_onnx(est), train)
 
 
+def lightgbm_defaults() -> tuple[Any, onnx.ModelProto, Array]:
+    """LGBMClassifier() with its defaults (num_leaves=31, 100 trees) on 1,000 rows of 40
+    features, its ONNX conversion (needs the `registered` fixture), and 1,200 rows: the training
+    rows, then 200 it has not seen."""
+    from lightgbm import LGBMClassifier
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=1200, n_features=40, n_informative=20, random_state=0)
+    X = X.astype(np.float32).astype(np.float64)
+    est = LGBMClassifier(verbose=-1, random_state=0, n_jobs=1).fit(X[:1000], y[:1000])
+    model = convert_sklearn(est, initial_types=[("input", FloatTensorType([None, 40]))],
+                            options={id(est): {"zipmap": False}},
+                            target_opset={"": 17, "ai.onnx.ml": 3})
+    return est, model, X
+
+
+def test_lightgbm_with_default_leaves_has_deep_leaves_and_matches_shap(registered: None) -> None:
+    """num_leaves=31 grows leaves with 10+ path features (background patterns, not shap's walk):
+    equal to shap on the native model to 1e-6 relative, on rows it was not trained on."""
+    est, model, X = lightgbm_defaults()
+    ts = TreeShap.from_onnx(model, output_columns=[1])
+    assert "background patterns (k 10-" in ts.engine
+    bg, rows = X[:200], X[1100:1105]
+    out = ts.explain_rows(rows, background(bg, scores_fn(model)))
+    mine = np.stack([e.values[0] for e in out])  # (rows, features)
+    masker = shap.maskers.Independent(bg, max_samples=len(bg))
+    theirs = shap.TreeExplainer(est, data=masker, feature_perturbation="interventional",
+                                model_output="raw").shap_values(rows, check_additivity=False)
+    theirs = np.asarray(theirs).reshape(mine.shape)
+    np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
+    assert "background patterns" in out[0].notes[-1]
+
+
 def test_hist_gradient_boosting_with_missing_values(monkeypatch: pytest.MonkeyPatch) -> None:
     from skl2onnx.common import tree_ensemble
     from sklearn.ensemble import HistGradientBoostingRegressor

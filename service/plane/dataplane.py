@@ -263,6 +263,7 @@ class DataPlane:
             return []
         target = resolve_target(model, "", (), "")
         meta, background = self.background(model, DEFAULT_NAME, target)
+        self.methods.prefit(model, target, background, lambda t: target_fn(model, t))
         if self.drift is None:  # still fit and time the default method (tree: its speed)
             self._quick_reference(ReferenceJob(model, target, background, background.data[:2],
                                                meta.sha256))
@@ -319,11 +320,13 @@ class DataPlane:
         return None
 
     def _in_background(self, work: Callable[[], None]) -> None:
-        """Run start-up work after start-up, in a thread that close() stops and waits for."""
+        """Run work off the request path (start-up's late work, uploads' tree tables) in a
+        thread that close() stops and waits for."""
         thread = threading.Thread(target=work, daemon=True, name="sidelight-start-up")
         with self._lock:
             if self._closed.is_set():
                 return
+            self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
         thread.start()
 
@@ -638,7 +641,22 @@ class DataPlane:
         meta = make_meta(model.name, model.version, name, data, "upload", model.sha256,
                          tuple(q.feature_names) or model.feature_names)
         self.uploads.admit(q.client, data.nbytes)
-        return self.store.put(meta, data)
+        stored = self.store.put(meta, data)
+        if model.trees is not None:  # tree tables ahead of traffic, off the request path
+            self._in_background(lambda: self._prefit(model, name))
+        return stored
+
+    def _prefit(self, model: LoadedModel, name: str) -> None:
+        """f(background) and the trees' tables of a stored background, for the default target;
+        a failure is logged (the first request against it will say what is wrong)."""
+        try:
+            target = resolve_target(model, "", (), "")
+            _, background = self.background(model, name, target)
+        except Exception as err:
+            log.warning("model %s: preparing background %r ahead of traffic failed: %s",
+                        model.name, name, shorten(str(err)))
+            return
+        self.methods.prefit(model, target, background, lambda t: target_fn(model, t))
 
     def background_meta(self, model: str, version: str, name: str) -> BackgroundMeta:
         loaded = self.repo.get(model, version)

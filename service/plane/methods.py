@@ -6,6 +6,7 @@ answer, never a silent switch."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from explainers.errors import InvalidArgument, ResourceExhausted, quoted
 from explainers.memory import ByteLru
 from explainers.shapley.linear import AffineFit, LinearShap, fit_affine
 from explainers.trees.onnx_trees import predict_margin
-from explainers.trees.tree import FitCache, TreeShap
+from explainers.trees.tree import FitCache, TreeShap, fit_cache
 from service.plane.gradients import METHODS as GRADIENT_METHODS
 
 if TYPE_CHECKING:
@@ -58,11 +59,12 @@ class MethodResolver:
     def __init__(self, registry: Mapping[str, Estimator],
                  cache_bytes: int = TREE_CACHE_BYTES) -> None:
         self.registry = registry
-        self._fits: FitCache = ByteLru(cache_bytes - cache_bytes // 4)
+        self._fits: FitCache = fit_cache(cache_bytes - cache_bytes // 4)
         self._trees: ByteLru[tuple[object, ...], TreeShap | str] = ByteLru(
             cache_bytes // 8, CACHE_SIZE, lambda t: t.nbytes if isinstance(t, TreeShap) else 64)
         self._affine: ByteLru[tuple[object, ...], AffineFit | str] = ByteLru(
             cache_bytes // 8, CACHE_SIZE)
+        self._prefitting = threading.Lock()  # held by the one fit running off the request path
 
     def known(self) -> tuple[str, ...]:
         """Every method name a request may use."""
@@ -102,19 +104,59 @@ class MethodResolver:
 
     def _in_time(self, choice: Choice, rows: int, background: Background, seconds: float,
                  explicit: bool) -> Choice:
-        """TreeSHAP's time grows with rows (x background rows on shap's walk): refuse
-        (explicit) or sample (auto) when its measured speed says it would miss the budget."""
-        if not isinstance(choice.estimator, TreeShap):
+        """TreeSHAP's time grows with rows, plus the one-off fit of a background it has not
+        fitted: refuse (explicit) or sample (auto) when the prediction misses the budget. A
+        missing fit then runs off the request path, so that the next requests find it."""
+        tree = choice.estimator
+        if not isinstance(tree, TreeShap):
             return choice
-        needed = choice.estimator.seconds_for(rows, background)
+        needed = tree.seconds_for(rows, background)
         if needed is None or needed <= seconds:
             return choice
         what = (f"tree needs about {1e3 * needed:.0f} ms for {rows} row(s) against "
                 f"{background.rows} background rows")
+        fit = tree.fit_seconds(background)
+        if fit:
+            what += (f" ({1e3 * fit:.0f} ms of it to tabulate this background, once: started "
+                     "now for the next requests)")
+            self._prefit_later(tree, background)
         if explicit:
             raise ResourceExhausted(f"budget_ms: {what}, more than the {1e3 * seconds:.0f} ms "
                                     "left: raise budget_ms, send fewer rows or use auto")
         return Choice(self.registry["auto"], choice.target, (f"{what}; sampled instead",))
+
+    def prefit(self, model: LoadedModel, target: Target, background: Background,
+               fn: Callable[[Target], ModelFn]) -> None:
+        """Fit the trees' tables for a background ahead of traffic (start-up, uploads), on the
+        target or, when the trees do not compute it, on their own scale. Never raises: a
+        request would fit it, or say why not."""
+        try:
+            tree = self._tree_for(model, target, background, fn(target))
+            raw = tree_scale(model, target) if not isinstance(tree, TreeShap) else None
+            if raw is not None:
+                tree = self._tree_for(model, raw, background, fn(raw))
+            if isinstance(tree, TreeShap):
+                tree.prefit(background)
+        except Exception as err:
+            log.warning("tree: fitting a background ahead of traffic failed: %s: %s",
+                        type(err).__name__, err)
+
+    def _prefit_later(self, tree: TreeShap, background: Background) -> None:
+        """Fit in a thread, one at a time: while one runs, others are skipped (a later request
+        that misses its budget for the same reason starts it again)."""
+        if not self._prefitting.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                tree.prefit(background)
+            except Exception as err:  # the request that needs it will say why
+                log.warning("tree: fitting a background off the request path failed: %s: %s",
+                            type(err).__name__, err)
+            finally:
+                self._prefitting.release()
+
+        threading.Thread(target=run, daemon=True, name="sidelight-tree-fit").start()
 
     def _tree(self, model: LoadedModel, target: Target, background: Background,
               fn: Callable[[Target], ModelFn]) -> Choice:
