@@ -30,6 +30,7 @@ from sidelight.v1 import explainer_pb2 as pb
 if TYPE_CHECKING:
     from service.api.server import Sidelight
     from service.config import Settings
+    from service.models.repository import LoadedModel
 
 EXPLAIN_HELP = """Explain rows of a table, images or texts with a running server.
 
@@ -164,16 +165,32 @@ def banner(app: Sidelight) -> str:
     plane = app.data_plane()
     ready = plane.repo.ready()
     lines = [f"sidelight: serving {len(ready)} model version(s) on {app.settings.host}:{app.port}"
-             f" (metrics on :{app.metrics_port}/metrics)"]
+             f" ({metrics_where(app.metrics_port)})"]
     example = next((m for m in ready if m.background is not None), None)
     if example is not None and example.background is not None:
         row = ",".join(f"{v:.6g}" for v in example.background[0])
         lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
                      f"{shlex.quote(example.name)} --row={row}")
+    text = next((m for m in ready if m.vocabulary), None)
+    if text is not None:
+        words = shlex.quote(" ".join(example_words(text)))
+        lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
+                     f"{shlex.quote(text.name)} --text {words}")
     needs = client_needs(app.settings)
     if needs:
         lines.append(f"clients need: {', '.join(needs)}")
     return "\n".join(lines)
+
+
+def metrics_where(port: int) -> str:
+    return f"metrics on :{port}/metrics" if port >= 0 else "metrics off"
+
+
+def example_words(model: LoadedModel, count: int = 3) -> list[str]:
+    """The first words of a text model's vocabulary that are neither padding nor the mask."""
+    special = {model.config.text.pad_token, model.config.text.mask_token} if model.config.text \
+        else set()
+    return [w for i, w in enumerate(model.vocabulary) if i not in special][:count]
 
 
 def client_needs(s: Settings) -> list[str]:

@@ -70,37 +70,44 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, ...], int]]:
     """`sidelight serve` as `make serve` runs it, on free ports: (its example call, port)."""
     if not SCRIPT.exists():
         pytest.skip(f"{SCRIPT} is not installed")
     repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(MODELS / "diabetes_linear", repo / "diabetes_linear")
+    for name in ("diabetes_linear", "text_sentiment"):
+        shutil.copytree(MODELS / name, repo / name)
     log = (tmp_path_factory.mktemp("log") / "serve.log").open("w")
     proc = subprocess.Popen([SCRIPT, "serve", "--models", repo, "--port", "0",
                              "--metrics-port", "0"], cwd=ROOT, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=log)
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline(), proc.stdout.readline()]  # the banner's two lines
-        assert lines[1].startswith("try: "), (lines, Path(log.name).read_text())
+        lines = [proc.stdout.readline() for _ in range(3)]  # serving, a table, a text
+        assert all(t.startswith("try: ") for t in lines[1:]), (lines, Path(log.name).read_text())
         port = int(lines[0].split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
-        yield lines[1].removeprefix("try: ").strip(), port
+        yield tuple(t.removeprefix("try: ").strip() for t in lines[1:]), port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
 
 
-def test_the_banners_example_runs_as_printed(served: tuple[str, int]) -> None:
-    command, _ = served
-    done = subprocess.run(command, shell=True, cwd=ROOT, env=_env(), capture_output=True,
+def test_the_banners_examples_run_as_printed(served: tuple[tuple[str, ...], int]) -> None:
+    (table, text), _ = served
+    done = subprocess.run(table, shell=True, cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 0, (command, done.stderr)
+    assert done.returncode == 0, (table, done.stderr)
     assert done.stdout.startswith("diabetes_linear v1: linear")
+    done = subprocess.run(text, shell=True, cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, (text, done.stderr)
+    assert done.stdout.startswith("text_sentiment v1: exact"), done.stdout
+    assert "not" in done.stdout and "good" in done.stdout  # the words, attributed
 
 
-def test_explain_into_a_closed_pipe_prints_no_traceback(served: tuple[str, int]) -> None:
+def test_explain_into_a_closed_pipe_prints_no_traceback(
+        served: tuple[tuple[str, ...], int]) -> None:
     """`sidelight explain ... | head -1` where head has already gone."""
     _, port = served
     proc = subprocess.Popen(
