@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
                       help="comma-separated feature values; repeat for more rows")
     rows.add_argument("--input", type=Path, help="a file of rows: .npy (batch axis first, "
                       "shaped like the model's input), .csv or .parquet (a column per feature)")
+    explain.add_argument("--first", type=int, help="only the first N rows of --input")
     rows.add_argument("--text", action="append", help="a text for a text model (words of its "
                       "vocabulary; an unknown word is an error); repeat for more")
     explain.add_argument("--method", default="", help="auto, exact, permutation, kernel, tree, "
@@ -171,6 +172,11 @@ def banner(app: Sidelight) -> str:
         row = ",".join(f"{v:.6g}" for v in example.background[0])
         lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
                      f"{shlex.quote(example.name)} --row={row}")
+    image = next((m for m in ready if m.modality.kind == "image" and image_file(app, m)), None)
+    if image is not None:
+        lines.append(f"try: {command()} explain --address localhost:{app.port} --model "
+                     f"{shlex.quote(image.name)} --input {image_file(app, image)} --first 2 "
+                     f"--grid 4 --report {shlex.quote(image.name + '.html')}")
     text = next((m for m in ready if m.vocabulary), None)
     if text is not None:
         words = shlex.quote(" ".join(example_words(text)))
@@ -180,6 +186,16 @@ def banner(app: Sidelight) -> str:
     if needs:
         lines.append(f"clients need: {', '.join(needs)}")
     return "\n".join(lines)
+
+
+def image_file(app: Sidelight, model: LoadedModel) -> str:
+    """explain.yaml's background of an image model, when it is a .npy file (its rows are
+    images), as a path to paste here; "" otherwise."""
+    config = model.config.background
+    if config is None or not config.path.endswith(".npy"):
+        return ""
+    path = Path(app.settings.models_dir) / model.name / config.path
+    return pasteable(path.resolve()) if path.exists() else ""
 
 
 def metrics_where(port: int) -> str:
@@ -240,7 +256,8 @@ def rows_of(args: argparse.Namespace, info: pb.ModelInfo) -> batch.Source:
     """The rows to explain: --row values split across the model's inputs, --text tokenized,
     or --input read chunk by chunk."""
     if args.input is not None:
-        return batch.open_source(args.input, info)
+        source = batch.open_source(args.input, info)
+        return source if args.first is None else batch.Head(source, max(args.first, 0))
     if args.text:
         return batch.Prepared(inputs.prepare(info, args.text))
     try:

@@ -75,7 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str
     if not SCRIPT.exists():
         pytest.skip(f"{SCRIPT} is not installed")
     repo = tmp_path_factory.mktemp("repo")
-    for name in ("diabetes_linear", "text_sentiment"):
+    for name in ("diabetes_linear", "digits_cnn", "text_sentiment"):
         shutil.copytree(MODELS / name, repo / name)
     log = (tmp_path_factory.mktemp("log") / "serve.log").open("w")
     proc = subprocess.Popen([SCRIPT, "serve", "--models", repo, "--port", "0",
@@ -83,7 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str
                             stdout=subprocess.PIPE, stderr=log)
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]  # serving, a table, a text
+        lines = [proc.stdout.readline() for _ in range(4)]  # serving, a table, an image, a text
         assert all(t.startswith("try: ") for t in lines[1:]), (lines, Path(log.name).read_text())
         port = int(lines[0].split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
         yield tuple(t.removeprefix("try: ").strip() for t in lines[1:]), port
@@ -93,8 +93,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str
         log.close()
 
 
-def test_the_banners_examples_run_as_printed(served: tuple[tuple[str, ...], int]) -> None:
-    (table, text), _ = served
+def test_the_banners_examples_run_as_printed(served: tuple[tuple[str, ...], int],
+                                             tmp_path: Path) -> None:
+    (table, image, text), _ = served
     done = subprocess.run(table, shell=True, cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, (table, done.stderr)
@@ -104,6 +105,13 @@ def test_the_banners_examples_run_as_printed(served: tuple[tuple[str, ...], int]
     assert done.returncode == 0, (text, done.stderr)
     assert done.stdout.startswith("text_sentiment v1: exact"), done.stdout
     assert "not" in done.stdout and "good" in done.stdout  # the words, attributed
+    report = tmp_path / "digits.html"  # not into the checkout
+    image = image.replace("--report digits_cnn.html", f"--report {report}")
+    done = subprocess.run(image, shell=True, cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, (image, done.stderr)
+    assert "\nrow 1 " in done.stdout and "\nrow 2 " not in done.stdout  # --first 2 of 100
+    assert report.stat().st_size > 10_000
 
 
 def test_explain_into_a_closed_pipe_prints_no_traceback(

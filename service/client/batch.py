@@ -62,6 +62,29 @@ class Prepared:
 
 
 @dataclass
+class Head:
+    """The first `limit` rows of another source (`--first`)."""
+
+    source: Source
+    limit: int
+    rows: int | None = None
+    ignored: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        known = self.source.rows
+        self.rows = self.limit if known is None else min(known, self.limit)
+        self.ignored = self.source.ignored
+
+    def chunks(self, size: int) -> Iterator[Inputs]:
+        left = self.limit
+        for chunk in self.source.chunks(min(size, self.limit)):
+            if left <= 0:
+                return
+            yield chunk.slice(0, left) if chunk.rows > left else chunk
+            left -= chunk.rows
+
+
+@dataclass
 class NpySource:
     """A .npy file, batch axis first, shaped like the model's input (or its columns side by
     side); memory-mapped, so only the chunks being sent are read."""
