@@ -70,6 +70,12 @@ class DriftMonitors:
                                              index, old.outputs, old.monitor, old.target)
             self._status[key] = ACTIVE
 
+    def remove(self, model: str, version: str) -> None:
+        """Stop monitoring a version (a reload removed it); unknown versions are ignored."""
+        with self._lock:
+            for table in (self._sources, self._status, self._all_features):
+                table.pop((model, version), None)  # type: ignore[attr-defined]
+
     def set_status(self, model: str, version: str, status: str) -> None:
         with self._lock:
             self._status[(model, version)] = status
