@@ -105,7 +105,7 @@ def test_a_replaced_model_file_serves_within_the_interval_while_calls_succeed(
 
     with ThreadPoolExecutor(5) as pool:
         slow = pool.submit(stub.Explain, request("replaced", X[:1], method="permutation",
-                                                 budget_ms=1500))  # in flight at the swap
+                                                 budget_ms=2000))  # in flight at the swap
         calls = [pool.submit(hammer, i) for i in range(4)]
         time.sleep(0.05)
         replaced_at = time.monotonic()
@@ -220,14 +220,23 @@ def test_a_failed_new_version_leaves_the_older_one_serving(
 def test_a_changed_explain_yaml_is_picked_up_and_a_broken_one_refused(
         app: Sidelight, stub: pb_grpc.ExplainerStub, repo: Path) -> None:
     path = repo / "configured" / "explain.yaml"
+    before = stub.Explain(request("configured", X, seed=5))
+    assert stub.Explain(request("configured", X, seed=5)).cached  # the result cache has it
     config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "class_names": ["progression"]}))
+    assert wait_for(lambda: stub.GetModel(pb.GetModelRequest(model="configured"))
+                    .output_names == ["progression"], SWAP_WITHIN_S)
+    after = stub.Explain(request("configured", X, seed=5))  # same file, new explain.yaml:
+    assert not after.cached and list(after.output_names) == ["progression"]  # not the old answer
+    assert list(before.output_names) == ["variable"]
+    np.testing.assert_array_equal(attributions(after), attributions(before))
     config["features"] = [f"{f}_v2" for f in config["features"]]
     config["budget_ms"] = 150
     path.write_text(yaml.safe_dump(config))
     assert wait_for(lambda: stub.GetModel(pb.GetModelRequest(model="configured"))
                     .feature_names[0] == "age_v2", SWAP_WITHIN_S)
     info = stub.GetModel(pb.GetModelRequest(model="configured"))
-    assert info.default_budget_ms == 150
+    assert info.default_budget_ms == 150 and list(info.output_names) == ["variable"]
     assert stub.Explain(request("configured", X)).feature_names[0] == "age_v2"
     path.write_text("features: [unclosed\n")
     assert wait_for(lambda: reloads(app, "configured", "failed") == 1, SWAP_WITHIN_S)

@@ -6,8 +6,10 @@ left out with a note, never fatal."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,12 @@ class LoadedModel:
     @property
     def sha256(self) -> str:
         return self.onnx.sha256
+
+    @cached_property
+    def config_sha256(self) -> str:
+        """The explain.yaml in effect, hashed: what answers depend on besides the ONNX file and
+        the background (a reload may change it under the same file)."""
+        return hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
 
     def column_names(self, output: str) -> list[str]:
         """Names of the columns of an output: class names, ZipMap labels or output[j]."""

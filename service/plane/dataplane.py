@@ -262,7 +262,7 @@ class DataPlane:
                    and not (refresh and m.source == "explain.yaml" and m.sha256 != rows)
                    for m in self.store.list(model.name))
 
-    def warm(self, models: list[LoadedModel] | None = None) -> None:
+    def warm(self, models: list[LoadedModel] | None = None, when: str = "start-up") -> None:
         """Compute f(background) for every model's (or `models`') default target before
         traffic arrives, and start drift monitoring against it. A model that cannot be warmed
         (no or an unusable background, a failing session) is logged and noted, never fatal;
@@ -272,7 +272,7 @@ class DataPlane:
             try:
                 late += self._warm(model)
             except Exception as err:  # one model's data must never stop the others
-                self._startup_note(model, "preparing the default background", err)
+                self._startup_note(model, "preparing the default background", err, when)
         if late:
             self._in_background(lambda: self._late_references(late))
 
@@ -374,8 +374,8 @@ class DataPlane:
         try:
             self._seed(model, refresh=True)
         except Exception as err:  # as at start-up: noted, never raised
-            self._startup_note(model, "storing the explain.yaml background", err)
-        self.warm([model])
+            self._startup_note(model, "storing the explain.yaml background", err, "reload")
+        self.warm([model], "reload")
 
     def forget(self, name: str, version: str) -> None:
         """Drop what the plane noted about a version (a reload replaced or removed it); a
@@ -429,10 +429,12 @@ class DataPlane:
             raise FailedPrecondition("the reference attributions are not finite")
         return np.asarray(phi)
 
-    def _startup_note(self, model: LoadedModel, doing: str, err: Exception) -> None:
+    def _startup_note(self, model: LoadedModel, doing: str, err: Exception,
+                      when: str = "start-up") -> None:
         """One log line; drift off with the reason; and a note on the version unless the
         cause is the default background (absent, unusable or unreachable: GetModel's notes
-        follow the store, and the first explanation that finds one warms the model)."""
+        follow the store, and the first explanation that finds one warms the model). `when`:
+        start-up or reload."""
         why = shorten(str(err) if isinstance(err, SidelightError)
                       else f"{type(err).__name__}: {err}")
         level = logging.WARNING if isinstance(err, NotFound) else logging.ERROR
@@ -441,11 +443,11 @@ class DataPlane:
         status = f"off: {why}"
         if isinstance(err, NotFound | UnusableBackground | Unavailable):  # none usable (yet)
             self._cold.add((model.name, model.version))
-            status = (f"off: no usable default background at start-up ({why}); drift starts "
+            status = (f"off: no usable default background at {when} ({why}); drift starts "
                       "with the first explanation against one")
         else:
             self._notes.setdefault((model.name, model.version), []).append(
-                f"start-up: {doing} failed ({why})")
+                f"{when}: {doing} failed ({why})")
         self._set_drift_status(model, status)
 
     def _warm_later(self, model: LoadedModel) -> None:
@@ -848,7 +850,8 @@ class DataPlane:
         if meta.features != model.onnx.n_features:
             raise FailedPrecondition(f"background: {name!r} has {meta.features} features; the "
                                      f"model has {model.onnx.n_features}")
-        key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
+        key = (model.sha256, model.config_sha256, meta.sha256, target.output, target.columns,
+               target.scale)
         found = self._cached(key, lambda: self._usable_background(model, meta, data, target))
         if name == DEFAULT_NAME and (model.name, model.version) in self._cold:
             self._warm_later(model)
@@ -898,11 +901,12 @@ def result_key(p: Prepared) -> str:
     (the request's groups, the baseline, occlusion windows) and the inputs' shapes."""
     q, model, target = p.query, p.model, p.target
     meta = (p.meta.name, p.meta.sha256) if p.meta else ("", "")
-    return request_key(p.X, model.sha256, model.name, model.version, model.feature_names,
-                       q.method or model.config.method, target.output, target.columns,
-                       target.scale, *meta, q.seed, q.max_evaluations, q.target_error,
-                       budget_class(1e3 * p.budget_s), p.layout.shapes, p.players.grouping,
-                       p.players.baseline, q.occlusion, groups_digest(q.groups))
+    return request_key(p.X, model.sha256, model.config_sha256, model.name, model.version,
+                       model.feature_names, q.method or model.config.method, target.output,
+                       target.columns, target.scale, *meta, q.seed, q.max_evaluations,
+                       q.target_error, budget_class(1e3 * p.budget_s), p.layout.shapes,
+                       p.players.grouping, p.players.baseline, q.occlusion,
+                       groups_digest(q.groups))
 
 
 def groups_digest(g: GroupRequest) -> str:
