@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from service.api.server import Sidelight, start
@@ -275,3 +276,29 @@ def test_a_change_is_loaded_only_once_it_stopped_changing(tmp_path: Path) -> Non
     assert scan_repository(tmp_path / "missing") is None  # unreadable: not "all removed"
     gone: dict[str, ModelStamp] = {}
     assert settled(loaded, gone, gone) == ["m"]
+
+
+def test_a_server_started_without_models_serves_the_first_one_copied_in(
+        tmp_path: Path) -> None:
+    """Health follows the repository: NOT_SERVING with nothing loaded, SERVING once a model
+    directory appears (copied elsewhere, then renamed in)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    empty = start(settings_for(root, reload_interval_seconds=INTERVAL_S))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{empty.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status() -> int:
+                return health.Check(health_pb2.HealthCheckRequest()).status
+
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            shutil.copytree(MODELS / "diabetes_linear", tmp_path / "staged")
+            (tmp_path / "staged").rename(root / "diabetes_linear")
+            assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING,
+                            SWAP_WITHIN_S)
+            r = pb_grpc.ExplainerStub(channel).Explain(request("diabetes_linear", X))
+            assert r.version == "1" and len(r.rows) == 3
+    finally:
+        empty.stop(grace=0)
+    assert empty.reloader is not None and not empty.reloader.running

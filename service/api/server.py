@@ -63,7 +63,7 @@ class Sidelight:
     _grpc: list[grpc.Server] = field(default_factory=list)  # besides `server`: health only
     _stop: threading.Event = field(default_factory=threading.Event)
     _health_lock: threading.Lock = field(default_factory=threading.Lock)
-    _draining: bool = False  # health stays NOT_SERVING from drain() on
+    _stopping: bool = False  # from drain() or stop() on: no reloads, health NOT_SERVING
 
     def data_plane(self) -> DataPlane:
         if self.plane is None:
@@ -83,8 +83,9 @@ class Sidelight:
         self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
                  "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
-        if not self._stop.is_set():
-            self.reloader = Reloader(plane, self._serving).start()
+        with self._health_lock:
+            if not self._stopping:
+                self.reloader = Reloader(plane, self._serving).start()
 
     def _serving(self) -> None:
         """Health SERVING while some model version is ready (a reload may change that),
@@ -93,7 +94,7 @@ class Sidelight:
         status = health_pb2.HealthCheckResponse.SERVING if ready \
             else health_pb2.HealthCheckResponse.NOT_SERVING
         with self._health_lock:
-            if not self._draining:
+            if not self._stopping:
                 for name in ("", SERVICE_NAME):
                     self.health.set(name, status)
 
@@ -108,7 +109,7 @@ class Sidelight:
         calls in flight get `grace` seconds; calls still running are cancelled (their
         computation stops at the next yield point) and the process is left to exit."""
         with self._health_lock:
-            self._draining = True
+            self._stopping = True
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.plane is not None:
@@ -119,6 +120,8 @@ class Sidelight:
         self.stop(grace)
 
     def stop(self, grace: float = 1.0) -> None:
+        with self._health_lock:
+            self._stopping = True
         if self.reloader is not None:
             self.reloader.close()
         for server in (self.server, *self._grpc):

@@ -50,6 +50,11 @@ class Reloader:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the looking thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
