@@ -29,7 +29,7 @@ from service.models.stamps import ModelStamp, scan_model, scan_repository, settl
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, background_of, settings_for
-from tests.redis_process import wait_for
+from tests.redis_process import RedisProcess, wait_for
 from tests.test_server import code_of, request
 
 INTERVAL_S = 0.2
@@ -302,3 +302,36 @@ def test_a_server_started_without_models_serves_the_first_one_copied_in(
     finally:
         empty.stop(grace=0)
     assert empty.reloader is not None and not empty.reloader.running
+
+
+def test_replicas_sharing_redis_and_a_volume_both_move_to_the_new_file(
+        tmp_path: Path, redis_server: RedisProcess) -> None:
+    """Two replicas on one repository and one Redis: after the file is replaced, both serve it,
+    the stored default carries the new file's sha256, and neither serves an answer the shared
+    result cache holds for the old file."""
+    root = tmp_path / "repo"
+    shutil.copytree(MODELS / "diabetes_linear", root / "shared")
+    apps = [start(settings_for(root, metrics_port=-1, drift_enabled=False,
+                               redis_url=redis_server.url, redis_key_prefix="reload:",
+                               reload_interval_seconds=INTERVAL_S)) for _ in range(2)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{a.port}") for a in apps]
+    try:
+        stubs = [pb_grpc.ExplainerStub(c) for c in channels]
+        old = stubs[0].Explain(request("shared", X, seed=9))
+        assert stubs[1].Explain(request("shared", X, seed=9)).cached  # shared through Redis
+        new_bytes = scaled_model(2.0)
+        new_sha = hashlib.sha256(new_bytes).hexdigest()
+        replace_file(root / "shared" / "1" / "model.onnx", new_bytes)
+        for stub in stubs:
+            assert wait_for(lambda s=stub: s.GetModel(pb.GetModelRequest(model="shared"))
+                            .sha256 == new_sha, SWAP_WITHIN_S)
+        for stub in stubs:
+            r = stub.Explain(request("shared", X, seed=9))
+            np.testing.assert_allclose(predictions(r), 2 * predictions(old), rtol=1e-6)
+        stored = stubs[0].GetBackground(pb.GetBackgroundRequest(model="shared"))
+        assert stored.model_sha256 == new_sha
+    finally:
+        for channel in channels:
+            channel.close()
+        for a in apps:
+            a.stop(grace=0)
