@@ -335,3 +335,27 @@ def test_replicas_sharing_redis_and_a_volume_both_move_to_the_new_file(
             channel.close()
         for a in apps:
             a.stop(grace=0)
+
+
+def test_looks_by_hand_settle_and_an_emptied_repository_unloads_nothing(
+        tmp_path: Path) -> None:
+    """With the interval at 0 nothing looks by itself: poll() by hand shows that a change is
+    loaded on the second look that sees it unchanged, and that a repository found empty keeps
+    its models (a volume that went away is not every model removed)."""
+    root = tmp_path / "repo"
+    shutil.copytree(MODELS / "diabetes_linear", root / "m")
+    app = start(settings_for(root, reload_interval_seconds=0, metrics_port=-1,
+                             drift_enabled=False))
+    try:
+        assert app.reloader is not None and not app.reloader.running
+        replace_file(root / "m" / "1" / "model.onnx", scaled_model(2.0))
+        assert app.reloader.poll() == []  # first sight: may still be changing
+        done = app.reloader.poll()
+        assert [(o.version, o.outcome) for r in done for o in r.outcomes] == [("1", "loaded")]
+        assert app.reloader.poll() == []  # loaded: nothing more to do
+        shutil.move(root / "m", tmp_path / "away")
+        assert app.reloader.poll() == [] and app.reloader.poll() == []
+        assert app.data_plane().repo.get("m").sha256 == hashlib.sha256(
+            scaled_model(2.0)).hexdigest()
+    finally:
+        app.stop(grace=0)

@@ -4,7 +4,8 @@ then stayed the same for one interval (a copy in progress is never loaded half-w
 loaded beside the serving one, warmed as at start-up, and swapped in; calls in flight finish
 on the version object they started with. A version that fails to load leaves the one loaded
 before serving, and says so: GetModel's notes, sidelight_model_reloads_total{outcome="failed"}
-and one log line. Removed versions and models are unloaded, as Triton's poll mode does."""
+and one log line. Removed versions and models are unloaded, as Triton's poll mode does, but a
+repository that cannot be read or has become empty (a volume gone) unloads nothing."""
 
 from __future__ import annotations
 
@@ -65,10 +66,10 @@ class Reloader:
     def poll(self) -> list[Reload]:
         """One look: reload every model whose files settled on something not loaded."""
         now = scan_repository(self.root)
-        if now is None:
+        if now is None or (not now and self.repo.entries):  # an empty volume: a mount gone
             if not self._unreadable:
-                log.error("model reload: cannot read the repository %s; serving the models "
-                          "loaded so far", self.root)
+                log.error("model reload: the repository %s is %s; serving the models loaded "
+                          "so far", self.root, "unreadable" if now is None else "empty")
             self._unreadable = True
             return []
         self._unreadable = False
