@@ -72,9 +72,11 @@ class DriftMonitors:
 
     def remove(self, model: str, version: str) -> None:
         """Stop monitoring a version (a reload removed it); unknown versions are ignored."""
+        key = (model, version)
         with self._lock:
-            for table in (self._sources, self._status, self._all_features):
-                table.pop((model, version), None)  # type: ignore[attr-defined]
+            self._sources.pop(key, None)
+            self._status.pop(key, None)
+            self._all_features.pop(key, None)
 
     def set_status(self, model: str, version: str, status: str) -> None:
         with self._lock:

@@ -255,8 +255,8 @@ class DataPlane:
     def _has_default(self, model: LoadedModel, refresh: bool = False) -> bool:
         """A usable default is stored: same version and same ONNX file (else it is stale);
         with `refresh`, one stored from explain.yaml must also hold its current file's rows."""
-        assert model.background is not None
-        rows = data_sha256(model.background) if refresh else ""
+        rows = data_sha256(model.background) if refresh and model.background is not None \
+            else ""
         return any(m.name == DEFAULT_NAME and m.version == model.version
                    and m.model_sha256 in ("", model.sha256)
                    and not (refresh and m.source == "explain.yaml" and m.sha256 != rows)

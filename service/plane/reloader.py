@@ -116,8 +116,9 @@ class Reloader:
             log.info("model %s version %s %s (sha256 %s)", name, o.version,
                      "reloaded" if served else "loaded", o.detail)
         elif o.outcome == FAILED and o.version == CONFIG:
-            log.error("model %s: the changed explain.yaml cannot be used, the versions loaded "
-                      "before go on serving: %s", name, o.detail)
+            log.error("model %s: explain.yaml cannot be used%s: %s", name,
+                      ", the versions loaded before go on serving" if before and before.versions
+                      else "", o.detail)
         elif o.outcome == FAILED:
             log.error("model %s version %s failed to load%s: %s", name, o.version,
                       ", the file loaded before goes on serving" if served else "", o.detail)
