@@ -97,6 +97,10 @@ class Settings(BaseSettings):
                                       "attribution-drift reference (0 = off).")
     drift_max_features: int = Field(64, ge=1, description="Feature labels per model on drift "
                                     "metrics (the most important ones).")
+    reload_interval_seconds: float = Field(10.0, ge=0, description="Seconds between looks at "
+                                           "the model repository: new, replaced or removed "
+                                           "models and changed explain.yaml files are loaded "
+                                           "in the background and swapped in (0 = off).")
     log_level: str = Field("INFO", description="Python logging level.")
     redis_url: str | None = Field(None, description="Redis holding backgrounds and results for "
                                   "every replica: redis://[:password@]host:port/db, rediss:// "

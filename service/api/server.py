@@ -27,6 +27,7 @@ from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
 from service.plane.dataplane import DataPlane
+from service.plane.reloader import Reloader
 from service.store.backgrounds import BackgroundStore, MemoryStore
 from service.store.redis import RedisOptions, RedisStore, masked
 from sidelight.v1 import explainer_pb2 as pb
@@ -56,10 +57,13 @@ class Sidelight:
     health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
     store: BackgroundStore | None = None
+    reloader: Reloader | None = None  # looks for changed models (SIDELIGHT_RELOAD_INTERVAL_SECONDS)
     certificates: CertificateWatch | None = None  # TLS on
     _http: list[Any] = field(default_factory=list)
     _grpc: list[grpc.Server] = field(default_factory=list)  # besides `server`: health only
     _stop: threading.Event = field(default_factory=threading.Event)
+    _health_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: bool = False  # from drain() or stop() on: no reloads, health NOT_SERVING
 
     def data_plane(self) -> DataPlane:
         if self.plane is None:
@@ -75,13 +79,24 @@ class Sidelight:
         plane.warm()
         freeze_startup_objects()
         self.plane = plane
-        status = health_pb2.HealthCheckResponse.SERVING if repo.ready() \
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+        self._serving()
         self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
                  "SERVING" if repo.ready() else "NOT_SERVING (no model loaded)")
+        with self._health_lock:
+            if not self._stopping:
+                self.reloader = Reloader(plane, self._serving).start()
+
+    def _serving(self) -> None:
+        """Health SERVING while some model version is ready (a reload may change that),
+        unless the server is stopping."""
+        ready = self.plane is not None and bool(self.plane.repo.ready())
+        status = health_pb2.HealthCheckResponse.SERVING if ready \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._health_lock:
+            if not self._stopping:
+                for name in ("", SERVICE_NAME):
+                    self.health.set(name, status)
 
     def _redis_state(self, up: bool) -> None:
         """Redis's own health entry; the service stays SERVING on local copies either way."""
@@ -93,8 +108,10 @@ class Sidelight:
         refused, a `delay` for probes and balancers to see it, then the port closes while the
         calls in flight get `grace` seconds; calls still running are cancelled (their
         computation stops at the next yield point) and the process is left to exit."""
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._health_lock:
+            self._stopping = True
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.plane is not None:
             self.plane.drain()
         log.info("stopping: NOT_SERVING; closing the port in %.1f s, %.1f s for calls in flight",
@@ -103,6 +120,10 @@ class Sidelight:
         self.stop(grace)
 
     def stop(self, grace: float = 1.0) -> None:
+        with self._health_lock:
+            self._stopping = True
+        if self.reloader is not None:
+            self.reloader.close()
         for server in (self.server, *self._grpc):
             server.stop(grace).wait()
         if self.plane is not None:

@@ -6,8 +6,10 @@ left out with a note, never fatal."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from service.config import BackgroundConfig, ModelConfig, Settings
 from service.models.graph import index_inputs
 from service.models.inputs import TABULAR, Layout, Modality, infer_modality
 from service.models.onnx_model import OIP_TO_NUMPY, OnnxModel
+from service.models.stamps import ModelStamp, scan_model
 
 log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 20  # a larger explain.yaml is refused unread
@@ -54,6 +57,12 @@ class LoadedModel:
     def sha256(self) -> str:
         return self.onnx.sha256
 
+    @cached_property
+    def config_sha256(self) -> str:
+        """The explain.yaml in effect, hashed: what answers depend on besides the ONNX file and
+        the background (a reload may change it under the same file)."""
+        return hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
+
     def column_names(self, output: str) -> list[str]:
         """Names of the columns of an output: class names, ZipMap labels or output[j]."""
         n = self.onnx.output_columns(output)
@@ -67,59 +76,86 @@ class LoadedModel:
 
 @dataclass
 class ModelEntry:
-    """All versions of one model: the ready ones and why the others failed."""
+    """All versions of one model: the ready ones and why the others failed. A published entry
+    is not changed: a reload publishes a new one (service/models/reload.py)."""
 
     name: str
     versions: dict[str, LoadedModel] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # version -> why its reload failed
+    # (the version loaded before goes on serving)
 
     def newest(self) -> str | None:
-        ready = sorted(self.versions, key=_version_key)
+        ready = sorted(self.versions, key=version_key)
         return ready[-1] if ready else None
 
 
-def _version_key(v: str) -> tuple[int, str]:
+def version_key(v: str) -> tuple[int, str]:
     return (int(v), "") if v.isdigit() else (-1, v)
 
 
 class ModelRepository:
-    """Models found under a directory, loaded once at start-up."""
+    """Models found under a directory, loaded at start-up; a reload swaps whole entries in
+    (`publish`), so a reader that took an entry sees one consistent state of the model."""
 
-    def __init__(self, entries: dict[str, ModelEntry]) -> None:
+    def __init__(self, entries: dict[str, ModelEntry],
+                 stamps: dict[str, ModelStamp] | None = None) -> None:
         self.entries = entries
+        self.stamps = stamps or {}  # model -> what its files looked like when loaded
 
     @staticmethod
     def load(root: Path, settings: Settings) -> ModelRepository:
-        """Load every model under `root`; failures are logged and kept, never raised."""
+        """Load every model under `root`; failures are logged and kept, never raised. Each
+        directory is stamped before it is read, so a change made meanwhile is seen later."""
         if not root.is_dir():
             raise FailedPrecondition(f"models_dir: {root} is not a directory")
-        entries = {d.name: _load_entry(d, settings) for d in sorted(root.iterdir()) if d.is_dir()}
-        return ModelRepository(entries)
+        entries, stamps = {}, {}
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            stamps[d.name] = scan_model(d) or ModelStamp((), ())
+            entries[d.name] = _load_entry(d, settings)
+        return ModelRepository(entries, stamps)
+
+    def publish(self, name: str, entry: ModelEntry | None, stamp: ModelStamp | None) -> None:
+        """Swap one model's entry in (None: the model is gone) by replacing the whole maps:
+        calls that already hold a model version finish on it. One writer (the reloader)."""
+        entries, stamps = dict(self.entries), dict(self.stamps)
+        entries.pop(name, None)
+        stamps.pop(name, None)
+        if entry is not None and stamp is not None:
+            entries[name], stamps[name] = entry, stamp
+        self.entries, self.stamps = entries, stamps
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """A ready model version ("" = newest), or NOT_FOUND / FAILED_PRECONDITION saying why."""
-        entry = self.entries.get(name)
+        entries = self.entries
+        entry = entries.get(name)
         if entry is None:
             raise NotFound(f"model: no model {quoted(name)}; known: "
-                           f"{', '.join(sorted(self.entries))}")
-        version = version or entry.newest() or max(entry.failures, key=_version_key, default="")
-        if version in entry.failures:
-            raise FailedPrecondition(f"model: {name!r} version {version} failed to load: "
-                                     f"{entry.failures[version]}")
-        if version not in entry.versions:
-            raise NotFound(f"version: model {name!r} has no version {quoted(version)}")
-        return entry.versions[version]
+                           f"{', '.join(sorted(entries))}")
+        return pick(entry, version)
 
     def ready(self) -> list[LoadedModel]:
         return [m for e in self.entries.values() for m in e.versions.values()]
 
     def fail(self, name: str, version: str, reason: str) -> None:
         """Record a loaded version as failed: a check only the data plane can make (e.g. the
-        configured method against its estimators)."""
+        configured method against its estimators). At start-up, before anyone reads it."""
         entry = self.entries[name]
         entry.versions.pop(version, None)
         entry.failures[version] = reason
         log.error("model %s version %s failed to load: %s", name, version, reason)
+
+
+def pick(entry: ModelEntry, version: str = "") -> LoadedModel:
+    """A ready version of the entry ("" = newest), or NOT_FOUND / FAILED_PRECONDITION."""
+    name = entry.name
+    version = version or entry.newest() or max(entry.failures, key=version_key, default="")
+    if version in entry.failures:
+        raise FailedPrecondition(f"model: {name!r} version {version} failed to load: "
+                                 f"{entry.failures[version]}")
+    if version not in entry.versions:
+        raise NotFound(f"version: model {name!r} has no version {quoted(version)}")
+    return entry.versions[version]
 
 
 def _load_entry(directory: Path, settings: Settings) -> ModelEntry:

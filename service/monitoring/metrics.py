@@ -248,6 +248,10 @@ class Metrics:
         self.model_ready = Gauge("sidelight_model_ready",
                                  "1 when a model version is loaded and serving, 0 if it failed.",
                                  ["model", "version"], registry=registry)
+        self.model_reloads = Counter("sidelight_model_reloads", "Model versions loaded, "
+                                     "refused (the version loaded before goes on serving) or "
+                                     "removed by a look at the repository, by outcome.",
+                                     ["model", "outcome"], registry=registry)
         self.redis_up = Gauge("sidelight_redis_up", "1 when the background store's Redis answers "
                               "(1 for the in-memory store).", registry=registry)
         self.redis_errors = Counter("sidelight_redis_errors", "Failed Redis operations.",

@@ -70,6 +70,14 @@ class DriftMonitors:
                                              index, old.outputs, old.monitor, old.target)
             self._status[key] = ACTIVE
 
+    def remove(self, model: str, version: str) -> None:
+        """Stop monitoring a version (a reload removed it); unknown versions are ignored."""
+        key = (model, version)
+        with self._lock:
+            self._sources.pop(key, None)
+            self._status.pop(key, None)
+            self._all_features.pop(key, None)
+
     def set_status(self, model: str, version: str, status: str) -> None:
         with self._lock:
             self._status[(model, version)] = status

@@ -30,8 +30,17 @@ from explainers.perturbation.occlusion import Occlusion
 from explainers.registry import build_registry, lookup
 from service.config import Settings
 from service.models.inputs import Layout, TensorInfo
-from service.models.repository import LoadedModel, ModelRepository, shorten, unusable_values
-from service.monitoring.metrics import UNKNOWN, Metrics, Record, answer_of
+from service.models.reload import CONFIG
+from service.models.repository import (
+    LoadedModel,
+    ModelEntry,
+    ModelRepository,
+    pick,
+    shorten,
+    unusable_values,
+    version_key,
+)
+from service.monitoring.metrics import UNKNOWN, DriftSource, Metrics, Record, answer_of
 from service.monitoring.monitors import PENDING, DriftMonitors, DriftSettings, drift_reference
 from service.plane.admission import Admission, Ticket, least_seconds
 from service.plane.baselines import baselines_for
@@ -70,6 +79,7 @@ from service.store.backgrounds import (
     BackgroundMeta,
     BackgroundStore,
     CorruptValue,
+    data_sha256,
     decode_array,
     encode_array,
     make_meta,
@@ -201,18 +211,24 @@ class DataPlane:
         self._check_methods()
         metrics.in_flight.set_function(lambda: self._in_flight)
         if self.drift is not None:
-            metrics.watch_drift(self.drift.sources)
+            metrics.watch_drift(self._served_drift)
             metrics.recorder.subscribe(self._fold_drift)
 
     # --- start-up -------------------------------------------------------------------------
     def _check_methods(self) -> None:
         """A configured default method the estimators do not know fails its model at load."""
-        known = self.methods.known()
         for model in self.repo.ready():
-            method = model.config.method.strip().lower() or "auto"
-            if method not in known:
-                self.repo.fail(model.name, model.version, f"explain.yaml method: unknown method "
-                               f"{model.config.method!r}; known: {', '.join(known)}")
+            problem = self.method_problem(model)
+            if problem is not None:
+                self.repo.fail(model.name, model.version, problem)
+
+    def method_problem(self, model: LoadedModel) -> str | None:
+        """Why the configured default method cannot serve the model (unknown), or None."""
+        known = self.methods.known()
+        if (model.config.method.strip().lower() or "auto") in known:
+            return None
+        return (f"explain.yaml method: unknown method {model.config.method!r}; known: "
+                f"{', '.join(known)}")
 
     def seed_backgrounds(self) -> None:
         """Store each model's explain.yaml background as 'default' unless one is stored; a
@@ -227,29 +243,36 @@ class DataPlane:
             for version in entry.failures:
                 self.metrics.model_ready.labels(entry.name, version).set(0)
 
-    def _seed(self, model: LoadedModel) -> None:
-        if model.background is None or self._has_default(model):
+    def _seed(self, model: LoadedModel, refresh: bool = False) -> None:
+        """Store explain.yaml's background as 'default' unless a usable one is stored; with
+        `refresh` (a reload) also over one stored from an older explain.yaml's file."""
+        if model.background is None or self._has_default(model, refresh):
             return
         meta = make_meta(model.name, model.version, DEFAULT_NAME, model.background,
                          "explain.yaml", model.sha256, model.feature_names)
         self.store.put(meta, model.background)
 
-    def _has_default(self, model: LoadedModel) -> bool:
-        """A usable default is stored: same version and same ONNX file (else it is stale)."""
+    def _has_default(self, model: LoadedModel, refresh: bool = False) -> bool:
+        """A usable default is stored: same version and same ONNX file (else it is stale);
+        with `refresh`, one stored from explain.yaml must also hold its current file's rows."""
+        rows = data_sha256(model.background) if refresh and model.background is not None \
+            else ""
         return any(m.name == DEFAULT_NAME and m.version == model.version
-                   and m.model_sha256 in ("", model.sha256) for m in self.store.list(model.name))
+                   and m.model_sha256 in ("", model.sha256)
+                   and not (refresh and m.source == "explain.yaml" and m.sha256 != rows)
+                   for m in self.store.list(model.name))
 
-    def warm(self) -> None:
-        """Compute f(background) for every model's default target before traffic arrives, and
-        start drift monitoring against it. A model that cannot be warmed (no or an unusable
-        background, a failing session) is logged and noted, never fatal; attribution
-        references too slow for start-up are computed afterwards in one thread."""
+    def warm(self, models: list[LoadedModel] | None = None, when: str = "start-up") -> None:
+        """Compute f(background) for every model's (or `models`') default target before
+        traffic arrives, and start drift monitoring against it. A model that cannot be warmed
+        (no or an unusable background, a failing session) is logged and noted, never fatal;
+        attribution references too slow for start-up are computed afterwards in one thread."""
         late: list[ReferenceJob] = []
-        for model in self.repo.ready():
+        for model in self.repo.ready() if models is None else models:
             try:
                 late += self._warm(model)
             except Exception as err:  # one model's data must never stop the others
-                self._startup_note(model, "preparing the default background", err)
+                self._startup_note(model, "preparing the default background", err, when)
         if late:
             self._in_background(lambda: self._late_references(late))
 
@@ -342,6 +365,42 @@ class DataPlane:
         for thread in threads:
             thread.join(LATE_ROW_MAX_S + 1.0)
 
+    # --- reloads (service/plane/reloader.py) ------------------------------------------------
+    def adopt(self, model: LoadedModel) -> None:
+        """Prepare a reloaded version before it is swapped in, as start-up does: explain.yaml's
+        background stored as 'default', f(background), the trees' tables and drift. What the
+        plane noted about the version it replaces is dropped. Never raises."""
+        self.forget(model.name, model.version)
+        try:
+            self._seed(model, refresh=True)
+        except Exception as err:  # as at start-up: noted, never raised
+            self._startup_note(model, "storing the explain.yaml background", err, "reload")
+        self.warm([model], "reload")
+
+    def forget(self, name: str, version: str) -> None:
+        """Drop what the plane noted about a version (a reload replaced or removed it); a
+        removed version's drift is no longer measured."""
+        key = (name, version)
+        with self._lock:
+            self._notes.pop(key, None)
+            self._cold.discard(key)
+            for found in [k for k in list(self._unusable) if k[:2] == key]:
+                self._unusable.pop(found, None)
+        if self.drift is not None and version not in self._versions(name):
+            self.drift.remove(name, version)
+
+    def _versions(self, name: str) -> set[str]:
+        entry = self.repo.entries.get(name)
+        return set() if entry is None else set(entry.versions)
+
+    def _served_drift(self) -> list[DriftSource]:
+        """Drift of the version each model serves by default (the newest): the gauges carry
+        the model, not the version, so two monitored versions would repeat a series."""
+        assert self.drift is not None
+        entries = self.repo.entries
+        return [s for s in self.drift.sources()
+                if s.model in entries and entries[s.model].newest() == s.version]
+
     def _set_drift_status(self, model: LoadedModel, status: str) -> None:
         if self.drift is not None:
             self.drift.set_status(model.name, model.version, status)
@@ -370,10 +429,12 @@ class DataPlane:
             raise FailedPrecondition("the reference attributions are not finite")
         return np.asarray(phi)
 
-    def _startup_note(self, model: LoadedModel, doing: str, err: Exception) -> None:
+    def _startup_note(self, model: LoadedModel, doing: str, err: Exception,
+                      when: str = "start-up") -> None:
         """One log line; drift off with the reason; and a note on the version unless the
         cause is the default background (absent, unusable or unreachable: GetModel's notes
-        follow the store, and the first explanation that finds one warms the model)."""
+        follow the store, and the first explanation that finds one warms the model). `when`:
+        start-up or reload."""
         why = shorten(str(err) if isinstance(err, SidelightError)
                       else f"{type(err).__name__}: {err}")
         level = logging.WARNING if isinstance(err, NotFound) else logging.ERROR
@@ -382,11 +443,11 @@ class DataPlane:
         status = f"off: {why}"
         if isinstance(err, NotFound | UnusableBackground | Unavailable):  # none usable (yet)
             self._cold.add((model.name, model.version))
-            status = (f"off: no usable default background at start-up ({why}); drift starts "
+            status = (f"off: no usable default background at {when} ({why}); drift starts "
                       "with the first explanation against one")
         else:
             self._notes.setdefault((model.name, model.version), []).append(
-                f"start-up: {doing} failed ({why})")
+                f"{when}: {doing} failed ({why})")
         self._set_drift_status(model, status)
 
     def _warm_later(self, model: LoadedModel) -> None:
@@ -408,7 +469,8 @@ class DataPlane:
     def notes(self, model: LoadedModel, default: BackgroundMeta | None) -> tuple[str, ...]:
         """What GetModel tells an operator about a ready version: files left out at load,
         start-up failures, and whether (and how) it has a usable default background."""
-        notes = [*model.notes, *self._notes.get((model.name, model.version), ())]
+        notes = [*model.notes, *self._notes.get((model.name, model.version), ()),
+                 *version_notes(self.repo.entries.get(model.name), model.version)]
         rejected = self._unusable.get((model.name, model.version, DEFAULT_NAME))
         if default is None:
             notes.append(f"no background: {HOW_TO_ADD}")
@@ -788,7 +850,8 @@ class DataPlane:
         if meta.features != model.onnx.n_features:
             raise FailedPrecondition(f"background: {name!r} has {meta.features} features; the "
                                      f"model has {model.onnx.n_features}")
-        key = (model.sha256, meta.sha256, target.output, target.columns, target.scale)
+        key = (model.sha256, model.config_sha256, meta.sha256, target.output, target.columns,
+               target.scale)
         found = self._cached(key, lambda: self._usable_background(model, meta, data, target))
         if name == DEFAULT_NAME and (model.name, model.version) in self._cold:
             self._warm_later(model)
@@ -838,11 +901,12 @@ def result_key(p: Prepared) -> str:
     (the request's groups, the baseline, occlusion windows) and the inputs' shapes."""
     q, model, target = p.query, p.model, p.target
     meta = (p.meta.name, p.meta.sha256) if p.meta else ("", "")
-    return request_key(p.X, model.sha256, model.name, model.version, model.feature_names,
-                       q.method or model.config.method, target.output, target.columns,
-                       target.scale, *meta, q.seed, q.max_evaluations, q.target_error,
-                       budget_class(1e3 * p.budget_s), p.layout.shapes, p.players.grouping,
-                       p.players.baseline, q.occlusion, groups_digest(q.groups))
+    return request_key(p.X, model.sha256, model.config_sha256, model.name, model.version,
+                       model.feature_names, q.method or model.config.method, target.output,
+                       target.columns, target.scale, *meta, q.seed, q.max_evaluations,
+                       q.target_error, budget_class(1e3 * p.budget_s), p.layout.shapes,
+                       p.players.grouping, p.players.baseline, q.occlusion,
+                       groups_digest(q.groups))
 
 
 def groups_digest(g: GroupRequest) -> str:
@@ -940,17 +1004,35 @@ class ModelSummary:
     baselines: tuple[str, ...] = ()
 
 
+def version_notes(entry: ModelEntry | None, version: str) -> list[str]:
+    """What a reload left to say about a serving version: its own new files that failed to
+    load, and newer versions that failed (this one serves in their place)."""
+    if entry is None:
+        return []
+    notes = [entry.rejected[version]] if version in entry.rejected else []
+    return notes + [f"version {v} failed to load ({why}); version {version} serves instead"
+                    for v, why in sorted(entry.failures.items())
+                    if v != CONFIG and version_key(v) > version_key(version)]
+
+
 def summarize(plane: DataPlane, name: str, version: str = "") -> ModelSummary:
     """One version of a model (newest by default); a failed version carries its reason."""
     entry = plane.repo.entries.get(name)
     if entry is None:
         plane.repo.get(name)  # raises NOT_FOUND naming the known models
         raise AssertionError("unreachable")
+    return _summary(plane, entry, version)
+
+
+def _summary(plane: DataPlane, entry: ModelEntry, version: str = "") -> ModelSummary:
+    """One version of one published entry: a reload swapping the model meanwhile does not
+    mix two states of it."""
+    name = entry.name
     versions = tuple(sorted({*entry.versions, *entry.failures}))
     version = version or entry.newest() or next(iter(entry.failures), "")
     if version in entry.failures:
         return ModelSummary(name, version, versions, entry.failures[version])
-    model = plane.repo.get(name, version)
+    model = pick(entry, version)
     default = next((m for m in plane.store.list(name)
                     if m.version == model.version and m.name == DEFAULT_NAME), None)
     active, status = plane.drift_status(model)
@@ -973,4 +1055,5 @@ def default_players(model: LoadedModel, settings: Settings) -> Players:
 
 def summarize_all(plane: DataPlane) -> list[ModelSummary]:
     """Every model's newest version (or its failure)."""
-    return [summarize(plane, name) for name in sorted(plane.repo.entries)]
+    entries = plane.repo.entries
+    return [_summary(plane, entries[name]) for name in sorted(entries)]
