@@ -438,7 +438,8 @@ def pick_weights(found: tuple[WeightStats, ...], names: tuple[str, ...]
         some = ", ".join(quoted(w.name) for w in found[:SUGGESTED])
         raise InvalidArgument(f"names: no weight {quoted(missing[0])}; some of the {len(found)} "
                               f"weights: {some}")
-    return tuple(dict.fromkeys(by_name[n] for n in names))
+    picked = {by_name[n].name: by_name[n] for n in names}  # once each, in order
+    return tuple(picked.values())
 
 
 def ascent_settings(q: MaximizeQuery) -> Settings:
