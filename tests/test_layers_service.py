@@ -29,6 +29,7 @@ from explainers.layers.activations import Activation, Summary
 from service.api.layers import LayersServicer, activation_chunks, row_blocks
 from service.api.server import Sidelight, start
 from service.api.tensors import from_array
+from service.cli import main
 from service.client import Client
 from service.monitoring.metrics import UNKNOWN, Metrics
 from service.plane.dataplane import DataPlane
@@ -382,3 +383,13 @@ def test_calls_are_counted_and_refused_while_draining(plane: DataPlane) -> None:
     drained.drain()
     with pytest.raises(Unavailable, match="stopping"):
         LayerPlane(drained).list_layers("digits_cnn")
+
+
+def test_the_layers_command(app: Sidelight, capsys: pytest.CaptureFixture[str]) -> None:
+    address = f"--address=127.0.0.1:{app.port}"
+    main(["layers", "--model", "digits_cnn", address])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "/conv1/Conv_output_0  Conv  [1, 8, 8, 8]  FP32"
+    assert out[-1] == f"gradcam layer: {RELU2}" and out[-2].startswith("attention: no")
+    main(["layers", "--model", "digits_cnn", "--weights", address])
+    assert capsys.readouterr().out.startswith("conv1.weight  [8, 1, 3, 3] FP32  mean ")
