@@ -30,7 +30,14 @@ from explainers.gradients.graphs import last_spatial_conv
 from explainers.layers.activations import MAX_BYTES, Activation, activations
 from explainers.layers.attention import AttentionLayer, AttentionMaps, AttentionProbe, find
 from explainers.layers.graph import MAX_NAMES, Exposed, TensorInfo, tensors
-from explainers.layers.maximize import Found, Objective, Settings, gradient_model, input_range
+from explainers.layers.maximize import (
+    KINDS,
+    Found,
+    Objective,
+    Settings,
+    gradient_model,
+    input_range,
+)
 from explainers.layers.maximize import maximize as ascend
 from explainers.layers.weights import WeightStats, weights
 from explainers.memory import ByteLru
@@ -328,29 +335,20 @@ class LayerPlane:
                          1e3 * call.budget_s, call.source)
 
     def _objective(self, q: MaximizeQuery, m: LoadedModel) -> Objective:
-        """The request's objective, its output or layer and index checked."""
+        """The request's objective ("" = logit), its output or layer and index checked."""
         kind = q.objective or "logit"
-        if kind == "logit":
-            if q.layer:
-                raise InvalidArgument("layer: only the channel objective reads a layer")
-            output = q.output or m.output
-            outputs = [o.name for o in m.onnx.outputs]
-            if output not in outputs:
-                raise InvalidArgument(f"output: model has no output {quoted(output)}; outputs: "
-                                      f"{', '.join(outputs)}")
-            columns = m.onnx.output_columns(output)
-            if not 0 <= q.index < columns:
-                raise InvalidArgument(f"index: column {q.index} outside the {columns} "
-                                      f"column(s) of {output!r}")
-            return Objective("logit", output, q.index)
-        if kind != "channel":
-            raise InvalidArgument(f"objective: {quoted(kind)}; one of logit, channel")
-        if q.output:
+        if kind not in KINDS:
+            raise InvalidArgument(f"objective: {quoted(kind)}; one of {', '.join(KINDS)}")
+        if kind == "logit" and q.layer:
+            raise InvalidArgument("layer: only the channel objective reads a layer")
+        if kind == "channel" and q.output:
             raise InvalidArgument("output: the channel objective reads `layer`, not an output")
-        layer, = self.check_layers(m, [q.layer] if q.layer else [], "layer")
         if q.index < 0:
-            raise InvalidArgument(f"index: channel {q.index} is negative")
-        return Objective("channel", layer, q.index)
+            raise InvalidArgument(f"index: {q.index} is negative")
+        if kind == "channel":
+            layer, = self.check_layers(m, [q.layer] if q.layer else [], "layer")
+            return Objective("channel", layer, q.index)
+        return Objective("logit", logit_output(m, q.output, q.index), q.index)
 
     def _start(self, q: MaximizeQuery, m: LoadedModel) -> tuple[Array | None, Layout]:
         """The request's start row (elements,) and its layout, or None and the model's."""
@@ -407,12 +405,27 @@ def _rows(inputs: Inputs) -> int:
 
 
 def elapsed(call: Call) -> float:
+    """Milliseconds since the call arrived."""
     return 1e3 * (time.monotonic() - call.start)
 
 
 def session_bytes(built: Exposed | AttentionProbe) -> int:
     """A graph copy and its session: the session holds its own copy of the weights."""
     return 2 * built.nbytes
+
+
+def logit_output(m: LoadedModel, output: str, index: int) -> str:
+    """The output whose column `index` is maximised ("" = the model's), checked."""
+    output = output or m.output
+    outputs = [o.name for o in m.onnx.outputs]
+    if output not in outputs:
+        raise InvalidArgument(f"output: model has no output {quoted(output)}; outputs: "
+                              f"{', '.join(outputs)}")
+    columns = m.onnx.output_columns(output)
+    if index >= columns:
+        raise InvalidArgument(f"index: column {index} outside the {columns} column(s) of "
+                              f"{output!r}")
+    return output
 
 
 def unknown_tensor(m: LoadedModel, name: str, known: list[str], field: str) -> str:
