@@ -6,6 +6,7 @@ a tensor without a row axis goes whole, in one message)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -34,10 +35,12 @@ from service.plane.layers import (
     MaximizeQuery,
     Weights,
 )
+from service.plane.scheduler import Control
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import layers_pb2 as lpb
 from sidelight.v1 import layers_pb2_grpc as lpb_grpc
 
+R = TypeVar("R")
 STREAM_CHUNK_BYTES = 4 * 1024 * 1024  # gRPC's default message limit (layers.proto)
 CHUNK_RESERVE_BYTES = 16 * 1024  # a chunk's names, shape and framing, beyond its arrays
 SUMMARY_ROW_BYTES = 5 * 8  # mean, std, min, max and zeros of one row (doubles)
@@ -64,21 +67,21 @@ class LayersServicer(lpb_grpc.LayersServicer):
 
     def GetActivations(self, request: lpb.ActivationsRequest,  # noqa: N802
                        context: grpc.ServicerContext) -> Iterator[lpb.ActivationChunk]:
-        def run() -> Iterator[lpb.ActivationChunk]:
-            layers = self._layers()
-            query = to_layers_query(request, context, message_limit(layers.settings))
-            return activation_chunks(layers.activations(query, control_of(context)),
-                                     self._chunk_bytes)
-        return call_stream(context, "GetActivations", run)
+        return call_stream(context, "GetActivations", lambda: activation_chunks(
+            self._computed(request, context, LayerPlane.activations), self._chunk_bytes))
 
     def GetAttention(self, request: lpb.AttentionRequest,  # noqa: N802
                      context: grpc.ServicerContext) -> Iterator[lpb.AttentionChunk]:
-        def run() -> Iterator[lpb.AttentionChunk]:
-            layers = self._layers()
-            query = to_layers_query(request, context, message_limit(layers.settings))
-            return attention_chunks(layers.attention(query, control_of(context)),
-                                    self._chunk_bytes)
-        return call_stream(context, "GetAttention", run)
+        return call_stream(context, "GetAttention", lambda: attention_chunks(
+            self._computed(request, context, LayerPlane.attention), self._chunk_bytes))
+
+    def _computed(self, request: lpb.ActivationsRequest | lpb.AttentionRequest,
+                  context: grpc.ServicerContext,
+                  compute: Callable[[LayerPlane, LayersQuery, Control], R]) -> R:
+        """The request decoded and answered by the layer plane (before anything streams)."""
+        layers = self._layers()
+        query = to_layers_query(request, context, message_limit(layers.settings))
+        return compute(layers, query, control_of(context))
 
     def Maximize(self, request: lpb.MaximizeRequest,  # noqa: N802
                  context: grpc.ServicerContext) -> lpb.MaximizeResponse:
