@@ -339,11 +339,36 @@ def test_refusals_name_the_field(stub: lpb_grpc.LayersStub) -> None:
          "INVALID_ARGUMENT", "steps: 1000000"),
         (stub.Maximize, lpb.MaximizeRequest(model="text_sentiment", index=0),
          "FAILED_PRECONDITION", "maximize: the model has no floating-point input"),
+        (stub.GetActivations, lpb.ActivationsRequest(model="digits_cnn", inputs=image,
+                                                     layers=[RELU1], reduction="top_k", k=-2),
+         "INVALID_ARGUMENT", "k: top_k keeps at least one channel, got -2"),
+        (stub.GetActivations, lpb.ActivationsRequest(
+            model="digits_cnn", inputs=[from_array("image", np.full((1, 1, 8, 8), np.nan))],
+            layers=[RELU1]), "INVALID_ARGUMENT", "inputs: non-finite value at row 0"),
+        (stub.GetActivations, lpb.ActivationsRequest(model="digits_cnn", inputs=image,
+                                                     layers=[f"x{i}" for i in range(300)]),
+         "INVALID_ARGUMENT", "layers: 300 tensors; at most 256"),
+        (stub.Maximize, lpb.MaximizeRequest(model="digits_cnn", learning_rate=-1),
+         "INVALID_ARGUMENT", "learning_rate: -1.0"),
+        (stub.Maximize, lpb.MaximizeRequest(model="digits_cnn", budget_ms=-5),
+         "INVALID_ARGUMENT", "budget_ms: must be a finite number >= 0"),
     ]
     for fn, request, code, text in cases:
         err = refusal(fn, request)
         assert (err.code().name, text) == (code, text) and text in err.details(), \
             (request, err.details())
+
+
+def test_undecodable_requests_are_invalid_arguments(channel: grpc.Channel) -> None:
+    garbage = b"\xff\xff\xff"
+    for call in (lambda: channel.unary_unary("/sidelight.v1.Layers/ListLayers")(
+                     garbage, timeout=10),
+                 lambda: list(channel.unary_stream("/sidelight.v1.Layers/GetActivations")(
+                     garbage, timeout=10))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not be decoded as sidelight.v1." in info.value.details()
 
 
 def test_the_service_is_in_health_and_reflection_and_needs_a_token(
