@@ -389,9 +389,13 @@ class LayerPlane:
 
     def _ascent_deadline(self, q: MaximizeQuery, call: Call, built_s: float) -> float:
         """The budget less the response's reserve; a graph built for this call (once per
-        model and objective) is not counted unless the caller's deadline binds."""
-        extra = built_s if q.deadline_s is None else 0.0
-        return call.start + call.budget_s - reserve_s(call.budget_s, 1) + extra
+        model and objective) is not counted, within the caller's deadline."""
+        end = call.start + call.budget_s + built_s
+        if q.deadline_s is not None and built_s > 0:
+            latest, _ = self.plane.resolve_budget(ExplainQuery(
+                q.model, (), q.version, deadline_s=q.deadline_s), call.start)
+            end = min(end, call.start + latest)
+        return end - reserve_s(call.budget_s, 1)
 
 
 def _explain_query(q: LayersQuery) -> ExplainQuery:
