@@ -102,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models of a running server")
     connection_options(models)
     models.set_defaults(run=run_models)
+    layers = sub.add_parser("layers", help="list a model's tensors, attention layers and "
+                            "Grad-CAM layer (--weights: its weight statistics)")
+    layers.add_argument("--model", required=True)
+    layers.add_argument("--weights", action="store_true", help="weight statistics instead")
+    connection_options(layers)
+    layers.set_defaults(run=run_layers)
     return p
 
 
@@ -364,6 +370,32 @@ def run_models(args: argparse.Namespace) -> None:
     for m in models:
         detail = m.error or f"{len(m.feature_names)} features, output {m.output}"
         print(f"{m.name} v{m.version} {m.state}: {detail}")
+
+
+
+def run_layers(args: argparse.Namespace) -> None:
+    """One line per tensor (name, op, shape at batch 1, datatype), or per weight."""
+    with client_of(args) as client:
+        try:
+            lines = weight_lines(client, args.model) if args.weights else \
+                layer_lines(client, args.model)
+        except CallError as err:
+            sys.exit(str(err))
+    print("\n".join(lines))
+
+
+def layer_lines(client: Client, model: str) -> list[str]:
+    found = client.list_layers(model)
+    lines = [f"{x.name}  {x.op_type}  {list(x.shape) if x.shape is not None else '?'}  "
+             f"{x.datatype or '?'}" for x in found.layers]
+    lines += [f"attention: {a.probabilities} ({a.kind} {a.node})" for a in found.attention]
+    return [*lines, *([found.attention_unavailable] if found.attention_unavailable else []),
+            f"gradcam layer: {found.gradcam_layer or 'none'}"]
+
+
+def weight_lines(client: Client, model: str) -> list[str]:
+    return [f"{w.name}  {list(w.shape)} {w.datatype}  mean {w.mean:.4g}  std {w.std:.4g}  "
+            f"|max| {w.abs_max:.4g}  zeros {w.zeros:.1%}" for w in client.weights(model)]
 
 
 if __name__ == "__main__":

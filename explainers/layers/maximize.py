@@ -12,14 +12,15 @@ the input's range. Spatial axes are a float input's per-row axes after the first
 a tabular input has none, so jitter and blur leave it alone. Integer inputs are held at the
 start row's values; a model with only token inputs is refused (its ascent would live in
 embedding space, not in an input one could return). Anytime: steps run while the next one
-fits the budget (the slowest step so far predicts it), at least one.
+fits the budget (the slowest step so far predicts it), at least one; `pause`, called before
+each step, lets a caller's scheduler hold the ascent back or stop it (as Evaluator.pause).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,13 +131,14 @@ def input_range(background: Array) -> tuple[float, float]:
 
 def maximize(gm: GradientModel, objective: Objective, start: Array, low: float | Array,
              high: float | Array, budget: Budget, rng: np.random.Generator,
-             settings: Settings = Settings()) -> Found:
+             settings: Settings = Settings(),
+             pause: Callable[[], None] | None = None) -> Found:
     """Gradient ascent on `gm` (from `gradient_model(..., objective)`) from `start`
     (elements,) within [low, high] (scalars or (elements,)); see the module docstring."""
     x0 = _checked(gm, start, settings)
     lo, hi = _bounds(gm, low, high)
     _require(gm, budget)
-    ascent = _Ascent(gm, lo, hi, settings, rng)
+    ascent = _Ascent(gm, lo, hi, settings, rng, pause)
     begin = float(gm.value(x0[None])[0, 0])
     x, trace, exhausted = ascent.run(_clipped(gm, x0, lo, hi), budget)
     end = float(gm.value(x[None])[0, 0])
@@ -195,8 +197,9 @@ class _Ascent:
     """Adam steps with jitter, blur and clipping; one per request."""
 
     def __init__(self, gm: GradientModel, lo: Array, hi: Array, settings: Settings,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, pause: Callable[[], None] | None = None) -> None:
         self.gm, self.lo, self.hi, self.s, self.rng = gm, lo, hi, settings, rng
+        self.pause = pause
         self.rate = settings.learning_rate * (hi - lo)  # (elements,)
         self.m = np.zeros(gm.elements)  # Adam's first moment
         self.v = np.zeros(gm.elements)  # Adam's second moment
@@ -212,6 +215,8 @@ class _Ascent:
         while len(trace) < self.s.steps:
             if trace and not self._fits(budget, slowest, len(trace)):
                 return x, trace, True
+            if self.pause is not None:
+                self.pause()
             began = time.perf_counter()
             x, value = self._step(x, len(trace) + 1)
             trace.append(value)

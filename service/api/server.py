@@ -21,20 +21,26 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
 from service.api.auth import AccessGuard, Tokens, exposure_problem, is_loopback
+from service.api.layers import LayersServicer
 from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
 from service.api.tls import CertificateWatch, HttpsMetricsServer, TlsFiles, server_credentials
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
 from service.plane.dataplane import DataPlane
+from service.plane.layers import layers_of
 from service.plane.reloader import Reloader
 from service.store.backgrounds import BackgroundStore, MemoryStore
 from service.store.redis import RedisOptions, RedisStore, masked
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from sidelight.v1 import layers_pb2 as layers_pb
+from sidelight.v1 import layers_pb2_grpc as layers_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+LAYERS_NAME = layers_pb.DESCRIPTOR.services_by_name["Layers"].full_name
+SERVICES = (SERVICE_NAME, LAYERS_NAME)  # health names (with ""), reflection
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
@@ -95,7 +101,7 @@ class Sidelight:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         with self._health_lock:
             if not self._stopping:
-                for name in ("", SERVICE_NAME):
+                for name in ("", *SERVICES):
                     self.health.set(name, status)
 
     def _redis_state(self, up: bool) -> None:
@@ -110,7 +116,7 @@ class Sidelight:
         computation stops at the next yield point) and the process is left to exit."""
         with self._health_lock:
             self._stopping = True
-            for name in ("", SERVICE_NAME):
+            for name in ("", *SERVICES):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.plane is not None:
             self.plane.drain()
@@ -197,17 +203,18 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
                          interceptors=[secure.guard, DecodeGuard()],
                          maximum_concurrent_rpcs=None)  # shedding is admission's (counted)
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     app = Sidelight(settings, server, health_servicer, metrics,
                     _bind(server, settings.host, settings.port, secure.certificates),
                     certificates=secure.certificates)
     pb_grpc.add_ExplainerServicer_to_server(
         ExplainerServicer(app.data_plane, secure.guard.client_id), server)
+    layers_grpc.add_LayersServicer_to_server(LayersServicer(layers_of(app.data_plane)), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
     try:

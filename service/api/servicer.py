@@ -7,12 +7,12 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 
-from explainers.base import Explanation
+from explainers.base import Array, Explanation
 from explainers.errors import InvalidArgument, SidelightError
 from service.api.tensors import from_array, to_array
 from service.config import Settings
@@ -64,6 +64,33 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable: abort raises")
 
 
+def call_stream(context: grpc.ServicerContext, rpc: str,
+                produce: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """The messages of a streamed answer, errors mapped as `call` maps them whether they
+    arise before the first message or between two."""
+    items = call(context, rpc, produce)
+    while True:
+        item = call(context, rpc, lambda: next(items, None))
+        if item is None:
+            return
+        yield item
+
+
+def control_of(context: grpc.ServicerContext) -> Control:
+    """The call's control, cancelled when the call ends early (client gone, deadline past)."""
+    control = Control(math.inf)
+    context.add_callback(lambda: control.cancel(
+        "the call ended (the client cancelled or its deadline passed)"))
+    return control
+
+
+def to_inputs(tensors: Iterable[pb.Tensor], field: str, max_bytes: int
+              ) -> tuple[tuple[str, Array], ...]:
+    """(name, array) per tensor, each decoded as `field[i]`."""
+    return tuple((t.name, to_array(t, f"{field}[{i}]", max_bytes))
+                 for i, t in enumerate(tensors))
+
+
 class ExplainerServicer(pb_grpc.ExplainerServicer):
     """Explainer service over a data plane that may still be loading (then UNAVAILABLE).
     `client_of` names the caller (auth.AccessGuard.client_id) for per-client upload limits."""
@@ -77,10 +104,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         def explain() -> pb.ExplainResponse:
             plane = self._plane()
             query = to_query(request, context, message_limit(plane.settings))
-            control = Control(math.inf)
-            context.add_callback(lambda: control.cancel(
-                "the call ended (the client cancelled or its deadline passed)"))
-            return to_response(plane.explain(query, control))
+            return to_response(plane.explain(query, control_of(context)))
         return call(context, "Explain", explain)
 
     def ListModels(self, request: pb.ListModelsRequest,
@@ -125,12 +149,11 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 def to_query(r: pb.ExplainRequest, context: grpc.ServicerContext,
              max_bytes: int) -> ExplainQuery:
     """The request in domain terms; tensors decoded, the deadline read off the context."""
-    inputs = tuple((t.name, to_array(t, f"inputs[{i}]", max_bytes))
-                   for i, t in enumerate(r.inputs))
     return ExplainQuery(
-        model=r.model, version=r.version, inputs=inputs, method=r.method,
-        output=r.target.output, classes=tuple(r.target.classes), scale=r.target.scale,
-        budget_ms=r.budget_ms, deadline_s=_deadline(context), seed=r.seed,
+        model=r.model, version=r.version, inputs=to_inputs(r.inputs, "inputs", max_bytes),
+        method=r.method, output=r.target.output, classes=tuple(r.target.classes),
+        scale=r.target.scale,
+        budget_ms=r.budget_ms, deadline_s=deadline_of(context), seed=r.seed,
         background=r.background, target_error=r.target_error,
         max_evaluations=r.max_evaluations, groups=to_groups(r.groups, max_bytes),
         baseline=to_baseline(r.baseline), occlusion=OcclusionRequest(
@@ -156,7 +179,7 @@ def to_baseline(b: pb.Baseline) -> BaselineSpec | None:
     return BaselineSpec(b.kind, b.value, b.sigma or DEFAULT_SIGMA)
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+def deadline_of(context: grpc.ServicerContext) -> float | None:
     """Seconds left on the caller's deadline; None when it set none (gRPC reports ~2^63)."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > NO_DEADLINE_S else float(remaining)

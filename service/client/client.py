@@ -20,9 +20,23 @@ import numpy as np
 
 from service.client.explanation import Explanation, from_response
 from service.client.inputs import Inputs, baseline, groups, prepare
+from service.client.layers import (
+    Activation,
+    AttentionMap,
+    LayerList,
+    Maximized,
+    Weight,
+    activations,
+    attention_maps,
+    layer_list,
+    maximized,
+    weight,
+)
 from service.client.wire import Array, tensor
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
+from sidelight.v1 import layers_pb2 as lpb
+from sidelight.v1 import layers_pb2_grpc as lpb_grpc
 
 LOOKUP_TIMEOUT_S = 10.0  # ListModels, GetModel and the background RPCs
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # answers with maps of large images are large
@@ -124,6 +138,7 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(address, options=limits)
         self._stub = pb_grpc.ExplainerStub(self._channel)
+        self._layers = lpb_grpc.LayersStub(self._channel)
         self.address, self.timeout, self.retry, self.on_retry = address, timeout, retry, on_retry
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._random = random.Random(seed)  # jitter only; never the global generator
@@ -236,15 +251,70 @@ class Client:
         return bool(self._call("DeleteBackground", pb.DeleteBackgroundRequest(
             model=model, version=version, name=name), LOOKUP_TIMEOUT_S).deleted)
 
+    # --- Layers: the network's tensors, activations, weights, attention, maximisation -------
+    def list_layers(self, model: str, version: str = "") -> LayerList:
+        """The tensors `activations` takes, the attention layers and Grad-CAM's layer."""
+        return layer_list(self._call("ListLayers", lpb.ListLayersRequest(
+            model=model, version=version), LOOKUP_TIMEOUT_S, stub=self._layers))
+
+    def activations(self, model: str, X: Any, layers: Sequence[str], *, reduction: str = "",
+                    k: int = 0, version: str = "",
+                    timeout: float | None = None) -> dict[str, Activation]:
+        """The named tensors for the rows of X (as `explain` takes it), by name; reduction
+        "channel_mean" or "top_k" (k channels, 0 = 8) for large tensors."""
+        request = lpb.ActivationsRequest(model=model, version=version,
+                                         inputs=self.prepare(model, X, version).tensors(),
+                                         layers=list(layers), reduction=reduction, k=k)
+        return activations(self._call("GetActivations", request, self._timeout(timeout),
+                                      stub=self._layers, stream=True))
+
+    def weights(self, model: str, names: Sequence[str] = (), version: str = "") -> list[Weight]:
+        """Statistics and a histogram of every weight (or the named ones)."""
+        response = self._call("GetWeights", lpb.WeightsRequest(
+            model=model, version=version, names=list(names)), LOOKUP_TIMEOUT_S,
+            stub=self._layers)
+        return [weight(w) for w in response.weights]
+
+    def attention(self, model: str, X: Any, *, reduction: str = "", version: str = "",
+                  timeout: float | None = None) -> list[AttentionMap]:
+        """Every attention layer's probabilities (rows, heads, queries, keys) for the rows of X
+        (texts are tokenized as `explain` does); reduction "head_mean" averages the heads."""
+        request = lpb.AttentionRequest(model=model, version=version, reduction=reduction,
+                                       inputs=self.prepare(model, X, version).tensors())
+        return attention_maps(self._call("GetAttention", request, self._timeout(timeout),
+                                         stub=self._layers, stream=True))
+
+    def maximize(self, model: str, index: int = 0, *, objective: str = "logit",
+                 output: str = "", layer: str = "", start: Any = None, low: float = 0.0,
+                 high: float = 0.0, budget_ms: float = 0.0, seed: int = 0,
+                 version: str = "", timeout: float | None = None,
+                 **settings: Any) -> Maximized:
+        """Gradient ascent on the input to maximise column `index` of an output's logit, or
+        (objective="channel") channel `index` of `layer`; starts at `start` (one row) or the
+        background's mean, within [low, high] (0, 0 = the background's range). `settings`:
+        steps, learning_rate, l2, jitter, blur_every, blur_sigma, background."""
+        tensors = self.prepare(model, start, version).tensors() if start is not None else []
+        request = lpb.MaximizeRequest(model=model, version=version, objective=objective,
+                                      index=index, output=output, layer=layer, start=tensors,
+                                      low=low, high=high, budget_ms=budget_ms, seed=seed,
+                                      **settings)
+        return maximized(self._call("Maximize", request, self._timeout(timeout),
+                                    stub=self._layers))
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
     def _call(self, rpc: str, request: Any, timeout: float | None,
-              on_retry: RetryHook | None = None) -> Any:
-        """One RPC with retries of transient failures, all within `timeout` seconds."""
-        method = getattr(self._stub, rpc)
+              on_retry: RetryHook | None = None, stub: Any = None, stream: bool = False) -> Any:
+        """One RPC with retries of transient failures, all within `timeout` seconds (a
+        streamed answer is read whole, as a list, inside the retried attempt)."""
+        method = getattr(self._stub if stub is None else stub, rpc)
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in range(1, self.retry.attempts + 1):
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return method(request, timeout=left, metadata=self._metadata)
+                answer = method(request, timeout=left, metadata=self._metadata)
+                return list(answer) if stream else answer
             except grpc.RpcError as err:
                 error = CallError.of(err, attempt)
                 delay = self.retry.delay(attempt, self._random)

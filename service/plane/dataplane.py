@@ -9,7 +9,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -525,6 +526,16 @@ class DataPlane:
                 raise err
             self._in_flight += 1
             self._calls.add(control)
+
+    @contextmanager
+    def in_flight(self, control: Control) -> Iterator[None]:
+        """A call of another service (Layers) counted in flight like an explanation: shed
+        while stopping or past max_in_flight, cancelled by close()."""
+        self._admit(control)
+        try:
+            yield
+        finally:
+            self._leave(control)
 
     def drain(self) -> None:
         """Refuse new explanations from now on (the calls in flight go on)."""
