@@ -6,15 +6,27 @@ STAMP := $(VENV)/.installed
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install prometheus chromium serve test lint typecheck protos bench fuzz models clean
+.PHONY: install install-runtime prometheus chromium kubectl serve test lint typecheck protos bench fuzz models clean
 
-install: $(STAMP) prometheus chromium
+install: $(STAMP) prometheus chromium kubectl
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[server,dev]'
 	touch $(STAMP)
+
+# The server's runtime alone, as the Dockerfile installs it (its one source of truth): a fresh
+# virtualenv at RUNTIME with `.[server]` (no dev tools, no xgboost/lightgbm, no Prometheus
+# server), built from this directory without -e so the virtualenv holds the code; then pip,
+# setuptools and the dependencies' own test suites (125 MB, never imported) are removed.
+# tests/test_image.py builds it in a temporary directory and serves Explain calls from it.
+RUNTIME ?= /opt/sidelight
+install-runtime:
+	$(PYTHON) -m venv --clear $(RUNTIME)
+	$(RUNTIME)/bin/python -m pip install --quiet '.[server]'
+	$(RUNTIME)/bin/python -m pip uninstall --yes --quiet pip setuptools
+	find $(RUNTIME) -type d -name tests -prune -exec rm -rf {} +
 
 # $(call apt_install,PACKAGE,COMMANDS,WHO SKIPS): Debian's PACKAGE unless every command in
 # COMMANDS is on PATH. Needs apt-get as root (or password-less sudo); never fatal (WHO SKIPS then
