@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import start
 from service.api.tensors import from_array
@@ -32,6 +31,7 @@ from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import MODELS, ROOT, background_of, settings_for
 from tests.redis_process import free_port
+from tests.test_shutdown import health
 
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_VENV = "/opt/sidelight"  # the Dockerfile's RUNTIME
@@ -164,16 +164,6 @@ def read_only(folders: list[str]) -> str:
     return "".join(f"mount --bind {shlex.quote(f)} {shlex.quote(f)} && "
                    f"mount -o remount,ro,bind {shlex.quote(f)} {shlex.quote(f)} && "
                    for f in folders)
-
-
-def health(port: int) -> str:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                               timeout=1).status
-        except grpc.RpcError as err:
-            return str(err.code().name)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
 
 @dataclass
