@@ -47,7 +47,10 @@ COMPOSE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 MODEL = "breast_cancer_mlp"  # the dashboard's $model in this test
 SHIFTED = "mean radius"
 ROWS_PER_CALL, NORMAL_CALLS, SHIFTED_CALLS = 8, 10, 15
-VARIABLES = {"$__rate_interval": "1m", "${model}": MODEL, "$model": MODEL}
+# Grafana's values: the model picked, the scrape job picked, every namespace (All is ".*", which
+# also matches this Prometheus' series, which have no namespace label).
+VARIABLES = {"$__rate_interval": "1m", "${model}": MODEL, "$model": MODEL, "$job": "sidelight",
+             "$namespace": ".*"}
 Json = dict[str, Any]
 
 
