@@ -154,14 +154,14 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopped = threading.Event()  # handlers first: a SIGTERM during start-up drains too
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
     try:
         app = start(settings)
     except (StartupError, SidelightError) as err:  # a port in use, no repository: one line
         sys.exit(f"sidelight: {err}")
     print(banner(app), flush=True)
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
     while not stopped.wait(0.2):  # a blocked wait may never see a signal that the kernel
         pass  # delivered to another thread (grpc's): the handler runs only between bytecodes
     app.drain(settings.shutdown_grace_seconds, settings.shutdown_drain_seconds)
