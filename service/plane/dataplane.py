@@ -9,7 +9,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -463,6 +464,23 @@ class DataPlane:
                 raise err
             self._in_flight += 1
             self._calls.add(control)
+
+    @contextmanager
+    def admitted(self, control: Control) -> Iterator[None]:
+        """Count a call that is not an Explain (a dataset job) as in-flight work inside: shed
+        like Explain while stopping or beyond max_in_flight, cancelled by cancel_all."""
+        self._admit(control)
+        try:
+            yield
+        finally:
+            self._leave(control)
+
+    def explain_admitted(self, q: ExplainQuery, control: Control) -> ExplainResult:
+        """Explain within a call already admitted (a dataset job's rows), on the Explain path
+        itself (budget, players, method, guard) but with no admission, result cache or
+        metrics of its own: the job holds the core and counts as the one call."""
+        p = replace(self._prepare(q, time.monotonic()), control=control)
+        return self._explain(p)
 
     def drain(self) -> None:
         """Refuse new explanations from now on (the calls in flight go on)."""
