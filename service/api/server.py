@@ -21,19 +21,24 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
 from service.api.auth import AccessGuard, Tokens, exposure_problem, is_loopback
+from service.api.datasets import DatasetsServicer
 from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
 from service.api.tls import CertificateWatch, HttpsMetricsServer, TlsFiles, server_credentials
 from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
 from service.plane.dataplane import DataPlane
+from service.plane.datasets import DatasetPlane
 from service.store.backgrounds import BackgroundStore, MemoryStore
 from service.store.redis import RedisOptions, RedisStore, masked
+from sidelight.v1 import datasets_pb2, datasets_pb2_grpc
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+DATASETS_NAME = datasets_pb2.DESCRIPTOR.services_by_name["Datasets"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME, DATASETS_NAME)  # health entries that follow the models
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
@@ -55,6 +60,7 @@ class Sidelight:
     metrics_port: int = -1
     health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
+    datasets: DatasetPlane | None = None
     store: BackgroundStore | None = None
     certificates: CertificateWatch | None = None  # TLS on
     _http: list[Any] = field(default_factory=list)
@@ -66,6 +72,11 @@ class Sidelight:
             raise Unavailable("models are still loading; retry shortly")
         return self.plane
 
+    def dataset_plane(self) -> DatasetPlane:
+        if self.datasets is None:
+            raise Unavailable("models are still loading; retry shortly")
+        return self.datasets
+
     def load(self) -> None:
         """Load the repository, seed and warm backgrounds, then report SERVING."""
         repo = ModelRepository.load(self.settings.models_dir, self.settings)
@@ -73,11 +84,12 @@ class Sidelight:
         plane = DataPlane(repo, self.store, self.settings, self.metrics)
         plane.seed_backgrounds()
         plane.warm()
+        datasets = DatasetPlane(plane)
         freeze_startup_objects()
-        self.plane = plane
+        self.plane, self.datasets = plane, datasets
         status = health_pb2.HealthCheckResponse.SERVING if repo.ready() \
             else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             self.health.set(name, status)
         self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
@@ -93,7 +105,7 @@ class Sidelight:
         refused, a `delay` for probes and balancers to see it, then the port closes while the
         calls in flight get `grace` seconds; calls still running are cancelled (their
         computation stops at the next yield point) and the process is left to exit."""
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.plane is not None:
             self.plane.drain()
@@ -176,17 +188,18 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
                          interceptors=[secure.guard, DecodeGuard()],
                          maximum_concurrent_rpcs=None)  # shedding is admission's (counted)
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     app = Sidelight(settings, server, health_servicer, metrics,
                     _bind(server, settings.host, settings.port, secure.certificates),
                     certificates=secure.certificates)
     pb_grpc.add_ExplainerServicer_to_server(
         ExplainerServicer(app.data_plane, secure.guard.client_id), server)
+    datasets_pb2_grpc.add_DatasetsServicer_to_server(DatasetsServicer(app.dataset_plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, DATASETS_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.start()
     metrics.recorder.run(FOLD_EVERY_S, app._stop)
     try:

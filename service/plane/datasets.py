@@ -152,6 +152,7 @@ class JobResult:
     notes: tuple[str, ...]
     scale: str
     value: Value
+    per_row: bool = False  # Shapley: every row's values are part of the answer
 
 
 @dataclass(frozen=True)
@@ -398,7 +399,8 @@ class DatasetJob:
         return JobResult(self.model.name, self.model.version, self.kind, _labels(value, self),
                          self.target.names, dataset_rows, rows, info.evaluations,
                          1e3 * (time.monotonic() - self.start), 1e3 * self.budget_s, self.source,
-                         info.stopped, tuple(dict.fromkeys(notes)), self.target.scale, value)
+                         info.stopped, tuple(dict.fromkeys(notes)), self.target.scale, value,
+                         self.q.shapley.rows)
 
 
 Outcome = Generator[Report, None, tuple[Value, JobInfo]]
