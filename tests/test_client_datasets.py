@@ -109,7 +109,7 @@ def test_the_global_commands(app: Sidelight, tmp_path: Path,
     assert "mean |attribution|" in capsys.readouterr().out
     main(["global", "live", *address])
     assert "replica(s)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="INVALID_ARGUMENT: dependence.features"):
+    with pytest.raises(SystemExit, match=r"INVALID_ARGUMENT: dependence\.features"):
         main(["global", "dependence", *address, "--dataset", "default", "--features", "99"])
 
 
