@@ -289,6 +289,32 @@ def test_a_cancelled_call_stops_the_servers_work(app: Sidelight,
     assert before < 100 * 100 * 100 and app.data_plane()._in_flight == 0
 
 
+def test_jobs_are_cancelled_and_refused_when_the_server_stops(tmp_path: Path) -> None:
+    """A running job is in-flight work: cancel_all ends it (CANCELLED) and drain refuses new
+    ones (UNAVAILABLE: another replica will answer)."""
+    app = start(settings_for(one_model(tmp_path), metrics_port=-1, drift_enabled=False))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            stub = dpb_grpc.DatasetsStub(ch)
+            X = np.tile(background_of("diabetes_linear"), (20, 1))  # 2,000 rows
+            job = dpb.DatasetJob(model="diabetes_linear", kind="partial_dependence",
+                                 dependence=dpb.DependenceOptions(features=[0, 2],
+                                                                  resolution=256))
+            call = stub.ExplainDataset(blocks(job, X, chunk=256), timeout=60)
+            for message in call:
+                if message.progress.stage == "running":
+                    break
+            app.data_plane().cancel_all("the server is stopping")
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            app.data_plane().drain()
+            err = code_of(stub, blocks(job, X[:10]))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        app.stop(grace=0)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -316,6 +342,8 @@ BAD = {
     "shape": (blocks(_job(), X10[:, :4]), INVALID, "inputs[0].shape"),
     "budget": (blocks(_job(budget_ms=-1)), INVALID, "job.budget_ms"),
     "max_rows": (blocks(_job(max_rows=1), X10), INVALID, "job.max_rows"),
+    "metric": (blocks(_job(kind="permutation_importance", permutation=dpb.PermutationOptions(
+        metric="f1")), X10), INVALID, "permutation.metric"),
 }
 
 

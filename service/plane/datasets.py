@@ -244,6 +244,9 @@ class DatasetJob:
         """The metric asked for, or the default: accuracy for classifiers, r2 otherwise (with
         labels), mean_abs_change (without)."""
         name = self.q.metric.strip().lower()
+        if name and name not in METRICS:
+            known = ", ".join(sorted(set(METRICS.values())))
+            raise InvalidArgument(f"permutation.metric: {quoted(self.q.metric)}; one of {known}")
         if name or not labelled:
             return METRICS.get(name, name)
         model = self.model
@@ -393,6 +396,8 @@ class DatasetJob:
         if rows < dataset_rows and not info.stopped:
             notes.insert(0, f"max_rows: a seeded random sample of {rows} of the {dataset_rows} "
                          "rows was used")
+        if self.labels and self.kind != "permutation_importance":
+            notes.append(f"labels: not used by {self.kind}")
         if info.stopped:
             notes.insert(0, f"stopped ({info.stopped}): the result covers the work done "
                          f"before it ({_done(value, self.q)}; {rows} of {dataset_rows} rows)")
