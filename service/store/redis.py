@@ -10,6 +10,8 @@ Key schema (`prefix` = SIDELIGHT_REDIS_KEY_PREFIX, default `sidelight:v1:`):
 - `<prefix>epoch`: random id created once per Redis dataset. A new id means Redis lost its data
   (restart without persistence, FLUSHALL): replicas then write back the copies they hold.
 - `<prefix>fbg:...`, `<prefix>result:...`: derived blobs (f(background), explanations) with a TTL.
+- `<prefix>live:<model>:<version>`: a hash, one entry per replica (its live-importance summary,
+  service/monitoring/live.py), expiring a window after its last write (`put_member`).
 
 Freshness: a local copy is served without asking Redis for `check_s` seconds after its last
 check; the next use reads the 64-byte `sha256` field (one round trip) and moves the data only when
