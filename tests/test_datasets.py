@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sklearn.decomposition import PCA
 from sklearn.inspection import partial_dependence as sk_partial_dependence
@@ -459,7 +460,7 @@ def status(fn: Any) -> grpc.StatusCode:
 
 def test_the_datasets_rpcs_need_the_explain_role(tmp_path: Path) -> None:
     """No token: UNAUTHENTICATED; a token with the explain role: served; reflection lists
-    the service."""
+    the service and health reports it."""
     tokens, repo = tmp_path / "tokens", tmp_path / "repo"
     tokens.write_text(f"frontend explain {TOKEN}\n")
     repo.mkdir()
@@ -479,5 +480,8 @@ def test_the_datasets_rpcs_need_the_explain_role(tmp_path: Path) -> None:
                 metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
             names = [s.name for r in services for s in r.list_services_response.service]
             assert "sidelight.v1.Datasets" in names
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(
+                service="sidelight.v1.Datasets"), timeout=10)  # open: probes carry no token
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         app.stop(grace=0)
