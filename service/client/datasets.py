@@ -156,7 +156,8 @@ def job_of(r: dpb.DatasetResult) -> Job:
 
 def importance_of(r: dpb.DatasetResult) -> PermutationImportance:
     p = r.permutation
-    drop = "drop in " + (p.metric if p.metric != "mean_abs_change" else "-mean |change|")
+    drop = f"drop in {p.metric}" if p.metric != "mean_abs_change" \
+        else "mean |change| of the output"
     return PermutationImportance(tuple(r.labels), np.array(p.mean), np.array(p.std_errors),
                                  "permutation", drop, array(p.importances), p.baseline_score,
                                  job_of(r))
