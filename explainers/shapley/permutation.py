@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.anytime import require_stop_rule, run_rounds, single_feature
+from explainers.anytime import require_stop_rule, require_units, run_rounds, single_feature
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.groups import Groups
 from explainers.masking import path_values, pinned, players_of
@@ -264,8 +264,11 @@ class PermutationShapley:
                 rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Check the budget can stop, then sample until it says stop."""
         require_stop_rule(budget)
+        d = players_of(x, groups)
+        if d > 1:  # before any model call: a refusal comes on arrival, before a core is taken
+            require_units(model, budget, 2 * (d - 1))
         background = pinned(model, x, background, groups)
-        if players_of(x, groups) == 1:
+        if d == 1:
             return single_feature(self.name, model, x, background)
         return self._explain(model, x, background, budget, rng, groups)
 

@@ -617,13 +617,12 @@ class DataPlane:
         deadline = self._deadline(p)
         choice = self.choose(q.method or model.config.method, model, p.target, background,
                              meta.sha256, X.shape[0], deadline - time.monotonic())
-        pause = p.control.pause if p.control else None
         rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
-                                  deadline, pause)
+                                  deadline, p.control)
         choice, rows = checked(choice, rows, p.target, background, model.onnx.precision,
                                meta.name, lambda c: self._explain_rows(
                                    model, X, c.target, background, c.estimator, q, deadline,
-                                   pause),
+                                   p.control),
                                self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
@@ -637,7 +636,7 @@ class DataPlane:
         choice = self._grouped_choice(p)
         job = RowJob(model, target_fn(model, p.target, p.layout), choice.estimator, q.seed,
                      q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements,
-                     p.control.pause if p.control else None)
+                     p.control)
         references = reference_maker(players, p.layout, p.background)
         rows, groups = explain_grouped(job, X, players, references)
         choice, rows = checked(choice, rows, p.target, None, model.onnx.precision,
@@ -695,11 +694,11 @@ class DataPlane:
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
-                      deadline: float, pause: Callable[[], None] | None = None
+                      deadline: float, control: Control | None = None
                       ) -> tuple[Explanation, ...]:
         """One player per feature, rows one after the other (service/plane/rows.py)."""
         job = RowJob(model, target_fn(model, target), estimator, q.seed, q.max_evaluations,
-                     q.target_error, deadline, X.shape[1], pause)
+                     q.target_error, deadline, X.shape[1], control)
         return explain_plain(job, X, background)
 
     def _fold_drift(self, batch: list[Record]) -> None:
@@ -804,11 +803,12 @@ class DataPlane:
         return result
 
     def _compute(self, p: Prepared) -> ExplainResult:
-        """Admit the work, explain while holding a core, say which rows were not reached."""
+        """Admit the work, explain while holding a core (taken at the first model call: the
+        method's own refusal comes on arrival), say which rows were not reached."""
         assert p.control is not None
         ticket = self._admit_work(p)
         try:
-            with self.cores.held(p.control):
+            with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
         finally:
             self.admission.done(ticket)
@@ -950,7 +950,10 @@ def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
 
 
 def spread_of_rows(rows: tuple[Explanation, ...]) -> Array:
-    """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0."""
+    """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0
+    (and a placeholder when no row was reached: only answered rows are measured)."""
+    if not rows:
+        return np.ones(1)
     gap = np.mean([np.abs(r.prediction - r.base_values) for r in rows], axis=0)  # (outputs,)
     return np.where(gap > 0, gap, 1.0)
 

@@ -1,8 +1,10 @@
 """Rows of a request explained one after the other, each with an equal share of the time left:
 against the stored background (tables), or over each row's groups against its reference rows
 (images, text, feature blocks). A row that no longer fits its share ends the request early:
-the rows explained are returned and the others are reported as not reached (the first row's
-refusal is the request's)."""
+the rows explained are returned and the others are reported as not reached. The first row's
+refusal is the request's when it comes on arrival (methods check before their first model call,
+and a call takes a core only then); once the call has waited for a core it is owed an answer,
+and every row it could not reach says so."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from service.models.repository import LoadedModel
 from service.plane.baselines import baseline_rows
 from service.plane.methods import batch_explainer
 from service.plane.players import Players
+from service.plane.scheduler import Control
 
 CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
 LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
@@ -39,7 +42,11 @@ class RowJob:
     target_error: float
     deadline: float
     elements: int
-    pause: Callable[[], None] | None = None  # the call's yield point (service/plane/scheduler)
+    control: Control | None = None  # the call's yield point (service/plane/scheduler)
+
+    @property
+    def pause(self) -> Callable[[], None] | None:
+        return self.control.pause if self.control is not None else None
 
     def evaluator(self, rate: float) -> Evaluator:
         """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
@@ -52,6 +59,11 @@ class RowJob:
         now = time.monotonic()
         share = max(self.deadline - now, 0.0) / rows_left
         return Budget(now + share, self.max_evaluations or None, self.target_error or None)
+
+    @property
+    def waited(self) -> bool:
+        """Whether the call has waited for a core (a refusal now would be late)."""
+        return self.control is not None and self.control.waited_s > 0
 
     def learn(self, ev: Evaluator) -> float:
         """The model's speed as this row measured it (contention included), folded into the
@@ -66,12 +78,13 @@ class RowJob:
                 first: bool) -> Explanation | None:
         """A row with its equal share; when that share is below the method's minimum, with all
         the time left (finishing rows beats spreading thin). None when even that does not fit
-        and earlier rows were explained; the first row's refusal is the request's."""
+        and earlier rows were explained, or when the call waited for a core first (the time went
+        to others); else the first row's refusal is the request's, made on arrival."""
         for share_of in dict.fromkeys((rows_left, 1)):
             try:
                 return explain(self.budget(share_of))
             except (ResourceExhausted, DeadlineExceeded):
-                if share_of == 1 and first:
+                if share_of == 1 and first and not self.waited:
                     raise
         return None
 
@@ -82,6 +95,8 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
     rng = np.random.default_rng(job.seed)
     batch = batch_explainer(job.estimator)
     if batch is not None:
+        if job.pause is not None:  # tree reads its tables without a model call: a yield point
+            job.pause()
         return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second)))
     rate, out = job.model.onnx.rows_per_second, []
     for i, x in enumerate(X):
