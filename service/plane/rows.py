@@ -2,9 +2,10 @@
 against the stored background (tables), or over each row's groups against its reference rows
 (images, text, feature blocks). A row that no longer fits its share ends the request early:
 the rows explained are returned and the others are reported as not reached. The first row's
-refusal is the request's when it comes on arrival (methods check before their first model call,
-and a call takes a core only then); once the call has waited for a core it is owed an answer,
-and every row it could not reach says so."""
+refusal is the request's when it is the method's up-front one (methods check before their first
+model call, and a call takes a core only then: it comes on arrival); a call refused later (it
+waited for a core, or computed and ran out of time) was admitted and is owed an answer: every
+row it could not reach says so."""
 
 from __future__ import annotations
 
@@ -74,17 +75,19 @@ class RowJob:
                 + LEARN_WEIGHT * ev.rows_per_second
         return ev.rows_per_second
 
-    def attempt(self, explain: Callable[[Budget], Explanation], rows_left: int,
+    def attempt(self, ev: Evaluator, explain: Callable[[Budget], Explanation], rows_left: int,
                 first: bool) -> Explanation | None:
         """A row with its equal share; when that share is below the method's minimum, with all
         the time left (finishing rows beats spreading thin). None when even that does not fit
-        and earlier rows were explained, or when the call waited for a core first (the time went
-        to others); else the first row's refusal is the request's, made on arrival."""
+        and earlier rows were explained, or when the refusal came late (after model calls or a
+        wait for a core); else the first row's refusal is the request's, made on arrival."""
+        before = ev.evaluations
         for share_of in dict.fromkeys((rows_left, 1)):
             try:
                 return explain(self.budget(share_of))
             except (ResourceExhausted, DeadlineExceeded):
-                if share_of == 1 and first and not self.waited:
+                late = ev.evaluations > before or self.waited
+                if share_of == 1 and first and not late:
                     raise
         return None
 
@@ -101,7 +104,7 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
     rate, out = job.model.onnx.rows_per_second, []
     for i, x in enumerate(X):
         ev = job.evaluator(rate)
-        found = job.attempt(lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
+        found = job.attempt(ev, lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
             ev, x, background, b, rng), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # the rows done are kept; the rest are reported as not reached
@@ -123,7 +126,7 @@ def explain_grouped(job: RowJob, X: Array, players: Players,
         ev = job.evaluator(rate)
         g = players.groups_for(x)
         ref = references(x, ev)
-        found = job.attempt(lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
+        found = job.attempt(ev, lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
             ev, x, ref, b, rng, g), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # as in explain_plain
