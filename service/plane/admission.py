@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from explainers.base import SAFETY
@@ -67,9 +67,10 @@ class Admission:
         if control is not None:
             control.least_s = least_s
         with self._lock:
-            before = set(late(self._tickets, self.cores, now))
-            hurt = [t for t in late([*self._tickets, ticket], self.cores, now)
-                    if t not in before]
+            hurt = late([*self._tickets, ticket], self.cores, now)
+            if hurt:  # rare: only then are the ones already late found, and left out
+                before = set(late(self._tickets, self.cores, now))
+                hurt = [t for t in hurt if t not in before]
             alone = now + least_s <= deadline
             if hurt and alone:  # too slow alone: its method refuses it, naming what it needs
                 raise self._shed(ticket, hurt, now)
@@ -119,14 +120,18 @@ def least_seconds(method: str, players: int, references: int, rows_per_second: f
     rate = max(rows_per_second, 1.0)
     d, bg = max(players, 1), max(references, 1)
     key = method.strip().lower() or "auto"
-    sampler = SAMPLER_ROUNDS * (1 + 4 * (d - 1)) / rate  # two antithetic pairs, one row each
     if key == "tree" or (key == "auto" and tree):
         return FIXED_S
-    rows = {"exact": ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
-            "kernel": 1 + 2 * bg * (d + max(8, 2 * d)),
-            "lime": max(8, d + 2) * 2, "linear": 1, "occlusion": d * bg + 1}
-    if key in ("auto", "permutation", "partition"):
-        return FIXED_S + sampler
-    if key in rows:
-        return FIXED_S + (SAMPLER_ROUNDS if key == "kernel" else 1.0) * rows[key] / rate
-    return FIXED_S + 8 / rate  # gradient methods: a few passes
+    if key in ("auto", "permutation", "partition"):  # two antithetic pairs, one row each
+        return FIXED_S + SAMPLER_ROUNDS * (1 + 4 * (d - 1)) / rate
+    rows = LEAST_ROWS.get(key)
+    if rows is None:
+        return FIXED_S + 8 / rate  # gradient methods: a few passes
+    return FIXED_S + (SAMPLER_ROUNDS if key == "kernel" else 1.0) * rows(d, bg) / rate
+
+
+LEAST_ROWS: dict[str, Callable[[int, int], float]] = {  # model rows of the least answer
+    "exact": lambda d, bg: ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
+    "kernel": lambda d, bg: 1 + 2 * bg * (d + max(8, 2 * d)),
+    "lime": lambda d, bg: max(8, d + 2) * 2, "linear": lambda d, bg: 1,
+    "occlusion": lambda d, bg: d * bg + 1}

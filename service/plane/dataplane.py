@@ -541,7 +541,7 @@ class DataPlane:
         """Explain within a call already admitted (a dataset job's rows), on the Explain path
         itself (budget, players, method, guard) but with no admission, result cache or
         metrics of its own: the job holds the core and counts as the one call."""
-        p = replace(self._prepare(q, time.monotonic()), control=control)
+        p = self._prepare(q, time.monotonic(), control)
         return self._explain(p)
 
     def drain(self) -> None:
@@ -576,7 +576,8 @@ class DataPlane:
             self._in_flight -= 1
             self._calls.discard(control)
 
-    def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
+    def _prepare(self, q: ExplainQuery, start: float,
+                 control: Control | None = None) -> Prepared:
         """Resolve the request once: budget, model, inputs, target, background and players."""
         budget_s, source = self.resolve_budget(q, start)
         model = self.repo.get(q.model, q.version)
@@ -597,7 +598,7 @@ class DataPlane:
                           budget_s / X.shape[0])
         players = resolve_players(model, layout, q.groups, q.baseline, fits)
         return Prepared(q, start, budget_s, source, model, X, layout, target, meta, background,
-                        players)
+                        players, control)
 
     @staticmethod
     def _fits(method: str, model: LoadedModel, rows: int, seconds: float) -> Callable[[int], bool]:
@@ -785,7 +786,7 @@ class DataPlane:
     def _explain_cached(self, q: ExplainQuery, start: float, control: Control) -> ExplainResult:
         """The stored answer to an identical request (cached=true), else compute (holding a
         core, earliest deadline first) and store a complete answer."""
-        p = replace(self._prepare(q, start), control=control)
+        p = self._prepare(q, start, control)
         control.deadline, control.cores = p.start + p.budget_s, self.cores
         if not self.results.enabled:
             return self._compute(p)
