@@ -23,7 +23,7 @@ from service.models.repository import LoadedModel
 from service.plane.baselines import baseline_rows
 from service.plane.methods import batch_explainer
 from service.plane.players import Players
-from service.plane.scheduler import Control
+from service.plane.scheduler import SLICE_S, Control
 
 CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
 LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
@@ -49,11 +49,13 @@ class RowJob:
     def pause(self) -> Callable[[], None] | None:
         return self.control.pause if self.control is not None else None
 
-    def evaluator(self, rate: float) -> Evaluator:
-        """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
+    def evaluator(self, rate: float, scheduled: bool = True) -> Evaluator:
+        """A fresh counted evaluator, its chunks capped in bytes for large inputs; its model
+        calls are yield points unless not `scheduled`."""
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
-        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause)
+        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype,
+                         pause=self.pause if scheduled else None)
 
     def budget(self, rows_left: int) -> Budget:
         """This row's share of the time left, and the request's caps."""
@@ -98,6 +100,9 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
     rng = np.random.default_rng(job.seed)
     batch = batch_explainer(job.estimator)
     if batch is not None:
+        if brief(job, X, background):  # no core to take: done before a hand-over would be
+            return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second,
+                                                            scheduled=False)))
         if job.pause is not None:  # tree reads its tables without a model call: a yield point
             job.pause()
         return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second)))
@@ -111,6 +116,17 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
         out.append(found)
         rate = job.learn(ev)
     return tuple(out)
+
+
+def brief(job: RowJob, X: Array, background: Background) -> bool:
+    """Whether a batch method's whole answer (tree, linear: exact, their time predictable)
+    takes less than the scheduler's slice: it then computes without taking a core, as a
+    hand-over (a thread woken, or a wait for a holder's next yield point) would cost more than
+    the ordering gains; the cheapest calls pay nothing for the scheduler."""
+    predict = getattr(job.estimator, "seconds_for", None)
+    seconds = predict(X.shape[0], background) if predict is not None \
+        else X.shape[0] / max(job.model.onnx.rows_per_second, 1.0)
+    return seconds is not None and seconds < SLICE_S
 
 
 References = Callable[[Array, Evaluator], Background]
