@@ -1,0 +1,197 @@
+"""Valid requests and mutations for the Explainer service and health checks: explanations
+(inputs, budgets, seeds, targets, accuracy goals, methods, batch sizes), background uploads
+(poisoned data, feature names, oversize), reads, lists and deletes."""
+
+from __future__ import annotations
+
+from grpc_health.v1 import health_pb2
+
+from sidelight.v1 import explainer_pb2 as pb
+from tests.fuzzing.core import (
+    BUDGETS,
+    INT32_EXTREMES,
+    INT64_EXTREMES,
+    MAX_BACKGROUND_ROWS,
+    ODD_FLOATS,
+    POOL,
+    RECEIVE_LIMIT,
+    SEEDS,
+    TENSOR_MUTATIONS,
+    UPLOAD_LIMIT,
+    Fuzzer,
+    Request,
+    Rpc,
+    clip,
+    encode,
+    m_string,
+    mutate_tensors,
+    regroup,
+    resized,
+    short_unless_bounded,
+    t_values,
+)
+
+SERVICE = "sidelight.v1.Explainer"
+HEALTH = "grpc.health.v1.Health"
+VALID_METHODS = ("", "auto", "exact", "permutation", "kernel", "tree", "linear")
+HEALTH_NAMES = ("", SERVICE, "sidelight.v1.Layers", "sidelight.v1.Datasets")
+SCALES = ("identity", "logit", "margin", "", "LOGIT", " logit", "probability", "log", "margin\n")
+
+
+def valid_explain(f: Fuzzer) -> pb.ExplainRequest:
+    """1-3 background rows of a model, any method, a 1-20 ms budget, any seed."""
+    spec = f.model()
+    X = f.rows(spec, f.pick((1, 1, 1, 2, 3)))
+    return pb.ExplainRequest(
+        model=spec.name, version=f.version(spec), inputs=f.tensors(spec, X),
+        method=f.pick(VALID_METHODS), budget_ms=float(f.rng.uniform(1.0, 20.0)),
+        seed=int(f.rng.integers(0, 2**63)),
+        background=f.pick(POOL) if f.rng.random() < 0.3 else "")
+
+
+def valid_put(f: Fuzzer) -> pb.PutBackgroundRequest:
+    """1-40 background rows under one of the POOL names, FP32 or FP64."""
+    spec = f.model()
+    X = f.rows(spec, int(f.rng.integers(1, 40)))
+    names = spec.features if f.rng.random() < 0.3 else ()
+    return pb.PutBackgroundRequest(
+        model=spec.name, version=f.version(spec), name=f.pick(POOL),
+        data=encode("data", X, f.pick(("FP32", "FP64")), f.rng.random() < 0.6),
+        feature_names=names)
+
+
+def valid_get_model(f: Fuzzer) -> pb.GetModelRequest:
+    spec = f.model()
+    return pb.GetModelRequest(model=spec.name, version=f.version(spec))
+
+
+def valid_get_background(f: Fuzzer) -> pb.GetBackgroundRequest:
+    spec = f.model()
+    return pb.GetBackgroundRequest(model=spec.name, version=f.version(spec),
+                                   name=f.pick(("", "default", *POOL)))
+
+
+def valid_delete(f: Fuzzer) -> pb.DeleteBackgroundRequest:
+    spec = f.model()
+    return pb.DeleteBackgroundRequest(model=spec.name, version=f.version(spec),
+                                      name=f.pick(POOL))
+
+
+# --- Explain mutations ------------------------------------------------------------------------
+def m_input(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """A tensor mutation on one input (an input is added when there is none)."""
+    return mutate_tensors(f, r.inputs, "input")
+
+
+def m_budget(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """budget_ms: 0 (deadline only), negative, NaN, infinite, tiny or huge."""
+    r.budget_ms = f.pick(BUDGETS)
+    return f"budget:{r.budget_ms:g}"
+
+
+def m_seed(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    r.seed = f.pick(SEEDS)
+    return f"seed:{r.seed}"
+
+
+def m_target(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """target.classes out of range, negative, int32 extremes or a long list; scale unknown or
+    another one; output unknown or another one."""
+    kind = f.pick(("classes", "classes-long", "scale", "output"))
+    if kind == "classes":
+        r.target.classes.extend(f.pick((*INT32_EXTREMES, 0, 1)) for _ in range(3))
+    elif kind == "classes-long":
+        r.target.classes.extend(f.rng.integers(-1, 3, int(f.rng.integers(10, 400))).tolist())
+    elif kind == "scale":
+        r.target.scale = f.pick(SCALES)
+    else:
+        spec = f.spec_of(r.model) or f.model()
+        r.target.output = f.pick((*spec.outputs, "nope", f.weird()))
+    return f"target:{kind}"
+
+
+def m_accuracy(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """target_error or max_evaluations: negative, NaN, infinite, tiny or huge."""
+    if f.rng.random() < 0.5:
+        r.target_error = f.pick(ODD_FLOATS)
+        return f"target_error:{r.target_error:g}"
+    r.max_evaluations = f.pick(INT64_EXTREMES)
+    return f"max_evaluations:{r.max_evaluations}"
+
+
+def m_method(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    r.method = f.pick((*VALID_METHODS, "EXACT", " tree", "tree\n", "shap", "Kernel", "auto+tree",
+                       "x" * 20_000))
+    return f"method:{clip(r.method, 12)}"
+
+
+def m_inputs(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """Inputs dropped, duplicated, one extra, none at all, or only some named."""
+    return f"inputs:{regroup(f, r.inputs)}"
+
+
+def m_rows(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """Batches of 0 rows, the most allowed (256), one more (257), or of different sizes."""
+    return f"rows:{resized(f, r.model, r.inputs, (0, 64, 256, 257))}"
+
+
+# --- PutBackground mutations ------------------------------------------------------------------
+def p_data(f: Fuzzer, r: pb.PutBackgroundRequest) -> str:
+    """A tensor mutation of the uploaded matrix (poison values, shapes, dtypes, bytes)."""
+    return f.pick((*TENSOR_MUTATIONS, t_values, t_values))(f, r.data)
+
+
+def p_feature_names(f: Fuzzer, r: pb.PutBackgroundRequest) -> str:
+    """feature_names: one too many or too few, weird or 20 kB long."""
+    spec = f.spec_of(r.model) or f.model()
+    names = list(spec.features)
+    kind = f.pick(("fewer", "more", "weird"))
+    new = {"fewer": names[:-1], "more": [*names, "extra"],
+           "weird": [f.weird() for _ in names]}[kind]
+    r.ClearField("feature_names")
+    r.feature_names.extend(new)
+    return f"feature_names:{kind}"
+
+
+def p_oversize(f: Fuzzer, r: pb.PutBackgroundRequest) -> str:
+    """More rows than max_background_rows, more bytes than max_upload_bytes, or a message over
+    the server's receive limit."""
+    spec = f.spec_of(r.model) or f.model()
+    d = len(spec.features)
+    kind = f.pick(("rows", "rows", "bytes", "message"))
+    if kind == "message":
+        r.data.CopyFrom(pb.Tensor(name="data", datatype="FP64", shape=[1, d],
+                                  raw=bytes(RECEIVE_LIMIT + 1)))
+        return "oversize:message"
+    rows = MAX_BACKGROUND_ROWS + 1 if kind == "rows" else UPLOAD_LIMIT // (8 * d) + 1
+    r.data.CopyFrom(encode("data", f.rows(spec, rows), "FP64" if kind == "bytes" else "FP32"))
+    return f"oversize:{kind}"
+
+
+def explain_timeout(f: Fuzzer, r: Request) -> float:
+    return short_unless_bounded(f, r.budget_ms)
+
+
+def path(rpc: str) -> str:
+    return f"/{SERVICE}/{rpc}"
+
+
+RPCS = (
+    Rpc("Explain", path("Explain"), pb.ExplainResponse, 0.42, valid_explain,
+        (m_input, m_input, m_input, m_string, m_budget, m_seed, m_target, m_target, m_accuracy,
+         m_method, m_inputs, m_rows), timeout=explain_timeout),
+    Rpc("ListModels", path("ListModels"), pb.ListModelsResponse, 0.03,
+        lambda f: pb.ListModelsRequest()),
+    Rpc("GetModel", path("GetModel"), pb.ModelInfo, 0.07, valid_get_model, (m_string,)),
+    Rpc("PutBackground", path("PutBackground"), pb.PutBackgroundResponse, 0.16, valid_put,
+        (p_data, p_data, p_data, p_data, m_string, m_string, p_feature_names, p_oversize),
+        writes=True),
+    Rpc("GetBackground", path("GetBackground"), pb.BackgroundInfo, 0.08, valid_get_background,
+        (m_string,)),
+    Rpc("ListBackgrounds", path("ListBackgrounds"), pb.ListBackgroundsResponse, 0.05,
+        lambda f: pb.ListBackgroundsRequest(model=f.pick(("", f.model().name))), (m_string,)),
+    Rpc("DeleteBackground", path("DeleteBackground"), pb.DeleteBackgroundResponse, 0.09,
+        valid_delete, (m_string,), writes=True),
+    Rpc("Check", f"/{HEALTH}/Check", health_pb2.HealthCheckResponse, 0.10,
+        lambda f: health_pb2.HealthCheckRequest(service=f.pick(HEALTH_NAMES)), (m_string,)),
+)
