@@ -139,11 +139,20 @@ def maximize(gm: GradientModel, objective: Objective, start: Array, low: float |
     lo, hi = _bounds(gm, low, high)
     _require(gm, budget)
     ascent = _Ascent(gm, lo, hi, settings, rng, pause)
-    begin = float(gm.value(x0[None])[0, 0])
+    begin = _finite_start(float(gm.value(x0[None])[0, 0]))
     x, trace, exhausted = ascent.run(_clipped(gm, x0, lo, hi), budget)
     end = float(gm.value(x[None])[0, 0])
     return Found(x, end, begin, len(trace), exhausted, np.asarray(trace),
-                 (describe(objective, gm), *gm.notes[1:]))
+                 (describe(objective, gm), *gm.notes[1:], *ascent.notes))
+
+
+def _finite_start(value: float) -> float:
+    """The objective at the start; InvalidArgument when it is inf/NaN (the model overflows
+    there: no step could be measured against it)."""
+    if not math.isfinite(value):
+        raise InvalidArgument(f"start: the objective is {value} at the start row: a value "
+                              "overflows the model's arithmetic there; start elsewhere")
+    return value
 
 
 def describe(objective: Objective, gm: GradientModel) -> str:
@@ -168,11 +177,14 @@ def _checked(gm: GradientModel, start: Array, settings: Settings) -> Array:
 
 
 def _bounds(gm: GradientModel, low: float | Array, high: float | Array) -> tuple[Array, Array]:
-    """(elements,) bounds; InvalidArgument unless low < high everywhere."""
+    """(elements,) bounds; InvalidArgument unless low < high everywhere with a finite width
+    (the step is a share of it)."""
     lo = np.broadcast_to(np.asarray(low, np.float64), (gm.elements,))
     hi = np.broadcast_to(np.asarray(high, np.float64), (gm.elements,))
-    if not np.all(lo < hi):
-        raise InvalidArgument("range: needs low < high for every element")
+    with np.errstate(over="ignore"):
+        width = hi - lo
+    if not np.all(lo < hi) or not np.all(np.isfinite(width)):
+        raise InvalidArgument("range: needs low < high for every element, high - low finite")
     return lo, hi
 
 
@@ -206,10 +218,12 @@ class _Ascent:
         self.free = np.zeros(gm.elements)  # 1 on the float inputs' elements, 0 elsewhere
         for v in gm.variables:
             self.free[v.elements] = 1
+        self.notes: list[str] = []
 
     def run(self, x: Array, budget: Budget) -> tuple[Array, list[float], bool]:
         """Steps until settings.steps or the budget; the row, the trace and whether the
-        budget stopped it."""
+        budget stopped it. A step reaching inf/NaN (the model overflows there) is dropped and
+        the ascent ends at the last finite row, with a note."""
         trace: list[float] = []
         slowest = 0.0
         while len(trace) < self.s.steps:
@@ -218,7 +232,13 @@ class _Ascent:
             if self.pause is not None:
                 self.pause()
             began = time.perf_counter()
-            x, value = self._step(x, len(trace) + 1)
+            with np.errstate(all="ignore"):
+                stepped, value = self._step(x, len(trace) + 1)
+            if not (math.isfinite(value) and np.all(np.isfinite(stepped))):
+                self.notes.append(f"stopped after {len(trace)} step(s): step {len(trace) + 1} "
+                                  "reached inf/NaN (the model's arithmetic overflows there)")
+                return x, trace, False
+            x = stepped
             trace.append(value)
             slowest = max(slowest, time.perf_counter() - began)
         return x, trace, False

@@ -57,8 +57,10 @@ class Players:
 
     @property
     def plain(self) -> bool:
-        """One player per element of a table: today's per-feature attributions, no maps."""
-        return self.fixed is not None and self.fixed.identity
+        """One player per element of a table against the background rows: today's
+        per-feature attributions, no maps (another baseline is a reference row: grouped)."""
+        return self.fixed is not None and self.fixed.identity and \
+            self.baseline.kind == "background"
 
     @property
     def labels(self) -> tuple[str, ...]:
