@@ -142,6 +142,10 @@ def maximize(gm: GradientModel, objective: Objective, start: Array, low: float |
     begin = _finite_start(float(gm.value(x0[None])[0, 0]))
     x, trace, exhausted = ascent.run(_clipped(gm, x0, lo, hi), budget)
     end = float(gm.value(x[None])[0, 0])
+    if not math.isfinite(end) and trace:  # the last step's row was not evaluated before
+        ascent.stopped(len(trace))
+        x, trace = ascent.previous, trace[:-1]
+        end = float(gm.value(x[None])[0, 0])
     return Found(x, end, begin, len(trace), exhausted, np.asarray(trace),
                  (describe(objective, gm), *gm.notes[1:], *ascent.notes))
 
@@ -219,13 +223,15 @@ class _Ascent:
         for v in gm.variables:
             self.free[v.elements] = 1
         self.notes: list[str] = []
+        self.previous = np.zeros(gm.elements)  # run() sets it: the row before the last step
 
     def run(self, x: Array, budget: Budget) -> tuple[Array, list[float], bool]:
         """Steps until settings.steps or the budget; the row, the trace and whether the
-        budget stopped it. A step reaching inf/NaN (the model overflows there) is dropped and
-        the ascent ends at the last finite row, with a note."""
+        budget stopped it. When the model's arithmetic overflows (a step's objective or row
+        is inf/NaN) the ascent ends at the last row before it, with a note."""
         trace: list[float] = []
         slowest = 0.0
+        self.previous = x  # the row before the last step taken
         while len(trace) < self.s.steps:
             if trace and not self._fits(budget, slowest, len(trace)):
                 return x, trace, True
@@ -235,13 +241,20 @@ class _Ascent:
             with np.errstate(all="ignore"):
                 stepped, value = self._step(x, len(trace) + 1)
             if not (math.isfinite(value) and np.all(np.isfinite(stepped))):
-                self.notes.append(f"stopped after {len(trace)} step(s): step {len(trace) + 1} "
-                                  "reached inf/NaN (the model's arithmetic overflows there)")
-                return x, trace, False
-            x = stepped
+                self.stopped(len(trace) + 1)
+                if math.isfinite(value) or not trace:
+                    return x, trace, False
+                return self.previous, trace[:-1], False  # x is where it overflows
+            self.previous, x = x, stepped
             trace.append(value)
             slowest = max(slowest, time.perf_counter() - began)
         return x, trace, False
+
+    def stopped(self, step: int) -> None:
+        """Note that step `step` reached inf/NaN."""
+        self.notes.append(f"stopped at step {step}: the objective or the row reached inf/NaN "
+                          "(the model's arithmetic overflows there); the answer is the last "
+                          "row where it was finite")
 
     def _fits(self, budget: Budget, slowest: float, steps: int) -> bool:
         """One more step and the final forward row fit the time and evaluation budget."""

@@ -95,11 +95,16 @@ def build_repository(root: Path) -> Path:
     for bundled in sorted(p for p in EXAMPLES.iterdir() if p.is_dir()):
         (root / bundled.name).symlink_to(bundled, target_is_directory=True)
     for name, (model, background) in _extra_models().items():
-        (root / name / "1").mkdir(parents=True)
-        onnx.save(model, root / name / "1" / "model.onnx")
-        np.save(root / name / "background.npy", background)
-        (root / name / "explain.yaml").write_text("background: {path: background.npy}\n")
+        write_model(root, name, model, background)
     return root
+
+
+def write_model(root: Path, name: str, model: onnx.ModelProto, background: Array) -> None:
+    """A model folder under `root`: version 1 and its background file."""
+    (root / name / "1").mkdir(parents=True)
+    onnx.save(model, root / name / "1" / "model.onnx")
+    np.save(root / name / "background.npy", background)
+    (root / name / "explain.yaml").write_text("background: {path: background.npy}\n")
 
 
 @dataclass(frozen=True)
