@@ -1,4 +1,5 @@
-"""`sidelight serve` runs the sidecar; `sidelight explain` and `sidelight models` call one.
+"""`sidelight serve` runs the sidecar; `sidelight explain`, `sidelight models` and `sidelight
+global ...` (service/client/global_commands.py) call one.
 
 The client commands import the client (gRPC, numpy, the stubs: a fraction of a second; plus
 matplotlib for --plot/--report and pyarrow for parquet files); `serve` imports the server stack
@@ -25,6 +26,7 @@ from service.client import batch, inputs, terminal
 from service.client.batch import CHUNK_ROWS, CONCURRENCY
 from service.client.client import CallError, Client, Options
 from service.client.explanation import Explanation
+from service.client.global_commands import add_commands as add_global_commands
 from sidelight.v1 import explainer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     layers.add_argument("--weights", action="store_true", help="weight statistics instead")
     connection_options(layers)
     layers.set_defaults(run=run_layers)
+    add_global_commands(sub, connection_options, client_of)
     return p
 
 

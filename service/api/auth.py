@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from explainers.errors import PermissionDenied, SidelightError, Unauthenticated
-from service.api.servicer import call
+from service.api.servicer import HANDLER_KINDS, call
 from service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,6 @@ class Refused:
 
 
 REFUSED = Refused()
-HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
-                 (False, True): grpc.unary_stream_rpc_method_handler,
-                 (True, False): grpc.stream_unary_rpc_method_handler,
-                 (True, True): grpc.stream_stream_rpc_method_handler}
 
 
 def refusal(handler: Any, method: str, err: SidelightError) -> Any:

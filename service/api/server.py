@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from explainers.errors import Unavailable
 from service.api.auth import AccessGuard, Tokens, exposure_problem, is_loopback
+from service.api.datasets import DatasetsServicer
 from service.api.layers import LayersServicer
 from service.api.servicer import DecodeGuard, ExplainerServicer, message_limit
 from service.api.tls import CertificateWatch, HttpsMetricsServer, TlsFiles, server_credentials
@@ -28,10 +29,12 @@ from service.config import Settings
 from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
 from service.plane.dataplane import DataPlane
+from service.plane.datasets import DatasetPlane
 from service.plane.layers import layers_of
 from service.plane.reloader import Reloader
 from service.store.backgrounds import BackgroundStore, MemoryStore
 from service.store.redis import RedisOptions, RedisStore, masked
+from sidelight.v1 import datasets_pb2, datasets_pb2_grpc
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from sidelight.v1 import layers_pb2 as layers_pb
@@ -40,7 +43,8 @@ from sidelight.v1 import layers_pb2_grpc as layers_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 LAYERS_NAME = layers_pb.DESCRIPTOR.services_by_name["Layers"].full_name
-SERVICES = (SERVICE_NAME, LAYERS_NAME)  # health names (with ""), reflection
+DATASETS_NAME = datasets_pb2.DESCRIPTOR.services_by_name["Datasets"].full_name
+SERVICES = (SERVICE_NAME, LAYERS_NAME, DATASETS_NAME)  # health names (with ""), reflection
 REDIS_HEALTH = "redis"  # health service name: SERVING while the shared Redis answers
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FOLD_EVERY_S = 1.0  # queued request records become metrics and drift at least this often
@@ -62,6 +66,7 @@ class Sidelight:
     metrics_port: int = -1
     health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
+    datasets: DatasetPlane | None = None
     store: BackgroundStore | None = None
     reloader: Reloader | None = None  # looks for changed models (SIDELIGHT_RELOAD_INTERVAL_SECONDS)
     certificates: CertificateWatch | None = None  # TLS on
@@ -76,6 +81,11 @@ class Sidelight:
             raise Unavailable("models are still loading; retry shortly")
         return self.plane
 
+    def dataset_plane(self) -> DatasetPlane:
+        if self.datasets is None:
+            raise Unavailable("models are still loading; retry shortly")
+        return self.datasets
+
     def load(self) -> None:
         """Load the repository, seed and warm backgrounds, then report SERVING."""
         repo = ModelRepository.load(self.settings.models_dir, self.settings)
@@ -83,8 +93,9 @@ class Sidelight:
         plane = DataPlane(repo, self.store, self.settings, self.metrics)
         plane.seed_backgrounds()
         plane.warm()
+        datasets = DatasetPlane(plane)
         freeze_startup_objects()
-        self.plane = plane
+        self.plane, self.datasets = plane, datasets
         self._serving()
         self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
@@ -211,6 +222,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
     pb_grpc.add_ExplainerServicer_to_server(
         ExplainerServicer(app.data_plane, secure.guard.client_id), server)
     layers_grpc.add_LayersServicer_to_server(LayersServicer(layers_of(app.data_plane)), server)
+    datasets_pb2_grpc.add_DatasetsServicer_to_server(DatasetsServicer(app.dataset_plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(

@@ -8,7 +8,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -52,28 +52,35 @@ def call(context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
     """Run fn; a SidelightError becomes its status code, anything else INTERNAL + one log line."""
     try:
         return fn()
-    except SidelightError as err:
+    except Exception as err:
+        abort(context, rpc, err)
+
+
+def call_stream(context: grpc.ServicerContext, rpc: str,
+                events: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """`call` for a streaming response: the messages of events(), then its error's status.
+    A call its client already ended (cancelled, past its deadline) stops quietly."""
+    try:
+        yield from events()
+    except Exception as err:
+        if not context.is_active():
+            return
+        abort(context, rpc, err)
+
+
+def abort(context: grpc.ServicerContext, rpc: str, err: Exception) -> NoReturn:
+    """End the call with err's status: a SidelightError's own code and message, anything else
+    INTERNAL with a generic message (the one place unknown errors become INTERNAL)."""
+    if isinstance(err, SidelightError):
         if err.retry_after_s is not None:  # a shed call: when to try again
             context.set_trailing_metadata(((RETRY_AFTER, str(round(1e3 * err.retry_after_s))),))
         context.abort(grpc.StatusCode[err.code], capped(str(err)))
-    except Exception as err:  # the one place unknown errors are turned into INTERNAL
+    else:
         where = traceback.extract_tb(err.__traceback__)[-1]
         log.error("internal error in %s: %s: %s at %s:%d", rpc, type(err).__name__, err,
                   where.filename, where.lineno)
         context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
     raise AssertionError("unreachable: abort raises")
-
-
-def call_stream(context: grpc.ServicerContext, rpc: str,
-                produce: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """The messages of a streamed answer, errors mapped as `call` maps them whether they
-    arise before the first message or between two."""
-    items = call(context, rpc, produce)
-    while True:
-        item = call(context, rpc, lambda: next(items, None))
-        if item is None:
-            return
-        yield item
 
 
 def control_of(context: grpc.ServicerContext) -> Control:
@@ -278,12 +285,18 @@ class Undecodable:
 
 
 UNDECODABLE = Undecodable()
+HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
 
 
 class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     """Requests whose bytes do not decode get INVALID_ARGUMENT naming the message type and at
     most one log line per `log_every_s` (grpcio would answer INTERNAL and log a traceback per
-    call). Covers every method with a single request message (Explainer, health, ...)."""
+    call). Covers every method: a single request message (Explainer, health, ...) is refused
+    before the servicer runs; in a request stream, reading the bad message raises
+    InvalidArgument naming its position, which the servicer's `call_stream` maps."""
 
     def __init__(self, log_every_s: float = UNDECODABLE_LOG_EVERY_S) -> None:
         self._guarded: dict[str, Any] = {}  # method -> guarded handler; registered methods only
@@ -291,7 +304,7 @@ class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         guarded = self._guarded.get(details.method)
         if guarded is None:
@@ -301,7 +314,7 @@ class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     def _guard(self, handler: Any, method: str) -> Any:
         """The same handler with a deserializer that cannot raise and a behavior that answers
         INVALID_ARGUMENT to what it could not decode."""
-        decode, behavior = handler.request_deserializer, handler.unary_unary or handler.unary_stream
+        decode = handler.request_deserializer
         message = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
         name = message.full_name if message is not None else f"the request of {method}"
 
@@ -311,17 +324,36 @@ class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
             except Exception:
                 return UNDECODABLE
 
+        kind = (handler.request_streaming, handler.response_streaming)
+        behavior = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+                    (True, False): handler.stream_unary,
+                    (True, True): handler.stream_stream}[kind]
+        guard = self._stream_guard if handler.request_streaming else self._single_guard
+        return HANDLER_KINDS[kind](guard(behavior, method, name),
+                                   request_deserializer=safe_decode,
+                                   response_serializer=handler.response_serializer)
+
+    def _single_guard(self, behavior: Any, method: str, name: str) -> Any:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             if request is UNDECODABLE:
                 self._log.event(method)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"request: could not be decoded as {name}")
             return behavior(request, context)
+        return guarded
 
-        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
-            else grpc.unary_stream_rpc_method_handler
-        return make(guarded, request_deserializer=safe_decode,
-                    response_serializer=handler.response_serializer)
+    def _stream_guard(self, behavior: Any, method: str, name: str) -> Any:
+        def checked(requests: Iterator[Any]) -> Iterator[Any]:
+            for i, request in enumerate(requests):
+                if request is UNDECODABLE:
+                    self._log.event(method)
+                    raise InvalidArgument(f"request: message {i} of the stream could not be "
+                                          f"decoded as {name}")
+                yield request
+
+        def guarded(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior(checked(requests), context)
+        return guarded
 
 
 class RateLimitedLog:

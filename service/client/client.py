@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from service.client import datasets as jobs
 from service.client.explanation import Explanation, from_response
 from service.client.inputs import Inputs, baseline, groups, prepare
 from service.client.layers import (
@@ -33,6 +34,8 @@ from service.client.layers import (
     weight,
 )
 from service.client.wire import Array, tensor
+from sidelight.v1 import datasets_pb2 as dpb
+from sidelight.v1 import datasets_pb2_grpc as dpb_grpc
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from sidelight.v1 import layers_pb2 as lpb
@@ -139,6 +142,7 @@ class Client:
             self._channel = grpc.insecure_channel(address, options=limits)
         self._stub = pb_grpc.ExplainerStub(self._channel)
         self._layers = lpb_grpc.LayersStub(self._channel)
+        self._datasets = dpb_grpc.DatasetsStub(self._channel)
         self.address, self.timeout, self.retry, self.on_retry = address, timeout, retry, on_retry
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._random = random.Random(seed)  # jitter only; never the global generator
@@ -304,22 +308,117 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    # --- dataset-wide explanations (the Datasets service; service/client/datasets.py) -----
+    # X: as `explain` takes it (streamed in chunks of `chunk_rows`), or None with
+    # dataset="<stored background>". Every job also takes version, budget_ms (0: the deadline,
+    # else the server's 60 s), seed, max_rows, max_evaluations, classes, output, scale,
+    # chunk_rows, timeout and on_progress (called with each DatasetProgress).
+
+    def permutation_importance(self, model: str, X: Any = None, y: Any = None, *,
+                               metric: str = "", repeats: int = 0,
+                               **job: Any) -> jobs.PermutationImportance:
+        """The drop in `metric` (accuracy, log_loss, r2, mse against the labels y; without
+        labels the mean absolute change of the output) when each feature is shuffled."""
+        options = dpb.PermutationOptions(metric=metric, repeats=repeats)
+        return jobs.importance_of(self._job(model, "permutation_importance", X, y,
+                                            permutation=options, **job))
+
+    def partial_dependence(self, model: str, X: Any = None,
+                           features: Sequence[int | str] = (0,), *, resolution: int = 0,
+                           percentiles: tuple[float, float] = (0.0, 0.0), spacing: str = "",
+                           ice_rows: int = 0, output: int = 0,
+                           **job: Any) -> jobs.Dependence | jobs.Dependence2D:
+        """PDP and ICE of one feature, or the surface (decision regions) of a pair, by index
+        or name, over scikit-learn's default grid unless told otherwise."""
+        names = self.model(model, job.get("version", "")).feature_names
+        options = dpb.DependenceOptions(
+            features=jobs.feature_index(names, features), resolution=resolution,
+            percentile_low=percentiles[0], percentile_high=percentiles[1], spacing=spacing,
+            ice_rows=ice_rows)
+        return jobs.dependence_of(self._job(model, "partial_dependence", X,
+                                            dependence=options, **job), output)
+
+    def dataset_shapley(self, model: str, X: Any = None, *, method: str = "",
+                        background: str = "", target_error: float = 0.0, rows: bool = True,
+                        interactions: bool = False, **job: Any) -> jobs.DatasetShapley:
+        """Every row explained (as Explain would) and aggregated: mean |phi| per feature with
+        its standard error; with rows, every row's values for a beeswarm."""
+        options = dpb.ShapleyOptions(method=method, background=background,
+                                     target_error=target_error, rows=rows,
+                                     interactions=interactions)
+        return jobs.shapley_of(self._job(model, "shapley", X, shapley=options, **job))
+
+    def projection(self, model: str, X: Any = None, *, layer: str = "", components: int = 0,
+                   **job: Any) -> jobs.Projection:
+        """The rows (or a layer's activations on them) on their principal components."""
+        options = dpb.ProjectionOptions(layer=layer, components=components)
+        return jobs.projection_of(self._job(model, "projection", X, projection=options, **job))
+
+    def live_importance(self, model: str, version: str = "",
+                        window_seconds: float = 0.0) -> jobs.LiveImportance:
+        """Mean |attribution| per feature over the answers the deployment served recently."""
+        request = dpb.LiveImportanceRequest(model=model, version=version,
+                                            window_seconds=window_seconds)
+        return jobs.live_of(self._retrying(lambda left: self._datasets.GetLiveImportance(
+            request, timeout=left, metadata=self._metadata), LOOKUP_TIMEOUT_S))
+
+    def _job(self, model: str, kind: str, X: Any = None, y: Any = None, *, dataset: str = "",
+             version: str = "", budget_ms: float = 0.0, seed: int = 0, max_rows: int = 0,
+             max_evaluations: int = 0, classes: Sequence[int] = (), output: str = "",
+             scale: str = "", chunk_rows: int = jobs.CHUNK_ROWS, timeout: float | None = None,
+             on_progress: jobs.ProgressHook | None = None,
+             **options: Any) -> dpb.DatasetResult:
+        """One ExplainDataset call: the job, then the rows in chunks; retried like every call
+        while none of its answers has arrived."""
+        job = dpb.DatasetJob(model=model, version=version, kind=kind, dataset=dataset,
+                             target=pb.Target(output=output, classes=list(classes),
+                                              scale=scale),
+                             budget_ms=budget_ms, seed=seed, max_rows=max_rows,
+                             max_evaluations=max_evaluations, **options)
+        inputs = None if X is None else self.prepare(model, X, version)
+        labels = jobs.labels_of(y)
+        jobs.requests(job, inputs, labels)  # labels that do not fit fail here, not in gRPC
+        heard: list[dpb.DatasetProgress] = []
+
+        def hear(p: dpb.DatasetProgress) -> None:
+            heard.append(p)
+            if on_progress is not None:
+                on_progress(p)
+
+        def once(left: float | None) -> dpb.DatasetResult:
+            responses = self._datasets.ExplainDataset(
+                jobs.requests(job, inputs, labels, chunk_rows), timeout=left,
+                metadata=self._metadata)
+            return jobs.collect(responses, hear)
+        return self._retrying(once, timeout, resumable=lambda: not heard)  # type: ignore[no-any-return]
+
     def _call(self, rpc: str, request: Any, timeout: float | None,
               on_retry: RetryHook | None = None, stub: Any = None, stream: bool = False) -> Any:
         """One RPC with retries of transient failures, all within `timeout` seconds (a
         streamed answer is read whole, as a list, inside the retried attempt)."""
         method = getattr(self._stub if stub is None else stub, rpc)
+
+        def once(left: float | None) -> Any:
+            answer = method(request, timeout=left, metadata=self._metadata)
+            return list(answer) if stream else answer
+        return self._retrying(once, timeout, on_retry)
+
+    def _retrying(self, once: Callable[[float | None], Any], timeout: float | None,
+                  on_retry: RetryHook | None = None,
+                  resumable: Callable[[], bool] = lambda: True) -> Any:
+        """`once(seconds left)` until it returns, retrying transient failures with backoff
+        within `timeout` seconds (and while `resumable()`: a job that has answered is not)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in range(1, self.retry.attempts + 1):
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                answer = method(request, timeout=left, metadata=self._metadata)
-                return list(answer) if stream else answer
+                return once(left)
             except grpc.RpcError as err:
                 error = CallError.of(err, attempt)
                 delay = self.retry.delay(attempt, self._random)
                 late = deadline is not None and time.monotonic() + delay >= deadline
-                if not error.retryable or attempt == self.retry.attempts or late:
+                if not error.retryable or attempt == self.retry.attempts or late \
+                        or not resumable():
                     raise error from None
                 hook = on_retry or self.on_retry
                 if hook is not None:

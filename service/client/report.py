@@ -191,7 +191,7 @@ def section_pdp2(r: Report, pd: PartialDependence2D) -> None:
 def section_figure_only(r: Report, result: Any) -> None:
     draws: dict[type, Callable[[Any], Figure]] = {
         Activations: plots.activations, Attention: plots.attention, Embedding: plots.embedding}
-    draw = draws[type(result)]
+    draw = next(d for kind, d in draws.items() if isinstance(result, kind))
     r.figure(draw(result), f"{type(result).__name__.lower()} {getattr(result, 'layer', '')}"
              f"{getattr(result, 'name', '')}".strip())
 

@@ -1,8 +1,9 @@
 """Dataset-wide and model-internal results as plain arrays, for the plots and the report.
 
-The server does not compute these yet; when its global RPCs exist, the client's `global_...`
-calls return these types (or a response converts into them), and the plots already draw them.
-Every array is float64 unless said otherwise; shapes are in the comments."""
+The client's dataset-wide calls (`Client.permutation_importance`, `partial_dependence`,
+`dataset_shapley`, `projection`, `live_importance`; service/client/datasets.py) return
+subclasses of these carrying the job's summary; the plots draw both. Every array is float64
+unless said otherwise; shapes are in the comments."""
 
 from __future__ import annotations
 

@@ -210,7 +210,7 @@ def drift_stats(reference: Reference, counts: Array, epsilon: float = PSI_EPSILO
 # ------------------------------------------------------------------------------------------ window
 
 
-class _Ring:
+class SliceRing:
     """Per-slice accumulators over a sliding time window: O(1) expiry and bounded memory.
 
     Holds the current (partial) slice and the `slices - 1` before it, slices =
@@ -248,10 +248,16 @@ class _Ring:
 
     def total(self) -> Array:
         """Sum (*shape) of the slices still inside the window."""
+        return np.asarray(self.snapshot()[1].sum(axis=0))
+
+    def snapshot(self) -> tuple[Array, Array]:
+        """The slices still inside the window: their ids (k,) and a copy of their sums
+        (k, *shape), oldest first."""
         with self._lock:
             now = self.now()
             live = (self._ids > now - self.slices) & (self._ids <= now)  # (slices,)
-            return np.asarray(self._data[live].sum(axis=0))
+            order = np.argsort(self._ids[live])
+            return self._ids[live][order], self._data[live][order]
 
 
 class DriftWindow:
@@ -260,7 +266,7 @@ class DriftWindow:
     def __init__(self, reference: Reference, window_seconds: float = 300.0,
                  slice_seconds: float = 5.0, clock: Clock = time.monotonic) -> None:
         self.reference = reference
-        self._ring = _Ring((reference.features, reference.bins), window_seconds, slice_seconds,
+        self._ring = SliceRing((reference.features, reference.bins), window_seconds, slice_seconds,
                            clock)
 
     def observe(self, X: Array, at: int | None = None) -> None:
@@ -356,7 +362,7 @@ class AttributionWindow:
             raise ValueError("attribution drift: top_k must be at least 1")
         self.reference_mean_abs = _frozen(ref)
         self.top_k = top_k
-        self._ring = _Ring((2, ref.size), window_seconds, slice_seconds, clock)
+        self._ring = SliceRing((2, ref.size), window_seconds, slice_seconds, clock)
 
     def observe(self, phi: Array, at: int | None = None) -> None:
         """Fold attributions (rows, features), or one row (features,), into slice `at` (default:

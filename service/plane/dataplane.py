@@ -529,13 +529,20 @@ class DataPlane:
 
     @contextmanager
     def in_flight(self, control: Control) -> Iterator[None]:
-        """A call of another service (Layers) counted in flight like an explanation: shed
-        while stopping or past max_in_flight, cancelled by close()."""
+        """A call of another service (Layers, a dataset job) counted in flight like an
+        explanation: shed while stopping or past max_in_flight, cancelled by cancel_all."""
         self._admit(control)
         try:
             yield
         finally:
             self._leave(control)
+
+    def explain_admitted(self, q: ExplainQuery, control: Control) -> ExplainResult:
+        """Explain within a call already admitted (a dataset job's rows), on the Explain path
+        itself (budget, players, method, guard) but with no admission, result cache or
+        metrics of its own: the job holds the core and counts as the one call."""
+        p = replace(self._prepare(q, time.monotonic()), control=control)
+        return self._explain(p)
 
     def drain(self) -> None:
         """Refuse new explanations from now on (the calls in flight go on)."""

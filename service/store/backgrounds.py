@@ -10,6 +10,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,6 +128,19 @@ class BackgroundStore(Protocol):
         """Store a derived blob for `ttl_s` seconds; best effort (a cache, not data)."""
         ...
 
+    def put_member(self, key: str, member: str, value: bytes, ttl_s: float) -> None:
+        """Set one replica's entry of a shared group (its live-importance summary, say); the
+        group lives `ttl_s` seconds after its last write. Best effort."""
+        ...
+
+    def members(self, key: str) -> dict[str, bytes]:
+        """Every entry of a shared group by member; empty when absent or unreachable."""
+        ...
+
+    def drop_members(self, key: str, members: Sequence[str]) -> None:
+        """Remove stale entries of a shared group. Best effort."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -200,6 +214,15 @@ class MemoryStore:
         return None
 
     def put_blob(self, key: str, value: bytes, ttl_s: float) -> None:
+        return None
+
+    def put_member(self, key: str, member: str, value: bytes, ttl_s: float) -> None:
+        return None  # one process: the caller's own figures are all there is
+
+    def members(self, key: str) -> dict[str, bytes]:
+        return {}
+
+    def drop_members(self, key: str, members: Sequence[str]) -> None:
         return None
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ Key schema (`prefix` = SIDELIGHT_REDIS_KEY_PREFIX, default `sidelight:v1:`):
 - `<prefix>epoch`: random id created once per Redis dataset. A new id means Redis lost its data
   (restart without persistence, FLUSHALL): replicas then write back the copies they hold.
 - `<prefix>fbg:...`, `<prefix>result:...`: derived blobs (f(background), explanations) with a TTL.
+- `<prefix>live:<model>:<version>`: a hash, one entry per replica (its live-importance summary,
+  service/monitoring/live.py), expiring a window after its last write (`put_member`).
 
 Freshness: a local copy is served without asking Redis for `check_s` seconds after its last
 check; the next use reads the 64-byte `sha256` field (one round trip) and moves the data only when
@@ -43,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -303,6 +305,36 @@ class RedisStore:
         with contextlib.suppress(RedisDown):
             self._call(lambda r: r.set(self.options.prefix + key, value,
                                        px=max(1, int(ttl_s * 1e3))))
+
+    def put_member(self, key: str, member: str, value: bytes, ttl_s: float) -> None:
+        """HSET into the group's hash and push its expiry `ttl_s` ahead, in one round trip."""
+        if not self._up:
+            return
+        name = self.options.prefix + key
+
+        def write(r: redis.Redis) -> None:
+            with r.pipeline(transaction=True) as pipe:
+                pipe.hset(name, member, value)
+                pipe.pexpire(name, max(1, int(ttl_s * 1e3)))
+                pipe.execute()
+        with contextlib.suppress(RedisDown):
+            self._call(write)
+
+    def members(self, key: str) -> dict[str, bytes]:
+        if not self._up:
+            return {}
+        try:
+            found = self._call(lambda r: r.hgetall(self.options.prefix + key))
+        except RedisDown:
+            return {}
+        return {k.decode(errors="replace"): v for k, v in dict(found).items()
+                if isinstance(k, bytes) and isinstance(v, bytes)}
+
+    def drop_members(self, key: str, members: Sequence[str]) -> None:
+        if not self._up or not members:
+            return
+        with contextlib.suppress(RedisDown):
+            self._call(lambda r: r.hdel(self.options.prefix + key, *members))
 
     def close(self) -> None:
         """Stop the reconnect thread and close the pool (held uploads are lost: see pending)."""
