@@ -1,12 +1,13 @@
 """Defects the fuzzer (tests/fuzzing/) found, each through a real server: answers that came back
 OK with inf/NaN (activations past the model's float32 range or a Cast to it, activation
 maximisation over a range or from a start beyond the input's datatype, weight statistics of a
--inf mask constant or an empty ROI), INTERNAL from a huge blur, and INTERNAL for a tabular
-explanation against a zeros or constant baseline. Each is now a clear status or a finite,
-correct answer."""
+-inf mask constant or an empty ROI, smoothgrad's infinite noise), INTERNAL from a huge blur,
+and INTERNAL for a tabular explanation against a zeros or constant baseline. Each is now a
+clear status or a finite, correct answer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -168,3 +169,16 @@ def test_a_tabular_model_explained_against_a_reference_row(
     row = answer.rows[0]
     np.testing.assert_allclose(row.attributions, expected, atol=1e-5 * np.abs(expected).max())
     np.testing.assert_allclose(row.base_values, f_linear(r), rtol=1e-6)
+
+
+def test_smoothgrad_noise_must_be_a_finite_share_of_the_range(
+        stub: pb_grpc.ExplainerStub) -> None:
+    """noise_level inf came back OK with an infinite noise sigma in the diagnostics."""
+    for level in (math.inf, 1e308, math.nan, -0.1):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Explain(pb.ExplainRequest(
+                model="digits_cnn", inputs=[from_array("image", DIGITS[:1])], method="smoothgrad",
+                budget_ms=200, gradients=pb.GradientOptions(noise_level=level, samples=8)),
+                timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("gradients.noise_level: ")

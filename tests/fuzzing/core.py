@@ -420,7 +420,7 @@ def w_truncated(f: Fuzzer, rpc: str) -> tuple[str, bytes]:
 
 def w_other_type(f: Fuzzer, rpc: str) -> tuple[str, bytes]:
     """A valid request of another RPC, or a response message."""
-    other = f.pick([r for r in f.rpcs if r != rpc])
+    other = f.pick([r for r in f.rpcs if r != rpc] or [rpc])
     message = f.garbled(other) if f.rng.random() < 0.7 else _some_response(f)
     if f.rpcs[rpc].writes and hasattr(message, "model"):
         message.model = ABSENT_MODEL

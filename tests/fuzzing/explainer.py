@@ -1,6 +1,7 @@
 """Valid requests and mutations for the Explainer service and health checks: explanations
-(inputs, budgets, seeds, targets, accuracy goals, methods, batch sizes), background uploads
-(poisoned data, feature names, oversize), reads, lists and deletes."""
+(inputs, budgets, seeds, targets, accuracy goals, methods, batch sizes, feature groups,
+baselines, occlusion windows, gradient options), background uploads (poisoned data, feature
+names, oversize), reads, lists and deletes."""
 
 from __future__ import annotations
 
@@ -30,10 +31,16 @@ from tests.fuzzing.core import (
     short_unless_bounded,
     t_values,
 )
+from tests.fuzzing.models import ModelSpec
 
 SERVICE = "sidelight.v1.Explainer"
 HEALTH = "grpc.health.v1.Health"
-VALID_METHODS = ("", "auto", "exact", "permutation", "kernel", "tree", "linear")
+SAMPLERS = ("", "auto", "exact", "permutation", "kernel", "tree", "linear")
+DEEP = ("partition", "lime", "occlusion", "saliency", "input_x_gradient", "smoothgrad",
+        "integrated_gradients", "deeplift", "deepshap", "gradcam", "gradcam++")
+VALID_METHODS = (*SAMPLERS, *SAMPLERS, *DEEP)  # the samplers twice as often
+BASELINES = ("background", "zeros", "mean", "blur", "constant", "mask", "", "ZEROS", "noise")
+SIZES = (0, 1, 2, 3, 4, 8, -1, 2**31 - 1, -(2**31))  # patch, grid, window and stride sizes
 HEALTH_NAMES = ("", SERVICE, "sidelight.v1.Layers", "sidelight.v1.Datasets")
 SCALES = ("identity", "logit", "margin", "", "LOGIT", " logit", "probability", "log", "margin\n")
 
@@ -168,6 +175,98 @@ def p_oversize(f: Fuzzer, r: pb.PutBackgroundRequest) -> str:
     return f"oversize:{kind}"
 
 
+# --- groups, baselines, occlusion and gradient options ----------------------------------------
+def m_groups(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """A FeatureGroups mutation (on Explain's request or a dataset job)."""
+    return f"groups:{mutate_groups(f, r.groups, f.spec_of(r.model) or f.model())}"
+
+
+def mutate_groups(f: Fuzzer, g: pb.FeatureGroups, spec: ModelSpec) -> str:
+    """A client mask (fitting the model's first input or not, ids in range or not, mutated
+    like any tensor), patch or grid sizes, a hierarchy (cycles, ids out of range, huge),
+    labels, the input's name; or several of them at once."""
+    kind = f.pick(("mask", "mask", "patch", "grid", "hierarchy", "labels", "input", "both"))
+    if kind in ("mask", "both"):
+        g.mask.CopyFrom(_mask(f, spec))
+        if f.rng.random() < 0.3:
+            f.pick(TENSOR_MUTATIONS)(f, g.mask)
+    if kind in ("patch", "both"):
+        g.patch.extend(f.some(SIZES, 1, 3))
+    if kind == "grid":
+        g.grid.extend(f.some(SIZES, 0, 3))
+    elif kind == "hierarchy":
+        g.hierarchy.extend(_hierarchy(f, len(spec.features)))
+    elif kind == "labels":
+        g.labels.extend([f.weird() for _ in range(f.pick((1, 3, 1000)))])
+    elif kind == "input":
+        g.input = f.pick((*(i.name for i in spec.inputs), f.weird()))
+    return kind
+
+
+def _mask(f: Fuzzer, spec: ModelSpec) -> pb.Tensor:
+    """Group ids shaped like the model's first input (or another shape), 0..d-1 with some -1,
+    or ids with gaps, out of range or negative."""
+    shape = spec.inputs[0].shape if spec.inputs and f.rng.random() < 0.8 else (3, 2)
+    d = int(f.rng.integers(1, 5))
+    ids = f.rng.integers(0, d, size=shape)  # (*shape,)
+    kind = f.pick(("fit", "fit", "gap", "range", "negative", "batch"))
+    if kind == "gap":
+        ids = ids * 2
+    elif kind in ("range", "negative") and ids.size:
+        ids.flat[0] = d + 7 if kind == "range" else -5
+    elif kind == "batch":
+        ids = ids[None]
+    if ids.size:
+        ids.flat[-1] = -1
+    return encode("mask", ids, f.pick(("INT64", "INT32", "FP32")))
+
+
+def _hierarchy(f: Fuzzer, d: int) -> list[pb.GroupNode]:
+    """Nodes over d groups: merging pairs (valid), with a cycle or an id out of range, or
+    10,000 of them."""
+    kind = f.pick(("pairs", "cycle", "range", "many"))
+    if kind == "many":
+        return [pb.GroupNode(children=[0, 1]) for _ in range(10_000)]
+    nodes = [pb.GroupNode(children=[k, k + 1]) for k in range(0, max(d - 1, 1), 2)]
+    if kind == "cycle" and nodes:
+        nodes[0].children.append(d + len(nodes) - 1)
+    elif kind == "range":
+        nodes.append(pb.GroupNode(children=[f.pick((-1, d * 5, 2**31 - 1))]))
+    return nodes
+
+
+def m_baseline(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """baseline: any kind (some not for this modality, some unknown), odd value and sigma."""
+    r.baseline.kind = f.pick(BASELINES)
+    if f.rng.random() < 0.5:
+        r.baseline.value = f.pick(ODD_FLOATS)
+    if f.rng.random() < 0.5:
+        r.baseline.sigma = f.pick((*ODD_FLOATS, 1e3, 1001.0))
+    return f"baseline:{r.baseline.kind}"
+
+
+def m_occlusion(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """method occlusion with windows and strides of odd sizes and counts, an odd input."""
+    r.method = "occlusion"
+    r.occlusion.window.extend(f.some(SIZES, 0, 4))
+    r.occlusion.strides.extend(f.some(SIZES, 0, 4))
+    if f.rng.random() < 0.3:
+        r.occlusion.input = f.weird()
+    return "occlusion"
+
+
+def m_gradients(f: Fuzzer, r: pb.ExplainRequest) -> str:
+    """A gradient method with an odd layer (a weight, another model's tensor, weird), noise,
+    sample and step counts."""
+    r.method = f.pick(DEEP[3:])
+    o, spec = r.gradients, f.spec_of(r.model) or f.model()
+    o.layer = f.pick(("", *(s.name for s in spec.layers[:4]), *spec.weights[:2], f.weird()))
+    o.signed, o.relu = bool(f.rng.random() < 0.5), bool(f.rng.random() < 0.5)
+    o.noise_level = f.pick((0.0, 0.15, *ODD_FLOATS))
+    o.samples, o.steps = f.pick(INT32_EXTREMES), f.pick(INT32_EXTREMES)
+    return f"gradients:{r.method}"
+
+
 def explain_timeout(f: Fuzzer, r: Request) -> float:
     return short_unless_bounded(f, r.budget_ms)
 
@@ -179,7 +278,8 @@ def path(rpc: str) -> str:
 RPCS = (
     Rpc("Explain", path("Explain"), pb.ExplainResponse, 0.42, valid_explain,
         (m_input, m_input, m_input, m_string, m_budget, m_seed, m_target, m_target, m_accuracy,
-         m_method, m_inputs, m_rows), timeout=explain_timeout),
+         m_method, m_inputs, m_rows, m_groups, m_groups, m_baseline, m_occlusion, m_gradients),
+        timeout=explain_timeout),
     Rpc("ListModels", path("ListModels"), pb.ListModelsResponse, 0.03,
         lambda f: pb.ListModelsRequest()),
     Rpc("GetModel", path("GetModel"), pb.ModelInfo, 0.07, valid_get_model, (m_string,)),
