@@ -1,7 +1,8 @@
 """Defects the fuzzer (tests/fuzzing/) found, each through a real server: answers that came back
 OK with inf/NaN (activations past the model's float32 range or a Cast to it, activation
 maximisation over a range or from a start beyond the input's datatype, weight statistics of a
--inf mask constant or an empty ROI, smoothgrad's infinite noise), INTERNAL from a huge blur,
+-inf mask constant or an empty ROI, smoothgrad's infinite noise, live importance over fewer
+than two rows), INTERNAL from a huge blur,
 and INTERNAL for a tabular explanation against a zeros or constant baseline. Each is now a
 clear status or a finite, correct answer."""
 
@@ -18,6 +19,8 @@ import pytest
 from explainers.layers.activations import summary
 from service.api.server import start
 from service.api.tensors import from_array
+from sidelight.v1 import datasets_pb2 as dpb
+from sidelight.v1 import datasets_pb2_grpc as dpb_grpc
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from sidelight.v1 import layers_pb2 as lpb
@@ -182,3 +185,36 @@ def test_smoothgrad_noise_must_be_a_finite_share_of_the_range(
                 timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("gradients.noise_level: ")
+
+
+def test_live_importance_over_fewer_than_two_rows_is_finite_and_says_so(
+        built: grpc.Channel) -> None:
+    """With no row (or one) in the window mean_abs (std_errors) came back NaN in an OK answer."""
+    datasets, stub = dpb_grpc.DatasetsStub(built), pb_grpc.ExplainerStub(built)
+
+    def live() -> dpb.LiveImportance:
+        return datasets.GetLiveImportance(dpb.LiveImportanceRequest(model="fuzz_pair"),
+                                          timeout=30)
+
+    def explain(rows: slice) -> np.ndarray:
+        X = np.random.default_rng(5).normal(size=(4, 3))[rows]  # (rows, features)
+        answer = stub.Explain(pb.ExplainRequest(
+            model="fuzz_pair", budget_ms=500, seed=1, inputs=[
+                from_array("a", X[:, :2].astype(np.float32)), from_array("b", X[:, 2])]),
+            timeout=30)
+        return np.array([np.reshape(r.attributions, (-1, 3))[0] for r in answer.rows])  # (rows,
+        # features): the first output's (softmax of two: the other's are their negatives)
+
+    empty = live()
+    assert empty.rows == 0 and non_finite(empty) is None
+    assert list(empty.mean_abs) == list(empty.std_errors) == [0.0] * 3
+    assert "no rows were explained in the window" in " ".join(empty.notes)
+    first = np.abs(explain(slice(0, 1)))
+    one = live()
+    assert one.rows == 1 and non_finite(one) is None and list(one.std_errors) == [0.0] * 3
+    np.testing.assert_allclose(one.mean_abs, first[0], rtol=1e-6)
+    assert "its std_errors are unknown (0 here)" in " ".join(one.notes)
+    a = np.concatenate([first, np.abs(explain(slice(1, 4)))])  # (4, features)
+    four = live()
+    assert four.rows == 4 and not any("0 here" in n for n in four.notes)
+    np.testing.assert_allclose(four.std_errors, a.std(axis=0, ddof=1) / 2, rtol=1e-6)

@@ -8,15 +8,15 @@ sends them from a few client threads and checks every answer message. Shared by
 tests/test_fuzz.py and benchmarks/fuzz.py (`make fuzz`, 10,000).
 
 models.py: the repository and what is known of each model; core.py: cases, the generator and
-the shared mutations; explainer.py, layers.py: each service's requests; harness.py: sending,
-checking and counting.
+the shared mutations; explainer.py, layers.py, datasets.py: each service's requests;
+harness.py: sending, checking and counting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tests.fuzzing import explainer, layers
+from tests.fuzzing import datasets, explainer, layers
 from tests.fuzzing.core import SETTINGS, Case, Fuzzer, Rpc
 from tests.fuzzing.harness import (
     FAILING_STATUSES,
@@ -31,7 +31,7 @@ from tests.fuzzing.harness import (
 )
 from tests.fuzzing.models import ModelSpec, build_repository, read_specs
 
-RPCS: tuple[Rpc, ...] = (*explainer.RPCS, *layers.RPCS)
+RPCS: tuple[Rpc, ...] = (*explainer.RPCS, *layers.RPCS, *datasets.RPCS)
 SERVICES = tuple(dict.fromkeys(r.service for r in RPCS if r.service != explainer.HEALTH))
 
 
