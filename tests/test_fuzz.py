@@ -33,7 +33,7 @@ from tests.fuzzing import (
     run,
 )
 
-SEED, COUNT, CLIENTS = 11, 3200, 4
+SEED, COUNT, CLIENTS = 11, 3500, 4
 
 
 @dataclass(frozen=True)

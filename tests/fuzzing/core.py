@@ -271,7 +271,7 @@ def t_shape(f: Fuzzer, t: pb.Tensor) -> str:
            "zero": [0, *shape[1:]], "off": [d + f.pick((-1, 1)) for d in shape],
            "reversed": shape[::-1]}[kind]
     t.ClearField("shape")
-    t.shape.extend(int(d) for d in new)
+    t.shape.extend(min(max(int(d), -(2**63)), 2**63 - 1) for d in new)  # int64 on the wire
     return f"shape:{kind}"
 
 

@@ -60,7 +60,7 @@ def _options(f: Fuzzer, spec: ModelSpec, job: dpb.DatasetJob) -> None:
     """The kind's options, small and valid for the model."""
     d = max(len(spec.features), 1)
     if job.kind == "permutation_importance":
-        job.permutation.metric, job.permutation.repeats = f.pick(METRICS), f.pick((0, 1, 2))
+        job.permutation.metric, job.permutation.repeats = f.pick(METRICS), f.pick((0, 2))
     elif job.kind == "partial_dependence":
         job.dependence.features.extend(f.some(range(min(d, 8)), 1, 2))
         job.dependence.resolution = f.pick((0, 3, 5))
@@ -95,6 +95,8 @@ def s_sequence(f: Fuzzer, stream: Stream) -> str:
     rows, or 100 one-row blocks."""
     kind = f.pick(("no-job", "job-twice", "empty", "job-only", "many-blocks"))
     job = _job(stream)
+    if not stream:  # emptied by an earlier mutation
+        return "stream:empty"
     if kind == "no-job":
         stream[0].ClearField("job")
     elif kind == "job-twice":
