@@ -64,7 +64,8 @@ def fuzz(seed: int, count: int, clients: int) -> Result:
 def section(r: Result, seed: int, count: int, clients: int) -> str:
     """Markdown: what was sent, the status table, the checks and the failure classes."""
     s = r.summary
-    streamed = ", ".join(f"{rpc.name} {s.messages[rpc.name]:,}" for rpc in fz.RPCS
+    streamed = ", ".join(f"{rpc.name} {s.messages[rpc.name]:,} (largest "
+                         f"{s.largest[rpc.name] / 1024:,.0f} KiB)" for rpc in fz.RPCS
                          if rpc.streaming != "unary")
     lines = [
         "## Fuzzing every RPC (issue 11)", "",
@@ -76,11 +77,14 @@ def section(r: Result, seed: int, count: int, clients: int) -> str:
         "lengths, NaN / infinite / huge / denormal values, names, tensor names, reductions, "
         "budgets, deadlines, seeds, targets, accuracy goals, baselines, groups, objectives, "
         "bounds, steps and rates, oversize strings and uploads) and wire garbage (random, "
-        "truncated, bit-flipped and mistyped messages). Streams are read to the end, every "
-        "message checked (finite numbers, under the 4 MiB message limit), or cancelled by the "
-        f"client (CANCELLED); messages received: {streamed}. OK_NONFINITE is an OK answer "
-        "with a non-finite number, OK_OVERSIZE a streamed message over its limit; HANG a call "
-        "unanswered after 10 s.", "",
+        "truncated, bit-flipped and mistyped messages; for ExplainDataset also in the middle "
+        "of a stream, and streams without a job, with two, or with blocks and labels that do "
+        "not fit). Streams are read to the end, every message checked (finite numbers, under "
+        "the message limit: 4 MiB for Layers' streams, the server's 64 MiB send limit "
+        "otherwise), or cancelled by the client (CANCELLED, sometimes with its side still "
+        f"open); messages received: {streamed}. OK_NONFINITE is an OK answer with a "
+        "non-finite number, OK_OVERSIZE a message over its limit; HANG a call unanswered after "
+        "10 s.", "",
         s.table(), "",
         f"- failing answers (INTERNAL, UNKNOWN, OK_NONFINITE, OK_OVERSIZE, OK_UNPARSEABLE, "
         f"HANG): **{len(s.failures)}**; INTERNAL lines in the server log: "

@@ -69,8 +69,9 @@ def weird_names(rng: np.random.Generator) -> list[str]:
 class Rpc:
     """One RPC the fuzzer calls: its method, answer type and share of the cases, its valid
     requests and their mutations. `streaming`: "unary", "server" (a stream of answers) or
-    "bidi" (valid requests are lists of messages); `writes`: garbled requests must name no
-    real model (a cut-off name can read as `default`)."""
+    "bidi" (valid requests are lists of messages); `message_limit`: the bytes an answer
+    message may take (a stream's contract); `writes`: garbled requests must name no real model
+    (a cut-off name can read as `default`)."""
 
     name: str
     path: str
@@ -81,6 +82,7 @@ class Rpc:
     streaming: str = "unary"
     timeout: Callable[[Fuzzer, Request], float] | None = None
     writes: bool = False
+    message_limit: int | None = None
 
     @property
     def service(self) -> str:

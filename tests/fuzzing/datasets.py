@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.api.server import MAX_MESSAGE_BYTES  # the server's send limit
 from sidelight.v1 import datasets_pb2 as dpb
 from sidelight.v1 import explainer_pb2 as pb
 from tests.fuzzing.core import (
@@ -257,7 +258,7 @@ def path(rpc: str) -> str:
 RPCS = (
     Rpc("ExplainDataset", path("ExplainDataset"), dpb.DatasetResponse, 0.12, valid_dataset,
         (s_sequence, s_block, s_block, s_labels, s_job, s_job, s_options, s_options),
-        streaming="bidi", timeout=dataset_timeout),
+        streaming="bidi", timeout=dataset_timeout, message_limit=MAX_MESSAGE_BYTES),
     Rpc("GetLiveImportance", path("GetLiveImportance"), dpb.LiveImportance, 0.03, valid_live,
         (m_string, l_window)),
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
+from sidelight.v1 import datasets_pb2 as dpb
 from sidelight.v1 import explainer_pb2 as pb
 from tests.fuzzing.core import (
     BUDGETS,
@@ -101,7 +102,7 @@ def m_seed(f: Fuzzer, r: pb.ExplainRequest) -> str:
     return f"seed:{r.seed}"
 
 
-def m_target(f: Fuzzer, r: pb.ExplainRequest) -> str:
+def m_target(f: Fuzzer, r: pb.ExplainRequest | dpb.DatasetJob) -> str:
     """target.classes out of range, negative, int32 extremes or a long list; scale unknown or
     another one; output unknown or another one."""
     kind = f.pick(("classes", "classes-long", "scale", "output"))

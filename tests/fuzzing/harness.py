@@ -1,6 +1,6 @@
 """Sending cases to a real server and checking what comes back: every answer message parsed,
-its numbers finite (doubles, floats and float tensors, at any depth), a streamed message under
-the stream's message limit; statuses counted per RPC with the server's error log; the checks
+its numbers finite (doubles, floats and float tensors, at any depth), its size under the RPC's
+message limit; statuses counted per RPC with the server's error log; the checks
 made after a run (health, stored backgrounds, ordinary calls still answered)."""
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.layers import STREAM_CHUNK_BYTES
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from sidelight.v1 import layers_pb2 as lpb
@@ -49,8 +48,8 @@ def channel(port: int) -> grpc.Channel:
 def check_answer(rpc: Rpc, answer: bytes) -> tuple[str, str] | None:
     """(failing status, why) for an OK message that is wrong: a streamed one over the stream's
     limit, one that does not parse, or one holding a non-finite number; else None."""
-    if rpc.streaming != "unary" and len(answer) > STREAM_CHUNK_BYTES:
-        return "OK_OVERSIZE", f"{len(answer)} bytes, over the {STREAM_CHUNK_BYTES}-byte limit"
+    if rpc.message_limit is not None and len(answer) > rpc.message_limit:
+        return "OK_OVERSIZE", f"{len(answer)} bytes, over the {rpc.message_limit}-byte limit"
     try:
         message = rpc.response.FromString(answer)
     except DecodeError as err:
@@ -132,6 +131,7 @@ class Outcome:
     details: str
     seconds: float
     received: int = 0
+    largest: int = 0  # bytes of the largest answer message
     log: tuple[str, ...] = ()
 
     @property
@@ -185,11 +185,11 @@ def answers(call: Any, rpc: Rpc, case: Case) -> Iterator[bytes]:
 def send(call: Any, rpc: Rpc, case: Case) -> Outcome:
     """One call with the case's timeout, every answer message checked; a client deadline hit
     at TIMEOUT_S counts as a hang. A wrong message fails the call whatever its status."""
-    start, received, problem = time.perf_counter(), 0, None
+    start, received, largest, problem = time.perf_counter(), 0, 0, None
     status, details = "OK", ""
     try:
         for answer in answers(call, rpc, case):
-            received += 1
+            received, largest = received + 1, max(largest, len(answer))
             problem = problem or check_answer(rpc, answer)
     except grpc.RpcError as err:
         status, details = err.code().name, err.details() or ""
@@ -199,7 +199,7 @@ def send(call: Any, rpc: Rpc, case: Case) -> Outcome:
         status = "HANG"
     if problem is not None:
         status, details = problem
-    return Outcome(case, status, details, seconds, received)
+    return Outcome(case, status, details, seconds, received, largest)
 
 
 class ServerLog(logging.Handler):
@@ -239,12 +239,14 @@ class Summary:
     failures: list[Outcome] = field(default_factory=list)
     valid_ok: Counter[str] = field(default_factory=Counter)  # unmutated requests answered OK
     messages: Counter[str] = field(default_factory=Counter)  # answer messages received per RPC
+    largest: Counter[str] = field(default_factory=Counter)  # bytes of the largest, per RPC
     server_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def add(self, outcome: Outcome) -> None:
         self.counts[(outcome.case.rpc, outcome.status)] += 1
         self.messages[outcome.case.rpc] += outcome.received
+        self.largest[outcome.case.rpc] = max(self.largest[outcome.case.rpc], outcome.largest)
         if outcome.failed:
             self.failures.append(outcome)
         if outcome.status == "OK" and outcome.case.kind == "valid":

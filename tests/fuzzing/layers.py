@@ -5,6 +5,7 @@ extremes)."""
 
 from __future__ import annotations
 
+from service.api.layers import STREAM_CHUNK_BYTES  # layers.proto: each streamed message
 from sidelight.v1 import layers_pb2 as lpb
 from tests.fuzzing.core import (
     BUDGETS,
@@ -276,12 +277,12 @@ RPCS = (
         (m_string,)),
     Rpc("GetActivations", path("GetActivations"), lpb.ActivationChunk, 0.10, valid_activations,
         (a_input, a_input, a_inputs, a_layers, a_layers, a_reduction, a_k, m_string),
-        streaming="server", timeout=sometimes_short),
+        streaming="server", timeout=sometimes_short, message_limit=STREAM_CHUNK_BYTES),
     Rpc("GetWeights", path("GetWeights"), lpb.WeightsResponse, 0.04, valid_weights,
         (w_names, w_names, m_string)),
     Rpc("GetAttention", path("GetAttention"), lpb.AttentionChunk, 0.06, valid_attention,
         (a_input, a_input, a_inputs, a_reduction, m_string), streaming="server",
-        timeout=sometimes_short),
+        timeout=sometimes_short, message_limit=STREAM_CHUNK_BYTES),
     Rpc("Maximize", path("Maximize"), lpb.MaximizeResponse, 0.09, valid_maximize,
         (x_objective, x_index, x_target, x_start, x_start, x_bounds, x_bounds, x_budget, x_seed,
          x_steps, x_rates, x_rates, x_counts, m_string), timeout=maximize_timeout),
