@@ -29,7 +29,9 @@ SHORT_TIMEOUTS_S = (0.001, 0.01, 0.05, 0.2)  # deadline-only calls and unbounded
 UPLOAD_LIMIT = 1 << 20  # SIDELIGHT_MAX_UPLOAD_BYTES of the fuzzed server (small: cheap oversize)
 RECEIVE_LIMIT = UPLOAD_LIMIT + (1 << 20)  # the server's gRPC receive limit for that setting
 MAX_BACKGROUND_ROWS = 2000  # SIDELIGHT_MAX_BACKGROUND_ROWS of the fuzzed server
+UPLOADS_PER_CLIENT = 1000  # the fuzz clients' uploads get through (10,000 cases: ~1,100)
 SETTINGS = {"max_upload_bytes": UPLOAD_LIMIT, "max_background_rows": MAX_BACKGROUND_ROWS,
+            "uploads_per_client": UPLOADS_PER_CLIENT,
             "metrics_port": -1}  # overrides for tests.conftest.settings_for
 WIRE_SHARE = 0.12  # share of requests that are wire garbage rather than a message
 VALID_SHARE = 0.25  # share of message requests sent unmutated
