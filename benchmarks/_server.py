@@ -76,10 +76,13 @@ def plan(n: int, low_ms: float, high_ms: float, seed: int) -> list[float]:
 
 
 def call(stub: pb_grpc.ExplainerStub, model: str, x: np.ndarray, budget_ms: float,
-         timeout_s: float, use_budget: bool, seed: int = 1) -> Call:
-    """One Explain; budget_ms is sent only when use_budget (else the deadline sets it)."""
-    request = pb.ExplainRequest(model=model, inputs=[from_array("input", x[None])], seed=seed,
-                                budget_ms=budget_ms if use_budget else 0.0)
+         timeout_s: float, use_budget: bool, seed: int = 1, input_name: str = "input",
+         **fields: object) -> Call:
+    """One Explain; budget_ms is sent only when use_budget (else the deadline sets it).
+    `fields`: more ExplainRequest fields (method, groups, ...)."""
+    request = pb.ExplainRequest(model=model, inputs=[from_array(input_name, x[None])],
+                                seed=seed, budget_ms=budget_ms if use_budget else 0.0,
+                                **fields)  # type: ignore[arg-type]
     start = time.perf_counter()
     try:
         r = stub.Explain(request, timeout=timeout_s)

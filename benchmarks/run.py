@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("shapley", "trees", "trees_deep", "store", "metrics_overhead", "memory", "fuzz",
-            "gradients", "captum", "batch")
+            "gradients", "captum", "batch", "groups")
 OPTIONAL = {"captum": "the `captum` extra (torch, captum)"}  # sections skipped without it
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
