@@ -312,6 +312,9 @@ def test_owen_tables_are_fast_and_kept_per_hierarchy() -> None:
     assert first.size == 14_800 and first.leaf.size == context_count(quadtree((8, 8)))
     assert estimator.table(quadtree((8, 8))) is first  # an equal hierarchy hits the cache
     assert estimator.table(quadtree((4, 4))) is not first
+    start = time.perf_counter()
+    flat = estimator.table(Hierarchy.flat(16))  # 2^19 terms over every coalition
+    assert time.perf_counter() - start < 1.0 and flat.size == 2**16  # ~0.1 s alone
 
 
 def test_the_table_cache_is_bounded_in_bytes() -> None:

@@ -33,6 +33,7 @@ MAX_CONTEXTS = 2**20  # (leaf, sibling subset) pairs enumerated at most for the 
 EXACT_SHARE = 0.5  # the exact enumeration may use at most this share of the remaining time
 TABLE_BYTES = 64 * 1024 * 1024  # the formula's tables kept per estimator, in bytes at most
 MAX_TABLES = 16  # and at most this many hierarchies (an 8 x 8 quadtree's table: ~1 MB)
+DIRECT_BYTES = 2  # up to 16 leaves, distinct coalitions are found by direct addressing
 
 
 def context_count(h: Hierarchy) -> int:
@@ -116,15 +117,15 @@ def _child_terms(h: Hierarchy, kids: tuple[int, ...], i: int, members: Array
     """Terms through child kids[i]: every subset of its siblings (by binary code) joined to
     every context below the child."""
     c, others = len(kids), [k for k in kids if k != kids[i]]
-    codes = np.arange(2 ** (c - 1))
-    bits = (codes[:, None] >> np.arange(c - 1)) & 1  # (S, c - 1)
-    chosen = np.where(bits[:, :, None] == 1, members[others][None], 0)  # (S, c - 1, bytes)
-    subsets = np.bitwise_or.reduce(chosen, axis=1).astype(np.uint8)  # (S, bytes)
+    s = 2 ** (c - 1)
+    subsets = np.zeros((s, members.shape[1]), np.uint8)  # (S, bytes): bit j of code = others[j]
+    for j, sibling in enumerate(others):  # codes with bit j set = codes below it, plus others[j]
+        subsets[1 << j:2 << j] = subsets[:1 << j] | members[sibling]
     by_size = np.array([factorial(k) * factorial(c - k - 1) / factorial(c) for k in range(c)])
     leaf, ctx, factors = _contexts(h, kids[i], members)
-    s, k = codes.size, leaf.size
+    k = leaf.size
     joined = (subsets[:, None, :] | ctx[None]).reshape(s * k, -1)  # (S * Kc, bytes)
-    level = np.repeat(by_size[bits.sum(axis=1)], k)[:, None]  # (S * Kc, 1)
+    level = np.repeat(by_size[np.bitwise_count(np.arange(s))], k)[:, None]  # (S * Kc, 1)
     return np.tile(leaf, s), joined, np.concatenate([level, np.tile(factors, (s, 1))], axis=1)
 
 
@@ -215,12 +216,28 @@ def _distinct(leaf: Array, ctx: Array) -> tuple[Array, Array]:
     with_leaf = ctx.copy()
     with_leaf[np.arange(leaf.size), leaf >> 3] |= (128 >> (leaf & 7)).astype(np.uint8)
     both = np.concatenate([ctx, with_leaf])  # (2K, bytes)
+    if both.shape[1] <= DIRECT_BYTES:
+        return _distinct_direct(both)
     width = -(-both.shape[1] // 8) * 8
     words = np.ascontiguousarray(np.pad(both, ((0, 0), (0, width - both.shape[1]))))
     keys = words.view(">u8").ravel() if width == 8 else words.view(f"V{width}").ravel()
     unique, where = np.unique(keys, return_inverse=True)
     table = unique.view(np.uint8).reshape(-1, width)[:, :both.shape[1]]
     return np.ascontiguousarray(table), where.ravel()
+
+
+def _distinct_direct(both: Array) -> tuple[Array, Array]:
+    """_distinct for at most 16 leaves: keys index a table of every possible coalition (no
+    sort; a flat hierarchy over 16 groups has 2^19 terms)."""
+    keys = both[:, 0].astype(np.int64) << 8 * (DIRECT_BYTES - 1)  # (2K,) big-endian bits
+    if both.shape[1] > 1:
+        keys |= both[:, 1]
+    seen = np.zeros(1 << 8 * DIRECT_BYTES, bool)
+    seen[keys] = True
+    rank = np.cumsum(seen) - 1  # (2^16,) row of each coalition among the distinct ones
+    present = np.flatnonzero(seen)  # (distinct,) in lexicographic order of the bits
+    table = np.stack([present >> 8, present & 255], axis=1).astype(np.uint8)
+    return table[:, :both.shape[1]], rank[keys]
 
 
 def _values(model: Evaluator, x: Array, background: Background, groups: Groups,
