@@ -18,7 +18,7 @@ from explainers.masking import coalition_values
 from explainers.registry import build_registry
 
 TINY = groups.Config(image_rows=1, text_rows=1, table_rows=1, ref_pairs=50, cap_s=0.01,
-                     calls=2, sizes=(2,))
+                     owen_cap_s=0.01, calls=2, sizes=(2,))
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +78,8 @@ def test_time_to_counts_exact_steps_and_stalled_errors() -> None:
     exact = Curve("Sidelight auto", lambda i, n, s: np.zeros(1), [1, 2, 4],
                   seconds=[0.001, 0.002, 0.004], errors=[0.2, 0.0, 0.0])
     assert groups._time_to(exact, 0.05) == (0.002, False)
-    biased = Curve("shap", lambda i, n, s: np.zeros(1), [1, 2, 4],
-                   seconds=[0.001, 0.002, 0.004], errors=[0.2, 0.15, 0.149])
+    biased = Curve("shap", lambda i, n, s: np.zeros(1), [1, 2, 4, 8],
+                   seconds=[0.001, 0.002, 0.004, 0.008], errors=[0.2, 0.15, 0.149, 0.148])
     assert groups._time_to(biased, 0.05)[0] == float("inf")
     assert groups._times(groups._ratio(float("inf"), 0.002)) == "shap never"
 
