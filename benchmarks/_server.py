@@ -114,3 +114,8 @@ def run_calls(port: int, jobs: list[tuple[str, np.ndarray, float, float, bool]],
     for t in threads:
         t.join()
     return [r for r in results if r is not None]
+
+
+def p99_cell(values: np.ndarray) -> str:
+    """A table cell: the 99th percentile and how many values it rests on."""
+    return f"{np.percentile(values, 99):.2f} (n={values.size})" if values.size else "-"
