@@ -166,9 +166,9 @@ machine, the tables below are this run's):
   never reaches 5% there (*never*).
 - *Budget adherence of the anytime methods*: `permutation`, and `partition` on 64 pixels (its
   exact enumeration, 14,800 coalitions, needs half of a budget of ~80 ms at full speed and
-  more under load, so smaller budgets sample hierarchical orders), work until the server's deadline (the budget less 3 ms + 3%), so their
-  median call ends at 0.93-0.99 of the budget and any stall longer than that reserve shows in
-  the p99. These runs had a load average of 5-8 on 2 cores from other work: a model call
+  more under load, so smaller budgets sample hierarchical orders), work until the server's
+  deadline (the budget less 3 ms + 3%), so their median call ends at 0.93-0.99 of the budget
+  and any stall longer than that reserve shows in the p99. These runs had a load average of 5-8 on 2 cores from other work: a model call
   planned from the measured rows/s then waits for a core, and the estimator's own overrun
   (measured in process: p50 1.01, p90 1.1, max 1.7-1.9 of the budget given to it, at load 8)
   exceeds the reserve. On an idle machine the tabular models' serial p99 was 0.97 (Shapley
