@@ -146,34 +146,34 @@ def _scorecard(score: Score) -> str:
 WHY = """Why the misses (mechanisms; the figures vary by a few tenths between runs on this shared
 machine, the tables below are this run's):
 
-- *Images and text against one baseline row (~3-8x, not 10x)*: a coalition costs one model
-  row for both libraries (~2.5 µs on the CNN), and shap's PermutationExplainer is the same
-  estimator as Sidelight's sampler (antithetic permutations of the same game). Sidelight's
-  lead is the cost around each evaluation (shap builds every masked row through a Python
-  masker call per permutation and re-evaluates both end coalitions), and, at 16 groups and on
-  the texts (at most 12 tokens), exact enumeration (65,536 rows at most, ~0.2 s on the CNN)
-  where sampling would cost more. 10x at 5% would need fewer evaluations per unit of error on
-  single-baseline games, i.e. another estimator (regression-adjusted sampling, say), not less
-  overhead. At 64 patches paired KernelSHAP is 2-2.5x faster than the permutation sampler that
-  `auto` uses above 16 groups.
-- *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per
-  antithetic pair while shap evaluates every coalition on all 100 rows, so the lead is largest
-  at 1% (~15-20x). At 5% the better shap is its Partition explainer, whose Owen values over
-  the groups in order happen to lie within 5% of the Shapley values on this model (its floor,
-  4.95%, is just under the target): against shap's PermutationExplainer the lead is ~8x.
+- *Images and text against one baseline row (~3-8x, not 10x)*: a coalition costs one model row
+  for both libraries (~2.5 µs on the CNN), and shap's PermutationExplainer is the same estimator
+  as Sidelight's sampler (antithetic permutations of the same game). Sidelight's lead is the
+  cost around each evaluation (shap builds every masked row through a Python masker call per
+  permutation and re-evaluates both end coalitions), and, at 16 groups and on the texts (at most
+  12 tokens), exact enumeration (65,536 rows at most, ~0.2 s on the CNN) where sampling would
+  cost more. 10x at 5% would need fewer evaluations per unit of error on single-baseline games,
+  i.e. another estimator (regression-adjusted sampling, say), not less overhead. At 64 patches
+  paired KernelSHAP is 2-2.5x faster than the permutation sampler that `auto` uses above 16
+  groups.
+- *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per antithetic
+  pair while shap evaluates every coalition on all 100 rows, so the lead is largest at 1%
+  (~15-20x). At 5% the better shap is its Partition explainer, whose Owen values over the groups
+  in order happen to lie within 5% of the Shapley values on this model (its floor, 4.95%, is
+  just under the target): against shap's PermutationExplainer the lead is ~8x.
 - *shap Partition on Shapley references*: it estimates Owen values, which are not Shapley
   values; its error stops at the gap between the two (18-38% on the images and texts), so it
   never reaches 5% there (*never*).
 - *Budget adherence of the anytime methods*: `permutation`, and `partition` on 64 pixels (its
-  exact enumeration, 14,800 coalitions, needs half of a budget of ~80 ms at full speed and
-  more under load, so smaller budgets sample hierarchical orders), work until the server's
-  deadline (the budget less 3 ms + 3%), so their median call ends at 0.93-0.99 of the budget
-  and any stall longer than that reserve shows in the p99. These runs had a load average of 5-8 on 2 cores from other work: a model call
-  planned from the measured rows/s then waits for a core, and the estimator's own overrun
-  (measured in process: p50 1.01, p90 1.1, max 1.7-1.9 of the budget given to it, at load 8)
-  exceeds the reserve. On an idle machine the tabular models' serial p99 was 0.97 (Shapley
-  section); the default method on the digits (`partition`, exact over 16 patches in a few
-  ms) stays far below its budgets either way."""
+  exact enumeration, 14,800 coalitions, needs half of a budget of ~80 ms at full speed and more
+  under load, so smaller budgets sample hierarchical orders), work until the server's deadline
+  (the budget less 3 ms + 3%), so their median call ends at 0.93-0.99 of the budget and any
+  stall longer than that reserve shows in the p99. With a load average well above 2 (last column:
+  other work on the 2 cores) a model call planned from the measured rows/s waits for a core,
+  and the estimator's own overrun (measured in process: p50 1.01, p90 1.1, max 1.7-1.9 of the
+  budget given to it, at load 8) exceeds the reserve. On an idle machine the tabular models'
+  serial p99 was 0.97 (Shapley section); the default method on the digits (`partition`, exact
+  over 16 patches in a few ms) stays far below its budgets either way."""
 
 
 # --- 1. time to accuracy ----------------------------------------------------------------------
