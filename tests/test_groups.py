@@ -323,3 +323,18 @@ def test_the_table_cache_is_bounded_in_bytes() -> None:
     assert small._tables.nbytes <= 200_000 and len(small._tables) == 1
     small.table(quadtree((8, 8)))  # ~1 MB: not kept
     assert small._tables.nbytes <= 200_000 and len(small._tables) == 1
+
+
+def test_a_small_budget_samples_rather_than_build_a_large_table(
+        image: tuple[Array, Background]) -> None:
+    """32,768 terms (an 8 x 8 quadtree) take ~10 ms to tabulate: a 40 ms call samples at once
+    and builds nothing; a call with time to spare builds the table, and later calls use it."""
+    x, bg = image
+    estimator = PartitionOwen()
+    groups = patches(8)
+    quick = estimator.explain(Evaluator(image_model, 4096, 1e6), x, bg, Budget.of_seconds(0.04),
+                              np.random.default_rng(0), groups)
+    assert quick.samples > 0 and len(estimator._tables) == 0
+    estimator.explain(Evaluator(image_model, 4096, 1e6), x, bg, Budget.of_seconds(20.0),
+                      np.random.default_rng(0), groups)
+    assert len(estimator._tables) == 1

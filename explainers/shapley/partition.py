@@ -34,6 +34,8 @@ EXACT_SHARE = 0.5  # the exact enumeration may use at most this share of the rem
 TABLE_BYTES = 64 * 1024 * 1024  # the formula's tables kept per estimator, in bytes at most
 MAX_TABLES = 16  # and at most this many hierarchies (an 8 x 8 quadtree's table: ~1 MB)
 DIRECT_BYTES = 2  # up to 16 leaves, distinct coalitions are found by direct addressing
+TABLE_S_PER_TERM = 1e-6  # building a table, per (leaf, context) term: 0.2-0.4 us measured
+TABLE_SHARE = 0.25  # a table is built within a call only if it takes at most this share
 
 
 def context_count(h: Hierarchy) -> int:
@@ -179,6 +181,13 @@ class PartitionOwen:
         """The exact formula's table of `h`, from the cache or built (and kept)."""
         return self._tables.get_or_build(h, lambda: owen_table(h))
 
+    def _affordable(self, h: Hierarchy, terms: int, budget: Budget) -> bool:
+        """Whether the table is at hand, or building it takes a small share of the time left
+        (else a small budget would be spent on a table and leave nothing to sample with)."""
+        if self._tables.get(h) is not None:
+            return True
+        return terms * TABLE_S_PER_TERM <= TABLE_SHARE * budget.remaining()
+
     def explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
                 rng: np.random.Generator, groups: Groups | None = None) -> Explanation:
         """Exact when the distinct coalitions fit half the budget, else sampled."""
@@ -187,7 +196,8 @@ class PartitionOwen:
         if g.size < 2:
             raise InvalidArgument("groups: partition needs at least two groups")
         background = pinned(model, x, background, g)
-        if context_count(h) <= MAX_CONTEXTS:
+        terms = context_count(h)
+        if terms <= MAX_CONTEXTS and self._affordable(h, terms, budget):
             table = self.table(h)
             rows = table.size * background.rows
             fits_cap = budget.max_evaluations is None or rows <= budget.max_evaluations
