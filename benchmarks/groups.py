@@ -171,9 +171,12 @@ machine, the tables below are this run's):
   and any stall longer than that reserve shows in the p99. With a load average well above 2
   (last column: other work on the 2 cores) a model call planned from the measured rows/s waits
   for a core, and the estimator's own overrun (measured in process: p50 1.01, p90 1.1, max
-  1.7-1.9 of the budget given to it, at load 8) exceeds the reserve. On an idle machine the
-  tabular models' serial p99 was 0.97 (Shapley section); the default method on the digits
-  (`partition`, exact over 16 patches in a few ms) stays far below its budgets either way."""
+  1.7-1.9 of the budget given to it, at load 8) exceeds the reserve. Over six runs of this
+  section on 2026-12-02 at load averages 3-8, the p99 of `permutation` ranged 1.00-1.61 and that
+  of 64 pixels 0.99-1.77, the calls under 50 ms worst: a figure of the machine's load as much as
+  of the server. On an idle machine the tabular models' serial p99 was 0.97 (Shapley section);
+  the default method on the digits (`partition`, exact over 16 patches in a few ms) stays far
+  below its budgets either way."""
 
 
 # --- 1. time to accuracy ----------------------------------------------------------------------
