@@ -154,7 +154,7 @@ machine, the tables below are this run's):
   12 tokens), exact enumeration (65,536 rows at most, ~0.2 s on the CNN) where sampling would
   cost more. 10x at 5% would need fewer evaluations per unit of error on single-baseline games,
   i.e. another estimator (regression-adjusted sampling, say), not less overhead. At 64 patches
-  paired KernelSHAP is 1.7-2.4x faster than the permutation sampler that `auto` uses above 16
+  paired KernelSHAP is 1.7-2.8x faster than the permutation sampler that `auto` uses above 16
   groups.
 - *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per antithetic
   pair while shap evaluates every coalition on all 100 rows, so the lead is largest at 1%
@@ -168,15 +168,16 @@ machine, the tables below are this run's):
   exact enumeration, 14,800 coalitions, needs half of a budget of ~80 ms at full speed and more
   under load, so smaller budgets sample hierarchical orders), work until the server's deadline
   (the budget less 3 ms + 3%) whenever they sample, so such a call ends at ~0.95 of its budget
-  and any stall longer than that reserve shows in the p99. With a load average well above 2
-  (last column: other work on the 2 cores) a model call planned from the measured rows/s waits
-  for a core, and the estimator's own overrun (measured in process: p50 1.01, p90 1.1, max
-  1.7-1.9 of the budget given to it, at load 8) exceeds the reserve. Over six runs of this
-  section on 2026-12-02 at load averages 3-8, the p99 of `permutation` ranged 1.00-1.61 and that
-  of 64 pixels 0.99-1.77, the calls under 50 ms worst: a figure of the machine's load as much as
-  of the server. On an idle machine the tabular models' serial p99 was 0.97 (Shapley section);
-  the default method on the digits (`partition`, exact over 16 patches in a few ms) stays far
-  below its budgets either way."""
+  and any stall longer than that reserve shows in the p99. With a load average L well above 2
+  (last column: other work on the 2 cores) the process gets about 2/L of a core, so a round
+  planned from the rows/s measured a moment before takes up to L/2 times as long, and the
+  anytime loop only sees it after the round (measured in process at load 8: p50 1.01, p90 1.1,
+  max 1.7-1.9 of the budget given to the estimator). Over seven runs of this section on
+  2026-12-02 at load averages 3-8, the p99 of `permutation` ranged 1.00-1.63 and that of 64
+  pixels 0.99-2.79, the calls under 50 ms worst: a figure of the machine's load as much as of
+  the server. On an idle machine the tabular models' serial p99 was 0.97 (Shapley section); the
+  default method on the digits (`partition`, exact over 16 patches in a few ms) stays far below
+  its budgets either way."""
 
 
 # --- 1. time to accuracy ----------------------------------------------------------------------
