@@ -118,8 +118,8 @@ def _owen_cases(cfg: Config) -> list[Case]:
 
 def _intro(shapley: list[Case], owen: list[Case], quick: bool) -> str:
     lines = ["## Feature groups: images, text and one-hot blocks (issue 12)", "",
-             "Results first, tables after; the same columns as the Shapley section, with ms = "
-             "CPU milliseconds per explanation in sections 1 and 2.", "",
+             "In sections 1 and 2, ms = CPU milliseconds per explanation (see section 1).",
+             "",
              "Games (the service's ONNX adapter; digits explained for their predicted class "
              "against zeros, the model's default baseline; sentences for class *positive* "
              "against the mask token; the table against its 100 background rows):", "",
