@@ -31,6 +31,7 @@ from explainers.masking import (
     players_of,
     sample_rows,
 )
+from explainers.shapley.dummies import all_dummies, differences, live_game, with_dummies
 
 JACKKNIFE_GROUPS = 16
 
@@ -96,6 +97,17 @@ class KernelShap:
         """Check the budget can stop, then sample until it says stop."""
         require_stop_rule(budget)
         background = pinned(model, x, background, groups)
+        live = np.asarray(differences(x, background, groups, model.dtype).any(axis=0))
+        if not live.any():  # x equals every background row: every value is 0 exactly
+            return all_dummies(self.name, model(x[None])[0], background, live.size,
+                               model.evaluations)
+        game = live_game(groups, live, x.size)  # dummies (0 exactly) leave the game
+        if game is None:
+            return self._play(model, x, background, budget, rng, groups)
+        return with_dummies(self._play(model, x, background, budget, rng, game), live)
+
+    def _play(self, model: Evaluator, x: Array, background: Background, budget: Budget,
+              rng: np.random.Generator, groups: Groups | None) -> Explanation:
         if players_of(x, groups) == 1:
             return single_feature(self.name, model, x, background)
         return self._explain(model, x, background, budget, rng, groups)

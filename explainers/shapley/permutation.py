@@ -36,8 +36,12 @@ from explainers.anytime import require_stop_rule, run_rounds, single_feature
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.groups import Groups
 from explainers.masking import path_values, pinned, players_of
+from explainers.shapley.dummies import all_dummies, differences, live_game, with_dummies
+from explainers.shapley.moderation import moderate
 
 DOUBLE_EVERY = 2  # in the first sweep, one row in this many gets two pairs (the within spread)
+LEVER_MAX = 1.0  # fit the controls only if n * (their sample mean's leverage) is at most this
+RATIO_RANGE = (0.5, 2.0)  # the ratio estimator only where it scales the sample mean this much
 FOLD_CELLS = 2**18  # pair values held before they are folded into the per-row sums
 
 
@@ -88,9 +92,10 @@ class StratifiedSums:
     """Per-row sums of pair values (shifted by (f(x) - f(z)) / d against cancellation), from
     which the estimate and its two-stage standard error are read at any point."""
 
-    def __init__(self, background: Background, fx: Array, differs: Array | None = None) -> None:
+    def __init__(self, background: Background, fx: Array, differs: Array) -> None:
         self.bg, self.d = background, 0
-        self.differs = differs  # (rows, players) bool: z_b differs from x on the player
+        self.differs = differs  # (rows, players) bool: row b differs from x on player j
+        self.domain = background.weights @ differs  # (players,) weight where j can contribute
         self.total = fx - background.base_values  # (outputs,)
         self.shift = (fx[None] - background.predictions)  # (rows, outputs), divided by d later
         self.count = np.zeros(background.rows)  # pairs per row
@@ -138,18 +143,9 @@ class StratifiedSums:
             phi, var, dof = self._stratified(means, within)
         else:
             phi, var, dof = self._first_sweep(seen, means, within)
-        exact = self._domain() == 0  # (players,) x equals every background row there
+        exact = self.domain == 0  # (players,) x equals every background row there
         phi[exact], var[exact] = 0.0, 0.0
         return phi.T, np.sqrt(var).T, dof.T
-
-    def _D(self) -> Array:
-        if self.differs is None:
-            return np.ones((self.bg.rows, self.d), dtype=bool)
-        return self.differs
-
-    def _domain(self) -> Array:
-        """M_j: background weight of the rows where player j differs from x: (players,)."""
-        return np.asarray(self.bg.weights @ self._D())
 
     def notes(self) -> tuple[str, ...]:
         """Say so when the budget ended before every background row was visited."""
@@ -168,7 +164,7 @@ class StratifiedSums:
         k = self.count[multi] - 1  # (rows,) dof of each row's sum of squares
         n = self.count[multi, None, None]
         ss = np.maximum(self.sq[multi] - self.sum[multi] ** 2 / n, 0.0)  # (rows, features, out)
-        D = self._D()[multi].astype(np.float64)  # (rows, players)
+        D = self.differs[multi].astype(np.float64)  # (rows, players)
         ss = ss * D[:, :, None]
         lam = self.bg.rows * self.bg.weights[multi]  # 1 for a uniform background
         num = np.einsum("b,bdk->dk", lam, ss)
@@ -177,9 +173,8 @@ class StratifiedSums:
         spread = np.einsum("b,bdk->dk", lam**2 / (k + 2), ss**2)  # Satterthwaite, from s^4
         dof = np.where(den[:, None] > 0, _dof(num ** 2, spread, float(k.sum())), 0.0)
         dof = np.minimum(dof, (k @ D)[:, None])
-        if os.environ.get("WITHIN_PRIOR", "1") == "1":
-            var, dof = _moderate(var, dof, np.ones(var.shape[0]), self._domain() > 0,
-                                 rows=multi.size)
+        live = (self.domain > 0).astype(np.float64)  # per domain row already: scale 1
+        var, dof = moderate(var, dof, live, multi.size)
         return Within(var, np.maximum(dof, 1.0))
 
     def _stratified(self, means: Array, within: Within | None) -> tuple[Array, Array, Array]:
@@ -188,7 +183,7 @@ class StratifiedSums:
         phi = np.einsum("b,bdk->dk", w, means)  # (features, outputs)
         if within is None:  # one pair per row and no repeats: only with a single pair drawn
             return phi, np.full(phi.shape, np.inf), np.ones(phi.shape)
-        share = (w**2 / self.count) @ self._D()  # (players,)
+        share = (w**2 / self.count) @ self.differs  # (players,)
         return phi, within.var * share[:, None], within.dof
 
     def _first_sweep(self, seen: Array, means: Array,
@@ -203,99 +198,14 @@ class StratifiedSums:
         fit = _regression(y, c, None if uniform else scale - 1.0, self.total)
         if nv < 2:
             return fit.phi, np.full(fit.phi.shape, np.inf), np.ones(fit.phi.shape)
-        M = self._domain()
-        rms = np.sqrt(np.mean(y**2, axis=0) / np.maximum(M, 1e-300)[:, None])  # (players, out)
-        bvar, bdof = _moderate(fit.var, fit.dof, M, M > 0, rms, nv)
+        bvar, bdof = moderate(fit.var, fit.dof, self.domain, nv)
         f = nv / B
         between = (1 - f) * bvar / nv  # (features, outputs)
         inner = within or Within(bvar, bdof)
-        share = (scale**2 / self.count[seen]) @ self._D()[seen] / nv  # (players,)
+        share = (scale**2 / self.count[seen]) @ self.differs[seen] / nv  # (players,)
         part = inner.var * (f / nv) * share[:, None]
         dof = (between + part) ** 2 / (between**2 / bdof + part**2 / inner.dof + 1e-300)
         return fit.phi, between + part, np.maximum(dof, 1.0)
-
-
-import os
-PRIOR_DOF = float(os.environ.get("PRIOR_DOF", "2"))
-PRIOR_Q = float(os.environ.get("PRIOR_Q", "50"))
-LOCAL = float(os.environ.get("LOCAL", "0"))
-N0 = float(os.environ.get("N0", "0"))
-POW = float(os.environ.get("POW", "1"))
-LEVER_MAX = float(os.environ.get("LEVER_MAX", "1"))
-RATIO_FALLBACK = os.environ.get("RATIO_FALLBACK", "1") == "1"
-MAXONLY = os.environ.get("MAXONLY", "0") == "1"
-
-
-def _moderate(var: Array, dof: Array, domain: Array, live: Array,
-              scale: Array | None = None, rows: int = 0) -> tuple[Array, Array]:
-    """Empirical-Bayes moderated variances (Smyth 2004): each player's variance pooled with a
-    prior from the other players, domain-scaled; the prior adds PRIOR_DOF dof."""
-    if not np.any(live):
-        return var, dof
-    per = var / np.maximum(domain, 1e-300)[:, None]  # (players, outputs)
-    if os.environ.get("LIMMA", "0") == "1":
-        var, dof = _limma(var, dof, domain, live, per)
-        if PRIOR_DOF <= 0:
-            return var, dof
-    if LOCAL <= 0 or scale is None:
-        prior = np.percentile(per[live], PRIOR_Q, axis=0)[None, :] * domain[:, None]
-    else:
-        prior = np.empty_like(var)
-        idx = np.flatnonzero(live)
-        w = max(3, int(LOCAL * idx.size))
-        for o in range(var.shape[1]):
-            order = idx[np.argsort(scale[idx, o], kind="stable")]
-            p = per[order, o]
-            for r, j in enumerate(order):
-                lo = min(max(0, r - w // 2), max(0, idx.size - w))
-                prior[j, o] = np.percentile(p[lo:lo + w], PRIOR_Q) * domain[j]
-        prior[~live] = 0.0
-    n0 = PRIOR_DOF * (min(1.0, N0 / rows) ** POW if rows and N0 > 0 else 1.0)
-    out = (n0 * prior + dof * var) / (n0 + dof)
-    newdof = dof + n0
-    if MAXONLY:
-        up = out > var
-        return np.where(up, out, var), np.where(up, newdof, np.maximum(dof, 1.0))
-    return out, newdof
-
-
-def _trigamma_inverse(y: float) -> float:
-    from scipy.special import polygamma
-    x = 0.5 + 1.0 / y
-    for _ in range(50):
-        tri = float(polygamma(1, x))
-        dif = tri * (1 - tri / y) / float(polygamma(2, x))
-        x += dif
-        if -dif / x < 1e-8:
-            break
-    return x
-
-
-NU_MAX = float(os.environ.get("NU_MAX", "1e6"))
-NU_MIN = float(os.environ.get("NU_MIN", "0"))
-
-
-def _limma(var: Array, dof: Array, domain: Array, live: Array, per: Array) -> tuple[Array, Array]:
-    from scipy.special import digamma, polygamma
-    out, newdof = var.copy(), dof.copy()
-    for o in range(var.shape[1]):
-        ok = live & (per[:, o] > 0)
-        if ok.sum() < 3:
-            nu0, s0 = 0.0, 0.0
-        else:
-            nu = dof[ok, o]
-            e = np.log(per[ok, o]) - digamma(nu / 2) + np.log(nu / 2)
-            evar = e.var(ddof=1) - float(np.mean(polygamma(1, nu / 2)))
-            if evar > 0:
-                nu0 = 2 * _trigamma_inverse(evar)
-                s0 = float(np.exp(e.mean() + digamma(nu0 / 2) - np.log(nu0 / 2)))
-            else:
-                nu0, s0 = np.inf, float(np.exp(e.mean()))
-        nu0 = min(max(nu0, NU_MIN), NU_MAX)
-        prior = s0 * domain
-        out[:, o] = (nu0 * prior + dof[:, o] * var[:, o]) / (nu0 + dof[:, o])
-        newdof[:, o] = dof[:, o] + nu0
-    return out, newdof
 
 
 @dataclass(frozen=True)
@@ -316,12 +226,9 @@ class Fit:
 
 
 def _tail_dof(e2: Array, cap: float) -> Array:
-    """dof of a variance from squared residuals e2 (n, features): 2n / (kurtosis - 1)."""
-    n = e2.shape[0]
-    s2, s4 = e2.sum(axis=0) ** 2, (e2**2).sum(axis=0)
-    if os.environ.get("DOFMODE", "0") == "1":
-        return _dof(2 * n * s2, n * s4 - s2, cap)
-    return _dof(3 * s2, s4, cap)
+    """dof of a variance from squared residuals e2 (n, features), discounted for heavy tails
+    (kurtosis), at most `cap`."""
+    return _dof(3 * e2.sum(axis=0) ** 2, (e2**2).sum(axis=0), cap)
 
 
 def _dof(square_of_sum: Array, sum_of_fourth: Array, cap: float) -> Array:
@@ -332,37 +239,40 @@ def _dof(square_of_sum: Array, sum_of_fourth: Array, cap: float) -> Array:
 
 
 def _regression(y: Array, c: Array, c2: Array | None, total: Array) -> Fit:
-    """Regression estimate of mean(y) given controls whose population mean is 0.
+    """Estimate of mean(y) from the visited rows, per output (see _one_output).
 
     y: (n, features, outputs); c: (n, outputs), f(z) - E f, one control per output; c2: (n,)
-    or None, B w_b - 1 for weighted backgrounds. Least squares is linear in y, and
-    sum_i y_i = total (1 + c2) - c, so the coefficients add up to (-1, total) and the
-    attributions to total; so do the fixed coefficients that split those sums evenly, used
-    when there are too few rows for a fit or when the fit's estimated variance is the larger
-    (rows whose controls barely vary make the fit extrapolate: estimates off by 100x the
-    attributions were measured on digits at 6 rows).
-    """
-    n, d, k = y.shape
-    parts = []
-    for o in range(k):
-        C = c[:, o:o + 1] if c2 is None else np.column_stack([c[:, o], c2])  # (n, controls)
-        even = np.tile(np.array([-1.0, total[o]])[:C.shape[1], None] / d, (1, d))
-        found = [_controlled(y[:, :, o], C, even, 0.0, max(n - 1, 1))]
-        fitted = None
-        if n >= C.shape[1] + 3:
-            Cc = C - C.mean(axis=0)  # (n, controls) centred
-            P = np.linalg.pinv(Cc)  # (controls, n)
-            beta = P @ (y[:, :, o] - y[:, :, o].mean(axis=0))  # (controls, features)
-            lever = float(np.sum((C.mean(axis=0) @ P) ** 2))
-            fitted = _controlled(y[:, :, o], C, beta, lever, n - 1 - C.shape[1])
-            if n * lever <= LEVER_MAX:
-                found = [fitted]
-        if len(found) == 1 and found[0] is not fitted and RATIO_FALLBACK and c2 is None and n >= 2:
-            found = [_ratio(y[:, :, o], float(total[o]))]
-        if os.environ.get("MINVAR", "0") == "1" and fitted is not None:
-            found.append(fitted)
-        parts.append(min(found, key=lambda fit: float(np.sum(fit.var))))
+    or None, B w_b - 1 for weighted backgrounds; total: (outputs,) f(x) - E f."""
+    parts = [_one_output(y[:, :, o], c[:, o], c2, float(total[o])) for o in range(y.shape[2])]
     return Fit(*(np.stack([getattr(p, a) for p in parts], axis=1) for a in ("phi", "var", "dof")))
+
+
+def _one_output(y: Array, c: Array, c2: Array | None, total: float) -> Fit:
+    """The regression estimator on the controls whose population mean is 0, when the visited
+    rows span them (their sample mean within one sample deviation of 0: LEVER_MAX); else the
+    ratio estimator on t = f(x) - f(z); else the controls' coefficients split evenly.
+
+    Each is additive: sum_i y_i = total (1 + c2) - c row by row, so least squares, whose
+    coefficients are linear in y, gives coefficients adding up to (-1, total), as does the
+    even split, and the ratio estimator scales sums that add up. A fit on rows whose controls
+    barely vary extrapolates: estimates 100x the attributions were measured on digits with 6
+    rows visited, all of another class than x (f(z) ~ 0 for each); the ratio estimator is
+    exact there, each row's contributions being proportional to its f(x) - f(z).
+    """
+    n, d = y.shape
+    C = c[:, None] if c2 is None else np.column_stack([c, c2])  # (n, controls)
+    if n >= C.shape[1] + 3:
+        Cc = C - C.mean(axis=0)  # (n, controls) centred
+        P = np.linalg.pinv(Cc)  # (controls, n)
+        lever = float(np.sum((C.mean(axis=0) @ P) ** 2))  # beta's noise at the sample mean
+        if n * lever <= LEVER_MAX:
+            beta = P @ (y - y.mean(axis=0))  # (controls, features)
+            return _controlled(y, C, beta, lever, n - 1 - C.shape[1])
+    t = y.sum(axis=1)  # (n,) f(x) - f(z) of each visited row
+    if c2 is None and n >= 2 and RATIO_RANGE[0] <= total / (t.mean() or np.inf) <= RATIO_RANGE[1]:
+        return _ratio(y, t, total)
+    even = np.tile(np.array([-1.0, total])[:C.shape[1], None] / d, (1, d))
+    return _controlled(y, C, even, 0.0, max(n - 1, 1))
 
 
 def _controlled(y: Array, C: Array, beta: Array, lever: float, cap: int) -> Fit:
@@ -377,17 +287,14 @@ def _controlled(y: Array, C: Array, beta: Array, lever: float, cap: int) -> Fit:
     return Fit(phi, var, _tail_dof(e2, cap))
 
 
-def _ratio(y: Array, total: float) -> Fit:
-    """The ratio estimator total * mean(y) / mean(t), t = y summed over players (each row's
-    f(x) - f(z)): additive, and exact where y is proportional to t (Cochran ch. 6)."""
+def _ratio(y: Array, t: Array, total: float) -> Fit:
+    """The ratio estimator total * mean(y) / mean(t) (Cochran, ch. 6): y (n, features), t (n,)
+    the rows' sums of y, whose population mean is total. Its residual variance carries the
+    factor (total / mean(t))^2 of the ratio's linearisation."""
     n = y.shape[0]
-    t = y.sum(axis=1)  # (n,)
-    tbar = float(t.mean())
-    if abs(tbar) < 1e-12 * max(float(np.abs(t).max()), 1e-300):
-        return Fit(np.zeros(y.shape[1]), np.full(y.shape[1], np.inf), np.ones(y.shape[1]))
-    R = y.mean(axis=0) / tbar  # (features,)
-    e2 = (y - t[:, None] * R[None]) ** 2
-    var = e2.sum(axis=0) / (n - 1) * (total / tbar) ** 2
+    R = y.mean(axis=0) / t.mean()  # (features,)
+    e2 = (y - t[:, None] * R[None]) ** 2  # (n, features)
+    var = e2.sum(axis=0) / (n - 1) * (total / t.mean()) ** 2
     return Fit(R * total, var, _tail_dof(e2, n - 1))
 
 
@@ -414,15 +321,28 @@ class PermutationShapley:
         """Check the budget can stop, then sample until it says stop."""
         require_stop_rule(budget)
         background = pinned(model, x, background, groups)
+        differs = differences(x, background, groups, model.dtype)  # (rows, players)
+        live = np.asarray(differs.any(axis=0))  # (players,) the others are dummies: 0 exactly
+        if not live.any():
+            return all_dummies(self.name, model(x[None])[0], background, live.size,
+                               model.evaluations)
+        game = live_game(groups, live, x.size)
+        if game is None:
+            return self._play(model, x, background, budget, rng, groups, differs)
+        return with_dummies(self._play(model, x, background, budget, rng, game,
+                                       differs[:, live]), live)
+
+    def _play(self, model: Evaluator, x: Array, background: Background, budget: Budget,
+              rng: np.random.Generator, groups: Groups | None, differs: Array) -> Explanation:
         if players_of(x, groups) == 1:
             return single_feature(self.name, model, x, background)
-        return self._explain(model, x, background, budget, rng, groups)
+        return self._explain(model, x, background, budget, rng, groups, differs)
 
     def _explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
-                 rng: np.random.Generator, groups: Groups | None) -> Explanation:
+                 rng: np.random.Generator, groups: Groups | None,
+                 differs: Array) -> Explanation:
         fx = model(x[None])[0]  # (outputs,)
         d = players_of(x, groups)
-        differs = _differs(x, background, groups, model.dtype)
         sums, sweeps = StratifiedSums(background, fx, differs), RowSweeps(background.rows, rng)
 
         def sample(n: int) -> None:
@@ -455,15 +375,3 @@ class PermutationShapley:
         m = path_marginals(path, ranks)  # (2n, players, outputs)
         return np.asarray(0.5 * (m[:n] + m[n:]))
 
-
-def _differs(x: Array, background: Background, groups: Groups | None, dtype: type) -> Array:
-    """(rows, players) bool: whether background row b differs from x on player j, in the
-    model's input type (bitwise, as the masked rows are built)."""
-    it = np.int32 if np.dtype(dtype).itemsize == 4 else np.int64
-    xi = x.astype(dtype).view(it)
-    zi = np.ascontiguousarray(background.data, dtype=dtype).view(it)
-    diff = zi != xi[None]  # (rows, elements)
-    if groups is None:
-        return diff
-    onehot = groups.index[:, None] == np.arange(groups.size)[None]  # (elements, players)
-    return np.asarray((diff.astype(np.int64) @ onehot) > 0)

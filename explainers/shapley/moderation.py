@@ -1,0 +1,84 @@
+"""Moderated variances: each player's sampling variance pooled with a prior drawn from all the
+players of the same explanation, so that a player whose own sample shows no spread (none of
+the rows that carry its contribution was visited yet, or each was visited once) still gets an
+honest, non-zero error bar.
+
+Two priors, both scaled by the player's domain (the background weight of the rows where it
+differs from x: elsewhere its contribution is exactly 0):
+
+- empirical Bayes (Smyth 2004, limma's `fitFDist`): the players' log variances give a prior
+  variance s0^2 and its strength d0 (small when the players' variances differ by more than
+  their own sampling spread explains, large when they agree); each variance becomes
+  (d0 s0^2 + d s^2) / (d0 + d) with d0 + d degrees of freedom;
+- with few rows (below about 12), where every player's variance rests on a handful of rows and
+  d0 cannot be told from noise, a fixed prior of SMALL_DOF dof at the SMALL_QUANTILE-th
+  percentile of the players' variances, fading as (SMALL_ROWS / rows)^SMALL_POWER.
+
+Measured on a 64-feature digits MLP (probability and logit), a 50-feature Friedman MLP and
+LightGBM with defaults (docs/benchmarks.md): coverage of the 95% intervals 93-97% from 6 pairs
+up; without the small-sample prior, 77-90% below 16 pairs on digits' probabilities; with it at
+full strength everywhere, 97-98% on LightGBM's sparse attributions at 30-100 pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import digamma, polygamma
+
+from explainers.base import Array
+
+SMALL_DOF = 2.0  # strength of the few-rows prior at full weight
+SMALL_QUANTILE = 70.0  # its level: the players' variances are skewed (chi-square, few dof)
+SMALL_ROWS, SMALL_POWER = 8.0, 6.0  # full weight up to 8 rows, 1/10 at 12, ~0 past 16
+
+
+def moderate(var: Array, dof: Array, domain: Array, rows: int) -> tuple[Array, Array]:
+    """Moderated variances and their dof, each (players, outputs).
+
+    var, dof: each player's own variance and dof; domain: (players,) the background weight
+    where the player can contribute (0: exactly determined, left as it is); rows: the
+    background rows the variances rest on."""
+    live = domain > 0
+    if not np.any(live):
+        return var, dof
+    per = var / np.maximum(domain, 1e-300)[:, None]  # (players, outputs) per unit of domain
+    prior, strength = _empirical_bayes(per, dof, live)  # (outputs,), (outputs,)
+    pooled = (strength * prior + dof * per) / np.maximum(strength + dof, 1e-300)
+    weight = SMALL_DOF * min(1.0, SMALL_ROWS / max(rows, 1)) ** SMALL_POWER
+    small = np.percentile(pooled[live], SMALL_QUANTILE, axis=0)  # (outputs,)
+    total = strength + weight + dof  # (players, outputs)
+    out = (strength * prior + weight * small + dof * per) / np.maximum(total, 1e-300)
+    return (np.where(live[:, None], out * domain[:, None], var),
+            np.where(live[:, None], total, dof))
+
+
+def _empirical_bayes(per: Array, dof: Array, live: Array) -> tuple[Array, Array]:
+    """Prior variance s0^2 and prior dof d0 per output from the players with a positive
+    variance (Smyth 2004, section 6.2); d0 is at most the best-measured player's own dof (the
+    players share their rows, so the prior cannot know more than the best of them)."""
+    k = per.shape[1]
+    prior, strength = np.zeros(k), np.zeros(k)
+    for o in range(k):
+        ok = live & (per[:, o] > 0) & (dof[:, o] > 0)
+        if np.count_nonzero(ok) < 3:
+            continue
+        half = dof[ok, o] / 2
+        e = np.log(per[ok, o]) - digamma(half) + np.log(half)  # (players,)
+        excess = float(e.var(ddof=1) - np.mean(polygamma(1, half)))
+        d0 = 2 * _trigamma_inverse(excess) if excess > 0 else np.inf
+        d0 = min(d0, float(dof[ok, o].max()))
+        prior[o] = np.exp(e.mean() + digamma(d0 / 2) - np.log(d0 / 2))
+        strength[o] = d0
+    return prior, strength
+
+
+def _trigamma_inverse(y: float) -> float:
+    """x with trigamma(x) = y, by Newton's method from 0.5 + 1/y (as limma does)."""
+    x = 0.5 + 1.0 / y
+    for _ in range(50):
+        tri = float(polygamma(1, x))
+        step = tri * (1 - tri / y) / float(polygamma(2, x))
+        x += step
+        if -step / x < 1e-8:
+            break
+    return x
