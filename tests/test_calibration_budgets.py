@@ -235,7 +235,7 @@ def test_no_zero_width_interval_for_a_player_whose_rows_were_not_visited() -> No
     for seed in range(20):
         seen: list[bool] = []
 
-        def g(X: Array) -> Array:
+        def g(X: Array, seen: list[bool] = seen) -> Array:
             seen.append(bool(np.any(X[:, 0] == data[17, 0])))  # row 17 in a masked row
             return f(X)
 

@@ -92,9 +92,10 @@ class Admission:
 
 
 def least_seconds(method: str, players: int, references: int, rows_per_second: float,
-                  tree: bool = False) -> float:
+                  tree: bool = False, exact_factor: float = 1.0) -> float:
     """The least compute (seconds) a method needs before it can answer one row with `players`
-    players against `references` reference rows, at the model's measured speed."""
+    players against `references` reference rows, at the model's measured speed (exact: times
+    its measured wall factor, the time its answers take per second of model time)."""
     rate = max(rows_per_second, 1.0)
     d, bg = max(players, 1), max(references, 1)
     key = method.strip().lower() or "auto"
@@ -107,5 +108,6 @@ def least_seconds(method: str, players: int, references: int, rows_per_second: f
     if key in ("auto", "permutation", "partition"):
         return FIXED_S + sampler
     if key in rows:
-        return FIXED_S + (SAMPLER_ROUNDS if key == "kernel" else 1.0) * rows[key] / rate
+        factor = {"kernel": SAMPLER_ROUNDS, "exact": exact_factor}.get(key, 1.0)
+        return FIXED_S + factor * rows[key] / rate
     return FIXED_S + 8 / rate  # gradient methods: a few passes
