@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -43,6 +44,7 @@ METHODS = ("permutation", "kernel")
 BACKGROUND = 100
 REFERENCE_PAIRS = 200
 REPO = CACHE / "calibration_repo"
+BEFORE = Path(__file__).with_name("calibration_before.md")  # measured once, with its command
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,8 @@ def _covered(values: Array, lo: Array, hi: Array, se: Array, truth: Array,
     """Inside the interval widened by the reference's own noise; zero width: exact match."""
     half, mid = (hi - lo) / 2, (hi + lo) / 2
     exact = half == 0
-    widened = half * np.sqrt(1 + (truth_se / np.maximum(se, 1e-300)) ** 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        widened = half * np.sqrt(1 + (truth_se / np.maximum(se, 1e-300)) ** 2)
     inside = np.where(exact, np.abs(values - truth) <= 1e-9 * (1 + np.abs(truth)),
                       np.abs(mid - truth) <= widened)
     return inside, int(np.sum(exact & ~inside))
@@ -310,7 +313,7 @@ def _table(targets: list[Target], cells: dict[tuple[str, str, str, float], Cell]
               f"{sum(c.inside.size for c in every):,} (row, feature) pairs; {share} of "
               f"{len(every)} cells within 93-97%. A cell holds {rows} rows x 40-64 features: "
               "its binomial spread is about +-1-1.5 points, more with the correlation between "
-              "one row's features."]
+              "one row's features.", "", BEFORE.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

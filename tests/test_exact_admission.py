@@ -4,11 +4,8 @@ choice and admission at arrival all use it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import numpy as np
-import onnx
 import pytest
 
 from explainers.base import SAFETY, Background, Budget, Evaluator
@@ -16,12 +13,11 @@ from explainers.errors import ResourceExhausted
 from explainers.shapley.auto import AutoShapley
 from explainers.shapley.exact import WALL_PRIOR, ExactShapley
 from explainers.shapley.permutation import PermutationShapley
-from service.api.server import Sidelight, start
+from service.api.server import Sidelight
 from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
-from tests.conftest import settings_for
-from tests.test_scheduling import slow_model
+from tests.test_scheduling import exact_app  # noqa: F401  (the 8-feature slow model)
 
 D, ROWS = 6, 10
 NEEDED = (2**D - 2) * ROWS + 1  # model rows of an exact answer
@@ -73,18 +69,6 @@ def test_auto_samples_when_exacts_learned_cost_exceeds_its_share() -> None:
         assert auto.choose(ev, D, bg, budget).name == chosen
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidelight]:
-    root = tmp_path_factory.mktemp("exact_learned")
-    (root / "slow8" / "1").mkdir(parents=True)
-    onnx.save(slow_model(8), root / "slow8" / "1" / "model.onnx")
-    np.save(root / "slow8" / "bg.npy", np.random.default_rng(1).normal(size=(30, 8)))
-    (root / "slow8" / "explain.yaml").write_text("background: {path: bg.npy}\n")
-    app = start(settings_for(root, metrics_port=-1, drift_enabled=False))
-    yield app
-    app.stop(grace=0)
-
-
 def _exact(app: Sidelight, budget_ms: float) -> pb.ExplainResponse:
     X = np.random.default_rng(2).normal(size=(1, 8)).astype(np.float32)
     with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -94,7 +78,8 @@ def _exact(app: Sidelight, budget_ms: float) -> pb.ExplainResponse:
 
 
 def test_the_service_learns_exacts_cost_and_refuses_what_it_no_longer_fits(
-        app: Sidelight) -> None:
+        exact_app: Sidelight) -> None:  # noqa: F811
+    app = exact_app
     onnx_model = app.data_plane().repo.get("slow8").onnx
     r = _exact(app, 3000)
     assert r.rows[0].method == "exact"
