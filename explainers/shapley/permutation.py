@@ -23,6 +23,16 @@ Measured against independent rows per pair with the same control variate (docs/b
 and the report of issue 3): 3-6x less variance per model evaluation once the rows are covered.
 Ridge-penalised feature controls in the first sweep cut its variance by up to 1.7x more but
 under-covered by 1-3 points, so they are not used.
+
+Error bars that hold at small budgets (issue 17). A player whose value in background row b
+equals x's is a dummy of the game against b: its contribution there is exactly 0, so each
+player's error comes only from the rows where it differs (its domain), and a player that
+differs in no row is exactly 0 (dummies.py). Each player's variances, between rows in the
+first sweep and within rows, are moderated with a prior from all the players
+(moderation.py), so a player none of whose contributing rows were visited, or each visited
+once, still gets a standard error, with the dof that prior carries. With fewer than
+MIN_FIT_ROWS rows, or rows whose f(z) barely vary, the controls are not fitted (the ratio
+estimator or an even split instead); the least answer is MIN_PAIRS pairs.
 """
 
 from __future__ import annotations
