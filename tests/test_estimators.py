@@ -252,12 +252,15 @@ def test_weighted_backgrounds_converge_to_exact_and_stay_additive(method: str) -
 
 def test_row_sweeps_visit_every_row_before_any_twice() -> None:
     """The first sweep gives every row one pair (every DOUBLE_EVERY-th row two, back to back);
-    each later sweep is a fresh order of all rows."""
+    then the rows it visited once get their second pair, so every row has two; each later
+    sweep is a fresh order of all rows."""
     sweeps = RowSweeps(10, np.random.default_rng(0))
     first = sweeps.take(10 + 10 // DOUBLE_EVERY)
     rows, counts = np.unique(first, return_counts=True)
     assert rows.tolist() == list(range(10)) and counts.sum() == first.size
     assert sorted(counts.tolist()) == [1] * (10 - 10 // DOUBLE_EVERY) + [2] * (10 // DOUBLE_EVERY)
+    seconds = sweeps.take(10 - 10 // DOUBLE_EVERY)
+    assert sorted(seconds.tolist()) == rows[counts == 1].tolist()
     later = sweeps.take(25)
     for k in (0, 10):
         assert sorted(later[k:k + 10].tolist()) == list(range(10))

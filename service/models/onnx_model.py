@@ -116,6 +116,7 @@ class OnnxModel:
         self.layout = Layout.static_of(self.inputs)
         self.chunk_rows = 4096
         self.rows_per_second = 1e5
+        self.wall_factors: dict[str, float] = {}  # per method, learned (plane/rows.py)
         self._columns: dict[str, int] = {}
 
     @property

@@ -5,7 +5,7 @@ the cores are shared among one more call. Otherwise it is shed at once, with a r
 The model: admitted calls share the cores (the scheduler hands them round, earliest deadline
 first), so with n calls on c cores each progresses at min(1, c / n) of a core; a call's least
 cost is what its method needs before it can answer at all (exact: every coalition, with the
-margin its own check keeps; a sampler: its first two units; tree: its measured speed), in
+margin its own check keeps; a sampler: its least pairs (MIN_PAIRS); tree: its measured speed), in
 seconds at the model's speed as the last calls measured it (contention included); a call's
 remaining least cost falls as it computes. A call too slow even alone is let through: its
 method refuses it at once, naming what it needs.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from explainers.base import SAFETY
 from explainers.errors import ResourceExhausted
+from explainers.shapley.permutation import MIN_PAIRS
 from service.plane.scheduler import Control
 
 FIXED_S = 0.001  # per call beyond its model rows: Python around the estimators
@@ -91,13 +92,14 @@ class Admission:
 
 
 def least_seconds(method: str, players: int, references: int, rows_per_second: float,
-                  tree: bool = False) -> float:
+                  tree: bool = False, exact_factor: float = 1.0) -> float:
     """The least compute (seconds) a method needs before it can answer one row with `players`
-    players against `references` reference rows, at the model's measured speed."""
+    players against `references` reference rows, at the model's measured speed (exact: times
+    its measured wall factor, the time its answers take per second of model time)."""
     rate = max(rows_per_second, 1.0)
     d, bg = max(players, 1), max(references, 1)
     key = method.strip().lower() or "auto"
-    sampler = SAMPLER_ROUNDS * (1 + 4 * (d - 1)) / rate  # two antithetic pairs, one row each
+    sampler = SAMPLER_ROUNDS * (1 + 2 * MIN_PAIRS * (d - 1)) / rate  # its least pairs
     if key == "tree" or (key == "auto" and tree):
         return FIXED_S
     rows = {"exact": ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
@@ -106,5 +108,6 @@ def least_seconds(method: str, players: int, references: int, rows_per_second: f
     if key in ("auto", "permutation", "partition"):
         return FIXED_S + sampler
     if key in rows:
-        return FIXED_S + (SAMPLER_ROUNDS if key == "kernel" else 1.0) * rows[key] / rate
+        factor = {"kernel": SAMPLER_ROUNDS, "exact": exact_factor}.get(key, 1.0)
+        return FIXED_S + factor * rows[key] / rate
     return FIXED_S + 8 / rate  # gradient methods: a few passes

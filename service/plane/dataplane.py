@@ -29,6 +29,7 @@ from explainers.errors import (
 from explainers.memory import ByteLru, nbytes_of
 from explainers.perturbation.occlusion import Occlusion
 from explainers.registry import build_registry, lookup
+from explainers.shapley.exact import WALL_PRIOR as EXACT_WALL_PRIOR
 from service.config import Settings
 from service.models.inputs import Layout, TensorInfo
 from service.models.reload import CONFIG
@@ -563,8 +564,10 @@ class DataPlane:
         players = p.players.groups_for(p.X[0]).size
         refs = p.background.rows if p.background is not None and \
             p.players.baseline.kind == "background" else 1
-        least = least_seconds(method, players, refs, p.model.onnx.rows_per_second,
-                              tree=p.model.trees is not None)
+        onnx = p.model.onnx
+        least = least_seconds(method, players, refs, onnx.rows_per_second,
+                              tree=p.model.trees is not None,
+                              exact_factor=onnx.wall_factors.get("exact", EXACT_WALL_PRIOR))
         try:
             return self.admission.admit(self._deadline(p), least, p.control)
         except ResourceExhausted:
