@@ -23,7 +23,7 @@ def coalition_values(ev: Evaluator, masks: Array, x: Array, background: Backgrou
     """
     rows = background.rows
     block = max(1, ev.chunk_rows // rows)
-    bg = background.data.astype(ev.dtype)[None]  # (1, rows, features), cast once
+    bg: Array = background.data.astype(ev.dtype)[None]  # (1, rows, features), cast once
     out = []
     for start in range(0, masks.shape[0], block):
         m = _expand(groups, masks[start:start + block])  # (block, elements)
