@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("shapley", "trees", "trees_deep", "store", "metrics_overhead", "memory", "fuzz", "load",
-            "gradients", "captum", "batch")
+SECTIONS = ("shapley", "overhead", "trees", "trees_deep", "store", "metrics_overhead", "memory",
+            "fuzz", "load", "gradients", "captum", "batch")
 OPTIONAL = {"captum": "the `captum` extra (torch, captum)"}  # sections skipped without it
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
