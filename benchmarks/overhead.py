@@ -40,7 +40,7 @@ class Config:
     cell_repeats: int  # timings per builder measurement (the fastest counts)
 
 
-FULL = Config(rows=3, repeats=5, cell_repeats=30)
+FULL = Config(rows=3, repeats=7, cell_repeats=30)
 QUICK = Config(rows=1, repeats=2, cell_repeats=5)
 
 
