@@ -3,8 +3,10 @@ vectorised and evaluated in bounded chunks through the Evaluator.
 
 Masks are over players (groups, explainers/groups.py); each function turns them into element
 masks with the groups, so an estimator never needs to know what a player is made of. Rows are
-selected bit for bit on the floats' integer view (exact, NaN-safe), with every numpy pass laid
-out to run over long contiguous planes (docs/benchmarks.md, "Building masked rows")."""
+selected bit for bit on the floats' integer view (exact, NaN-safe), with the numpy passes laid
+out over long contiguous planes where the model does not care about the rows' order
+(docs/benchmarks.md, "Overhead over the onnxruntime floor"). Building the rows inside
+onnxruntime instead (a masking subgraph in front of the model) was measured slower per row."""
 
 from __future__ import annotations
 
@@ -58,25 +60,28 @@ def select(mask: Array, x: Array, z: Array, dtype: type) -> Array:
     return np.asarray(out.view(dtype))
 
 
-def path_rows(x: Array, Z: Array, ranks: Array, dtype: type, players: int | None = None) -> Array:
-    """The inner coalitions of permutation paths, step-major: row (k, p) holds x on the
-    elements ranked below k + 1 in path p and Z[p] elsewhere. ranks: (paths, elements), each
-    element carrying its player's rank (-1: always from x). Returns (players - 1, paths,
-    elements) in dtype.
+def path_rows(x: Array, Z: Array, ranks: Array, dtype: type, players: int | None = None,
+              path_major: bool = False) -> Array:
+    """The inner coalitions of permutation paths: row (k, p) holds x on the elements ranked
+    below k + 1 in path p and Z[p] elsewhere. ranks: (paths, elements), each element carrying
+    its player's rank (-1: always from x). Returns (players - 1, paths, elements) in dtype, or
+    (paths, players - 1, elements) with `path_major`.
 
     (rank - k - 1) >> (bits - 1) is all ones exactly where x is taken, and selects on the
     floats' integer view. Step-major, each of the four passes runs over whole (paths, elements)
-    planes; path-major rows broadcast the step along one row of elements at a time, 2-4x slower.
+    planes; path-major, numpy's inner loops are one row of elements long: 2-4x slower, but
+    consecutive rows then differ in one player, which tree ensembles run faster.
     """
     d = x.size if players is None else players
     it = _int_of(dtype)
+    axis = 1 if path_major else 0  # where the steps go
     xi: Array = x.astype(dtype).view(it)  # (features,)
-    zi: Array = np.ascontiguousarray(Z, dtype=dtype).view(it)  # (paths, features)
-    out = np.subtract(ranks.astype(it, copy=False)[None, :, :],
-                      np.arange(1, d, dtype=it)[:, None, None])  # (d - 1, paths, elements)
+    zi: Array = np.expand_dims(np.ascontiguousarray(Z, dtype=dtype).view(it), axis)
+    steps: Array = np.arange(1, d, dtype=it).reshape((1, -1, 1) if path_major else (-1, 1, 1))
+    out = np.subtract(np.expand_dims(ranks.astype(it, copy=False), axis), steps)
     np.right_shift(out, 8 * np.dtype(it).itemsize - 1, out=out)
-    np.bitwise_and(out, np.bitwise_xor(xi, zi)[None], out=out)
-    np.bitwise_xor(out, zi[None], out=out)
+    np.bitwise_and(out, np.bitwise_xor(xi, zi), out=out)
+    np.bitwise_xor(out, zi, out=out)
     return np.asarray(out.view(dtype))
 
 
@@ -87,16 +92,19 @@ def path_values(ev: Evaluator, x: Array, Z: Array, ranks: Array,
 
     Built and evaluated one model chunk at a time, so each batch is still in cache when the
     model reads it and no round-sized batch is ever held in memory. The model sees the rows
-    step-major; only its outputs are put back in path order.
+    step-major unless the evaluator asks for paths one after the other; only its outputs are
+    put back in path order.
     """
-    d = ranks.shape[1]
+    d, major = ranks.shape[1], ev.path_major
     step = max(1, ev.chunk_rows // (d - 1))  # paths per model call
     ranks_e = ranks if groups is None else groups.expand_ranks(ranks)  # (paths, elements)
     parts = []
     for i in range(0, ranks.shape[0], step):
-        X = path_rows(x, Z[i:i + step], ranks_e[i:i + step], ev.dtype, d)  # (d - 1, n, el.)
-        y = ev(X.reshape(-1, x.size)).reshape(d - 1, X.shape[1], -1)  # (d - 1, n, outputs)
-        parts.append(y.transpose(1, 0, 2))  # (n, d - 1, outputs)
+        X = path_rows(x, Z[i:i + step], ranks_e[i:i + step], ev.dtype, d, major)
+        y = ev(X.reshape(-1, x.size))  # (rows, outputs)
+        n = ranks_e[i:i + step].shape[0]
+        parts.append(y.reshape(n, d - 1, -1) if major
+                     else y.reshape(d - 1, n, -1).transpose(1, 0, 2))  # (n, d - 1, outputs)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

@@ -1,5 +1,6 @@
-"""Masked rows: the step-major path builder and the bitwise select give the samplers exactly
-the attributions the path-major np.where builder gave, on the bundled ONNX models."""
+"""Masked rows: the path builder (step-major or path-major) and the bitwise select give the
+samplers exactly the attributions the path-major np.where builder gave, on the bundled ONNX
+models."""
 
 from __future__ import annotations
 
@@ -53,19 +54,24 @@ def where_hybrid_values(ev: Evaluator, masks: Array, x: Array, z: Array,
     return ev(np.where(m, x.astype(ev.dtype), z.astype(ev.dtype)).reshape(-1, x.size))
 
 
-def bundled(name: str) -> tuple[Callable[[], Evaluator], Array, Background]:
+def bundled(name: str, path_major: bool | None = None
+            ) -> tuple[Callable[[], Evaluator], Array, Background]:
     """A bundled model's probability of class 1 through the service adapter, a held-out-like
-    row (the last background row, perturbed) and the other rows as background."""
+    row (the last background row, perturbed) and the first rows as background. Paths are fed
+    in the order the service picks for the model unless `path_major` says."""
     model = OnnxModel(MODELS / name / "1" / "model.onnx")
     data = np.load(MODELS / name / "background.npy").astype(np.float64)
     output = model.main_output()
+    major = model.has_trees if path_major is None else path_major
 
     def f(X: Array) -> Array:
         return model.predict(X, output)[:, [1]]
 
+    def ev() -> Evaluator:
+        return Evaluator(f, 997, 1e6, dtype=model.batch_dtype, path_major=major)
+
     bg = data[:40]
-    x = data[-1] * 1.01
-    return (lambda: Evaluator(f, 997, 1e6, dtype=model.batch_dtype)), x, Background.build(bg, f(bg))
+    return ev, data[-1] * 1.01, Background.build(bg, f(bg))
 
 
 def same(a: Explanation, b: Explanation) -> None:
@@ -76,12 +82,13 @@ def same(a: Explanation, b: Explanation) -> None:
 
 @pytest.mark.parametrize("name", ["breast_cancer_mlp", "breast_cancer_gbdt"])
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("path_major", [False, True])
 def test_permutation_gives_the_path_major_attributions_bit_for_bit(
-        name: str, grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Same seed, same rows (step-major within each model call): the same attributions. An
-    evaluator chunk that is not a multiple of the path length splits paths across calls;
+        name: str, grouped: bool, path_major: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same seed, same rows (in either order within each model call): the same attributions.
+    An evaluator chunk that is not a multiple of the path length splits paths across calls;
     groups leave two elements pinned to x (rank -1)."""
-    ev, x, bg = bundled(name)
+    ev, x, bg = bundled(name, path_major)
     groups = Groups.build(np.r_[np.arange(28) // 3, -1, -1]) if grouped else None
 
     def explain() -> Explanation:
@@ -134,4 +141,14 @@ def test_path_values_are_in_path_order_whatever_the_chunk() -> None:
 
     want = path_major_values(Evaluator(f, 10**6), x, Z, ranks)
     for chunk in (1, 3, 4, 7, 36, 10**6):
-        np.testing.assert_array_equal(path_values(Evaluator(f, chunk), x, Z, ranks), want)
+        for major in (False, True):
+            got = path_values(Evaluator(f, chunk, path_major=major), x, Z, ranks)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_tree_ensembles_get_paths_one_after_the_other() -> None:
+    """The service feeds tree ensembles path-major (they run faster on alike consecutive
+    rows) and everything else step-major (cheaper to build)."""
+    assert OnnxModel(MODELS / "breast_cancer_gbdt" / "1" / "model.onnx").has_trees
+    assert OnnxModel(MODELS / "diabetes_forest" / "1" / "model.onnx").has_trees
+    assert not OnnxModel(MODELS / "breast_cancer_mlp" / "1" / "model.onnx").has_trees

@@ -18,7 +18,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument, clip, quoted
-from service.models.graph import discrete_inputs, precision
+from service.models.graph import discrete_inputs, has_trees, precision
 from service.models.inputs import Layout, TensorInfo
 from service.models.margins import margin_graph
 
@@ -116,6 +116,7 @@ class OnnxModel:
         self.outputs = [_info(a) for a in self.session.get_outputs()]
         self.discrete_inputs = discrete_inputs(self.proto)  # name -> why it takes only ids
         self.precision = precision(self.proto)  # FP16, FP32 or FP64: the outputs' rounding
+        self.has_trees = has_trees(self.proto)  # feed permutation paths one after the other
         self._check_inputs()
         self.layout = Layout.static_of(self.inputs)
         self.chunk_rows = 4096

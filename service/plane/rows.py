@@ -45,7 +45,8 @@ class RowJob:
         """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
-        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause)
+        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause,
+                         path_major=onnx.has_trees)
 
     def budget(self, rows_left: int) -> Budget:
         """This row's share of the time left, and the request's caps."""
