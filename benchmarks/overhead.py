@@ -50,7 +50,7 @@ def run(quick: bool) -> str:
              *(_heldout.case(name, cfg.rows) for name in _heldout.SPECS)]
     rows = [_overhead(c, cfg) for c in cases]
     parts = [_intro(), _targets(rows), _table(rows), _in_graph(cases, cfg),
-             _builders(cfg), _split(rows), WHY]
+             _builders(cfg), _orders(cases, cfg), _split(rows), WHY]
     return "\n\n".join(parts)
 
 
@@ -175,7 +175,9 @@ def _intro() -> str:
             "Sidelight's time per explanation (permutation sampler, 100,000 model rows, no "
             "deadline) / the time onnxruntime's `session.run` takes for the very batches it "
             "evaluated, replayed in the same chunks (*floor*). *before* = the path-major row "
-            "builder of ba4f926, *after* = today's (step-major rows, explainers/masking.py); "
+            "builder of ba4f926, *after* = today's (explainers/masking.py: step-major rows; "
+            "tree ensembles keep path-major rows, see the rows' order below, so for them the "
+            "two differ only by noise); "
             "both runs, the floor and *adapter* (the same batches through the service's model "
             "function: float32 feed, float64 output, column, scale) are interleaved in one "
             "process, and the fastest of the rounds counts for each (on a shared machine noise "
@@ -359,7 +361,32 @@ def _fastest(fn: Callable[[], object], repeats: int) -> float:
     return float(best)
 
 
-# --- 3. builders per cell --------------------------------------------------------------------
+# --- 3. the rows' order -----------------------------------------------------------------------
+def _orders(cases: list[Case], cfg: Config) -> str:
+    lines = ["### The rows' order and the model", "",
+             "onnxruntime's thread CPU ns per row on the same rows (one 4,096-row chunk of "
+             "permutation paths), fed path-major (a path's rows one after the other, each "
+             "differing from the last in one feature) or step-major (consecutive rows from "
+             "different paths); fastest of the repeats. Tree ensembles are fed path-major "
+             "(the service tells the evaluator, `OnnxModel.has_trees`), the others step-major.",
+             "", "| model | path-major | step-major | step / path |", "|---|---|---|---|"]
+    lines += [_order_row(c, cfg.cell_repeats) for c in cases]
+    return "\n".join(lines)
+
+
+def _order_row(case: Case, repeats: int) -> str:
+    d, rng = case.d, np.random.default_rng(0)
+    paths = 4096 // (d - 1)
+    Z = case.background.data[rng.integers(0, case.background.rows, paths)]
+    R = np.argsort(rng.random((paths, d)), axis=1).astype(np.int32)
+    by_path = masking.path_rows(case.X[0], Z, R, np.float32, d, True).reshape(-1, d)
+    by_step = masking.path_rows(case.X[0], Z, R, np.float32, d).reshape(-1, d)
+    a = 1e9 * _fastest(lambda: case.plain(by_path), repeats) / len(by_path)
+    b = 1e9 * _fastest(lambda: case.plain(by_step), repeats) / len(by_step)
+    return f"| {case.label} | {a:.0f} | {b:.0f} | {b / a:.2f} |"
+
+
+# --- 4. builders per cell --------------------------------------------------------------------
 def _builders(cfg: Config) -> str:
     lines = ["### Building masked rows, ns per cell (thread CPU, fastest of the repeats)", "",
              "*Path rows* (permutation): one model chunk of paths (4,096 rows; 16,384 at 12 "
