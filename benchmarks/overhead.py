@@ -124,9 +124,10 @@ def _overhead(case: Case, cfg: Config) -> Row:
         _clocked(lambda: [case.plain(X) for X in batches], "floor", walls, cpus)
         _clocked(lambda: [f(X) for X in batches], "adapter", walls, cpus)
     per = 1e3 / cfg.rows  # the fastest round of each: on a shared machine noise only adds
+    fastest = int(np.argmin(cpus["after"]))  # the rows' share: from that same round
     return Row(case, 1e9 / case.model.rows_per_second,
                {k: per * min(v) for k, v in walls.items()},
-               {k: per * min(v) for k, v in cpus.items()}, per * min(building))
+               {k: per * min(v) for k, v in cpus.items()}, per * building[fastest])
 
 
 def _explain(case: Case, f: ModelFn, rows: int) -> None:
@@ -228,7 +229,7 @@ def _split(rows: list[Row]) -> str:
         ort_ns, total = r.cpu["floor"] * per, r.cpu["after"] * per
         adapter = max(r.cpu["adapter"] - r.cpu["floor"], 0.0) * per
         build = r.rows_ms * per
-        rest = total - ort_ns - adapter - build
+        rest = max(total - ort_ns - adapter - build, 0.0)
         lines.append(f"| {r.case.label} | {r.case.d} | {ort_ns:.0f} | {adapter:.0f} | "
                      f"{build:.0f} | {rest:.0f} | {total:.0f} |")
     return "\n".join(lines)
@@ -417,26 +418,32 @@ def _builder_row(d: int, rng: np.random.Generator, repeats: int) -> str:
 
 WHY = """Why (mechanisms):
 
-- *Masking inside onnxruntime loses*: onnxruntime's `Where` takes 4-6 ns per cell (a generic
-  element-by-element broadcast loop, no faster without broadcasting) and `Less` another
-  0.5-1 ns, 5-15x numpy's builder, so the masked copy of the model costs more per row than
-  building the rows in numpy and running the plain model, on every model tried; sending O(d)
-  per path instead of O(d^2) saves nothing measurable, since the rows are built in cache
-  either way. Keeping the arithmetic identical rules out the cheaper algebra (a first layer
-  updated one feature at a time changes float32 rounding). So it is not integrated.
-- *What was done instead*: the numpy builder's four passes (subtract, shift, and, xor on the
-  floats' integer view) broadcast the step along one row of elements at a time, so each inner
-  loop was d elements long; built step-major ([step, path, element]) every pass runs over a
-  whole [path, element] plane and only the model's outputs are transposed back: 2-4.5x fewer
-  ns per cell, most at few features. The kernel's coalition rows use the same bitwise select
-  instead of `np.where`. Same rows, same model calls, bit-for-bit the same attributions.
-- *Misses*: the target needs everything but the model under 15% of the model's time: ~6 ns
-  per row on the 12-feature MLP (38 ns per row in onnxruntime), ~25 on digits, ~45 on the
-  30-feature MLP. What is left is mostly the sampler's own per-row work in numpy (the last
-  table): random orders (`rng.permuted`, ~7-8 ns per row, fixed by the seed's stream),
-  gathering and converting background rows, the path array, marginals by
-  `take_along_axis`, pair means and per-row sums (together 25-45 ns per row), and the
-  adapter (float64 output, column, logit: 5-15 ns per row, the floor's model call itself
-  excluded). The tree model (~0.8 us per row) is within the target. A compiled builder
-  (numba, branch-free) measured ~0.15-0.5 ns per cell, close to the step-major numpy one at
-  30 features and more, so it would not change the misses either."""
+- *Masking inside onnxruntime loses*, so it is not integrated: onnxruntime's `Where` costs
+  ~4.7 ns per cell (a generic element-by-element loop, about as slow without broadcasting)
+  and `Less` ~0.6 ns, against ~0.4 ns per cell for the whole step-major numpy builder (1.1 ns
+  before), so the masked copy of the model costs 1.5-3.5x more per row than building the rows
+  in numpy and running the plain model, most on the cheapest model. Sending O(d) per path
+  instead of O(d^2) saves nothing measurable: the numpy rows are built in cache either way.
+  Identical attributions rule out the cheaper algebra (a first layer updated one feature at a
+  time rounds differently in float32).
+- *What was done instead*: the builder's four numpy passes (subtract, shift, and, xor on the
+  floats' integer view) broadcast the step along one row of elements at a time, so every inner
+  loop was d elements long. Built step-major ([step, path, element]) each pass runs over whole
+  [path, element] planes and only the model's outputs are transposed back: 2.2-4.1x fewer ns per
+  cell, most at few features. The kernel's coalition rows use the same bitwise select instead
+  of `np.where` (1.5-2.2x). Tree ensembles run 1.4-1.5x slower on step-major rows (consecutive
+  rows from different paths defeat the branch predictor), so the service marks them
+  (`OnnxModel.has_trees`) and they keep path-major rows; MLPs do not care. Same rows, same
+  model calls, the same attributions bit for bit. The model call's batch size is now chosen
+  counting the caller's ~40 us per call, and the adapter's layout offsets are computed once.
+- *Misses*: 1.15 leaves everything but the model 15% of the model's time: ~5 ns per row on
+  the 12-feature MLP (34 ns per row in onnxruntime), ~22 on digits, ~27 on the Friedman MLP,
+  ~40 on the 30- and 100-feature MLPs. The random orders alone (`rng.permuted`, ~7 ns per row,
+  part of the seed's stream) exceed the first; the sampler's own per-row numpy work in
+  explainers/shapley/permutation.py (path array, marginals by `np.diff` + `take_along_axis`,
+  pair means, per-row sums: 25-40 ns per row, the last table) the others, with the rows
+  (0.4-0.5 ns per cell in place) and the adapter (float64 output, column, logit: 4-14 ns).
+  Marginals by flat indexing measured 6 -> 3.5 ns per row; a compiled (numba, branch-free)
+  builder 0.15-0.5 ns per cell, 10-20 ns per row less at 50-100 features: neither closes the
+  gap, which needs the sampler's per-row bookkeeping fused (compiled) or the model's cost per
+  row to be larger. The tree models (~0.8-0.9 us per row) are within the target."""
