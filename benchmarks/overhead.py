@@ -448,4 +448,5 @@ WHY = """Why (mechanisms):
   Marginals by flat indexing measured 6 -> 3.5 ns per row; a compiled (numba, branch-free)
   builder 0.15-0.5 ns per cell, 10-20 ns per row less at 50-100 features: neither closes the
   gap, which needs the sampler's per-row bookkeeping fused (compiled) or the model's cost per
-  row to be larger. The tree models (~0.8-0.9 us per row) are within the target."""
+  row to be larger. The tree models (~0.8-1 us per row) sit at the target within this
+  machine's noise (1.09-1.19 across runs; their rows are built as before)."""
