@@ -190,50 +190,57 @@ def _intro() -> str:
 
 
 def _targets(rows: list[Row]) -> str:
-    lines = [f"### Target: <= {TARGET} on every model at 100,000 evaluations", "",
-             "Judged on thread CPU time (wall-clock ratios on this shared machine carry the "
-             "other tenants' load; both are in the next table).", "",
-             "| model | before | after | wall: before | wall: after | |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+    def line(r: Row) -> str:
         after = r.ratio("after", "cpu")
-        lines.append(f"| {r.case.label} | {r.ratio('before', 'cpu'):.2f} | **{after:.2f}** | "
-                     f"{r.ratio('before'):.2f} | {r.ratio('after'):.2f} | "
-                     f"{'met' if after <= TARGET else '**missed**'} |")
-    return "\n".join(lines)
+        return (f"| {r.case.label} | {r.ratio('before', 'cpu'):.2f} | **{after:.2f}** | "
+                f"{r.ratio('before'):.2f} | {r.ratio('after'):.2f} | "
+                f"{'met' if after <= TARGET else '**missed**'} |")
+
+    return _markdown([f"### Target: <= {TARGET} on every model at 100,000 evaluations",
+                      "Judged on thread CPU time (wall-clock ratios on this shared machine carry "
+                      "the other tenants' load; both are in the next table)."],
+                     ["model", "before", "after", "wall: before", "wall: after", ""],
+                     [line(r) for r in rows])
 
 
 def _table(rows: list[Row]) -> str:
-    lines = ["### Times per explanation", "",
-             "| model | onnxruntime ns/row | before ms | after ms | floor ms | adapter ms | "
-             "before / floor | after / floor | CPU: before / floor | CPU: after / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    def line(r: Row) -> str:
         w = r.wall
-        lines.append(f"| {r.case.label} | {r.ns_per_row:.0f} | {w['before']:.1f} | "
-                     f"{w['after']:.1f} | {w['floor']:.1f} | {w['adapter']:.1f} | "
-                     f"{r.ratio('before'):.2f} | **{r.ratio('after'):.2f}** | "
-                     f"{r.ratio('before', 'cpu'):.2f} | **{r.ratio('after', 'cpu'):.2f}** |")
-    return "\n".join(lines)
+        return (f"| {r.case.label} | {r.ns_per_row:.0f} | {w['before']:.1f} | "
+                f"{w['after']:.1f} | {w['floor']:.1f} | {w['adapter']:.1f} | "
+                f"{r.ratio('before'):.2f} | **{r.ratio('after'):.2f}** | "
+                f"{r.ratio('before', 'cpu'):.2f} | **{r.ratio('after', 'cpu'):.2f}** |")
+
+    return _markdown(["### Times per explanation"],
+                     ["model", "onnxruntime ns/row", "before ms", "after ms", "floor ms",
+                      "adapter ms", "before / floor", "after / floor", "CPU: before / floor",
+                      "CPU: after / floor"], [line(r) for r in rows])
 
 
 def _split(rows: list[Row]) -> str:
     """Where the CPU time of an explanation goes now, per model row."""
-    lines = ["### Where the time goes now (thread CPU, ns per model row, after)", "",
-             "*onnxruntime* = the floor; *adapter* = the service's model function beyond it; "
-             "*rows* = building the masked rows; *sampler* = the rest (random orders and "
-             "background rows, path bookkeeping, marginals, per-row sums, the estimate).", "",
-             "| model | features | onnxruntime | adapter | rows | sampler | total |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    def line(r: Row) -> str:
         per = 1e6 / EVALUATIONS  # ms per explanation -> ns per row
         ort_ns, total = r.cpu["floor"] * per, r.cpu["after"] * per
         adapter = max(r.cpu["adapter"] - r.cpu["floor"], 0.0) * per
         build = r.rows_ms * per
         rest = max(total - ort_ns - adapter - build, 0.0)
-        lines.append(f"| {r.case.label} | {r.case.d} | {ort_ns:.0f} | {adapter:.0f} | "
-                     f"{build:.0f} | {rest:.0f} | {total:.0f} |")
-    return "\n".join(lines)
+        return (f"| {r.case.label} | {r.case.d} | {ort_ns:.0f} | {adapter:.0f} | "
+                f"{build:.0f} | {rest:.0f} | {total:.0f} |")
+
+    return _markdown(["### Where the time goes now (thread CPU, ns per model row, after)",
+                      "*onnxruntime* = the floor; *adapter* = the service's model function "
+                      "beyond it; *rows* = building the masked rows; *sampler* = the rest "
+                      "(random orders and background rows, path bookkeeping, marginals, per-row "
+                      "sums, the estimate)."],
+                     ["model", "features", "onnxruntime", "adapter", "rows", "sampler",
+                      "total"], [line(r) for r in rows])
+
+
+def _markdown(paragraphs: list[str], columns: list[str], lines: list[str]) -> str:
+    """A heading and paragraphs, then a table with these columns and pre-formatted lines."""
+    head = "|" + "|".join(f" {c} " if c else " " for c in columns) + "|"
+    return "\n\n".join([*paragraphs, "\n".join([head, "|---" * len(columns) + "|", *lines])])
 
 
 # --- 2. masking inside onnxruntime -----------------------------------------------------------
@@ -271,20 +278,19 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _in_graph(cases: list[Case], cfg: Config) -> str:
-    lines = ["### Masking inside onnxruntime (issue 17's proposal): measured, not adopted", "",
-             "One model call's worth of permutation paths (the evaluator's chunk / (d - 1) "
-             "paths), thread CPU ns per model row, the fastest of the repeats: the rows built in "
-             "numpy (path-major *before*, step-major *after*) then `session.run`, against a copy "
-             "of the model with a masking subgraph in front (`Less` of the ranks against the "
-             "step, `Where` between x and the background row, `Reshape`), fed O(d) per path "
-             "and pruned to the explained output (which alone saves 1-7% on the classifiers' "
-             "label branch). The outputs of all three are equal bit for bit (*equal*).", "",
-             "| model | paths | numpy before + run | numpy after + run | in onnxruntime | "
-             "in onnxruntime / after | equal |", "|---|---|---|---|---|---|---|"]
-    for c in cases:
-        if c.name in IN_GRAPH:
-            lines.append(_in_graph_row(c, cfg))
-    return "\n".join([*lines, "", _op_costs(cfg)])
+    table = _markdown(
+        ["### Masking inside onnxruntime (issue 17's proposal): measured, not adopted",
+         "One model call's worth of permutation paths (the evaluator's chunk / (d - 1) paths), "
+         "thread CPU ns per model row, the fastest of the repeats: the rows built in numpy "
+         "(path-major *before*, step-major *after*) then `session.run`, against a copy of the "
+         "model with a masking subgraph in front (`Less` of the ranks against the step, `Where` "
+         "between x and the background row, `Reshape`), fed O(d) per path and pruned to the "
+         "explained output (which alone saves 1-7% on the classifiers' label branch). The "
+         "outputs of all three are equal bit for bit (*equal*)."],
+        ["model", "paths", "numpy before + run", "numpy after + run", "in onnxruntime",
+         "in onnxruntime / after", "equal"],
+        [_in_graph_row(c, cfg) for c in cases if c.name in IN_GRAPH])
+    return "\n\n".join([table, _op_costs(cfg)])
 
 
 def _in_graph_row(case: Case, cfg: Config) -> str:
@@ -366,15 +372,15 @@ def _fastest(fn: Callable[[], object], repeats: int) -> float:
 
 # --- 3. the rows' order -----------------------------------------------------------------------
 def _orders(cases: list[Case], cfg: Config) -> str:
-    lines = ["### The rows' order and the model", "",
-             "onnxruntime's thread CPU ns per row on the same rows (one 4,096-row chunk of "
-             "permutation paths), fed path-major (a path's rows one after the other, each "
-             "differing from the last in one feature) or step-major (consecutive rows from "
-             "different paths); fastest of the repeats. Tree ensembles are fed path-major "
-             "(the service tells the evaluator, `OnnxModel.has_trees`), the others step-major.",
-             "", "| model | path-major | step-major | step / path |", "|---|---|---|---|"]
-    lines += [_order_row(c, cfg.cell_repeats) for c in cases]
-    return "\n".join(lines)
+    return _markdown(
+        ["### The rows' order and the model",
+         "onnxruntime's thread CPU ns per row on the same rows (one 4,096-row chunk of "
+         "permutation paths), fed path-major (a path's rows one after the other, each differing "
+         "from the last in one feature) or step-major (consecutive rows from different paths); "
+         "fastest of the repeats. Tree ensembles are fed path-major (the service tells the "
+         "evaluator, `OnnxModel.has_trees`), the others step-major."],
+        ["model", "path-major", "step-major", "step / path"],
+        [_order_row(c, cfg.cell_repeats) for c in cases])
 
 
 def _order_row(case: Case, repeats: int) -> str:
@@ -391,16 +397,16 @@ def _order_row(case: Case, repeats: int) -> str:
 
 # --- 4. builders per cell --------------------------------------------------------------------
 def _builders(cfg: Config) -> str:
-    lines = ["### Building masked rows, ns per cell (thread CPU, fastest of the repeats)", "",
-             "*Path rows* (permutation): one model chunk of paths (4,096 rows; 16,384 at 12 "
-             "features), path-major before and step-major after. *Coalition rows* (kernel, "
-             "every background row per coalition): 40 coalitions x 100 background rows, "
-             "`np.where` before and the bitwise `select` after.", "",
-             "| features | path rows before | path rows after | speed-up | coalition rows "
-             "before | coalition rows after | speed-up |", "|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
-    lines += [_builder_row(d, rng, cfg.cell_repeats) for d in (12, 30, 50, 64, 100)]
-    return "\n".join(lines)
+    return _markdown(
+        ["### Building masked rows, ns per cell (thread CPU, fastest of the repeats)",
+         "*Path rows* (permutation): one model chunk of paths (4,096 rows; 16,384 at 12 "
+         "features), path-major before and step-major after. *Coalition rows* (kernel, every "
+         "background row per coalition): 40 coalitions x 100 background rows, `np.where` before "
+         "and the bitwise `select` after."],
+        ["features", "path rows before", "path rows after", "speed-up", "coalition rows before",
+         "coalition rows after", "speed-up"],
+        [_builder_row(d, rng, cfg.cell_repeats) for d in (12, 30, 50, 64, 100)])
 
 
 def _builder_row(d: int, rng: np.random.Generator, repeats: int) -> str:
