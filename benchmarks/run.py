@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("shapley", "overhead", "trees", "trees_deep", "store", "metrics_overhead", "memory",
-            "fuzz", "load", "gradients", "captum", "batch")
+            "fuzz", "load", "gradients", "captum", "batch", "groups", "global_views")
 OPTIONAL = {"captum": "the `captum` extra (torch, captum)"}  # sections skipped without it
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks

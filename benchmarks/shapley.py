@@ -21,6 +21,7 @@ from benchmarks._ladder import Curve, geometric, run_curves
 from benchmarks._models import Case
 from benchmarks._reference import reference
 from benchmarks._server import Call, plan, run_calls, server
+from benchmarks._server import p99_cell as _p99
 from explainers.base import Array, Budget, Explanation
 from explainers.errors import SidelightError
 from explainers.registry import build_registry
@@ -375,10 +376,6 @@ def _score_adherence(label: str, clients: int, calls: list[Call], score: Score) 
                p99 <= limit),
               (f"5. DEADLINE_EXCEEDED, {label}, {clients} client{'s' if clients > 1 else ''}",
                "0", str(late), late == 0)]
-
-
-def _p99(values: Array) -> str:
-    return f"{np.percentile(values, 99):.2f} (n={values.size})" if values.size else "-"
 
 
 def _adherence_row(label: str, clients: int, calls: list[Call]) -> str:

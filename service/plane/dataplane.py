@@ -670,9 +670,7 @@ class DataPlane:
             return Choice(Occlusion(windows), p.target)
         if name in ("tree", "linear"):
             ids = next(iter(p.model.onnx.discrete_inputs.items()), None)
-            why = f"input {ids[0]!r} {ids[1]}: the model takes ids, not real-valued features" \
-                if name == "linear" and ids else \
-                f"it explains single features, not {p.players.grouping}"
+            why = _why_not_single(name, ids, p.players)
             return Choice(self.registry["auto"], p.target,
                           (f"method {name} unavailable ({why}); fell back to auto",))
         return Choice(lookup(self.registry, name), p.target)
@@ -953,6 +951,18 @@ def spread_of_rows(rows: tuple[Explanation, ...]) -> Array:
     """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0."""
     gap = np.mean([np.abs(r.prediction - r.base_values) for r in rows], axis=0)  # (outputs,)
     return np.where(gap > 0, gap, 1.0)
+
+
+def _why_not_single(name: str, ids: tuple[str, str] | None, players: Players) -> str:
+    """Why tree or linear cannot answer a grouped request (the note of the fallback)."""
+    if name == "linear" and ids:
+        return f"input {ids[0]!r} {ids[1]}: the model takes ids, not real-valued features"
+    if players.baseline.kind != "background":
+        return f"it explains against background rows, not baseline {players.baseline.kind}"
+    if players.modality.kind == "tabular" and players.fixed is not None \
+            and players.fixed.identity:
+        return "it takes no groups.hierarchy"
+    return f"it explains single features, not {players.grouping}"
 
 
 def baseline_meta(model: LoadedModel, players: Players) -> BackgroundMeta:
