@@ -56,7 +56,7 @@ class Model:
     def evaluator(self) -> Evaluator:
         """A fresh counted evaluator seeded with the throughput measured at load."""
         return Evaluator(self.fn(), self.onnx.chunk_rows, self.onnx.rows_per_second,
-                         dtype=self.onnx.batch_dtype)
+                         dtype=self.onnx.batch_dtype, path_major=self.onnx.has_trees)
 
 
 @dataclass(frozen=True)

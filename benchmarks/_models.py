@@ -50,7 +50,7 @@ class Case:
     def evaluator(self, fn: ModelFn | None = None) -> Evaluator:
         """A fresh per-request evaluator seeded with the throughput measured at load."""
         return Evaluator(fn or self.fn(), self.model.chunk_rows, self.model.rows_per_second,
-                         dtype=self.model.batch_dtype)
+                         dtype=self.model.batch_dtype, path_major=self.model.has_trees)
 
     def plain(self, X: Array) -> None:
         """One plain onnxruntime call on an already-built float32 batch (the overhead baseline)."""

@@ -274,14 +274,15 @@ def test_a_partial_sweep_is_noted_and_a_complete_one_is_not() -> None:
 
 
 def test_path_rows_select_x_or_the_reference_exactly() -> None:
-    """Bitwise selection equals np.where, NaN included, in float32 and float64."""
+    """Bitwise selection equals np.where, NaN included, in float32 and float64; rows come
+    step-major (step, path, elements)."""
     rng = np.random.default_rng(4)
     x, Z = rng.normal(size=6), rng.normal(size=(5, 6))
     Z[1, 2] = np.nan
     ranks = np.argsort(rng.random((5, 6)), axis=1)
     for dtype in (np.float32, np.float64):
-        inside = ranks[:, None, :] < np.arange(1, 6)[None, :, None]
-        expected = np.where(inside, x.astype(dtype), Z.astype(dtype)[:, None, :])
+        inside = ranks[None, :, :] < np.arange(1, 6)[:, None, None]  # (steps, paths, elements)
+        expected = np.where(inside, x.astype(dtype), Z.astype(dtype)[None, :, :])
         np.testing.assert_array_equal(path_rows(x, Z, ranks, dtype), expected)
 
 

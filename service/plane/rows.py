@@ -47,7 +47,7 @@ class RowJob:
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
         return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause,
-                         wall_factors=onnx.wall_factors)
+                         wall_factors=onnx.wall_factors, path_major=onnx.has_trees)
 
     def budget(self, rows_left: int) -> Budget:
         """This row's share of the time left, and the request's caps."""
