@@ -115,7 +115,7 @@ class Lime:
 
         least = max(MIN_UNITS, d + 2)  # fewer samples than coefficients: no standard errors
         units, stop = run_rounds(model, budget, 1, x.size, sample, max_se, min_units=least,
-                                 required=least)
+                                 required=least, finish_grows=True)  # the fit: O(samples)
         fit = samples.fit()
         return Explanation.build(self.name, fit.coef, fit.se, fit.intercept, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
