@@ -50,7 +50,7 @@ class Case:
     def evaluator(self, fn: ModelFn | None = None) -> Evaluator:
         """A fresh per-request evaluator seeded with the throughput measured at load."""
         return Evaluator(fn or self.fn(), self.model.chunk_rows, self.model.rows_per_second,
-                         dtype=self.model.batch_dtype)
+                         dtype=self.model.batch_dtype, path_major=self.model.has_trees)
 
     def plain(self, X: Array) -> None:
         """One plain onnxruntime call on an already-built float32 batch (the overhead baseline)."""
@@ -150,8 +150,13 @@ def synthetic_dir() -> Path:
 
 def synthetic_mlp() -> onnx.ModelProto:
     """Random He-initialised weights (seed 0); float32 in and out."""
-    rng = np.random.default_rng(0)
-    sizes = [SYNTHETIC_FEATURES, SYNTHETIC_HIDDEN, SYNTHETIC_HIDDEN, 1]
+    return relu_mlp([SYNTHETIC_FEATURES, SYNTHETIC_HIDDEN, SYNTHETIC_HIDDEN, 1], SYNTHETIC)
+
+
+def relu_mlp(sizes: list[int], name: str, seed: int = 0) -> onnx.ModelProto:
+    """A ReLU MLP with layer sizes `sizes` (input first, one output last), random
+    He-initialised float32 weights from `seed`; input "input" [N, sizes[0]], output "y"."""
+    rng = np.random.default_rng(seed)
     inits, nodes, prev = [], [], "input"
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         W = (rng.normal(size=(a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
@@ -165,8 +170,7 @@ def synthetic_mlp() -> onnx.ModelProto:
             prev = f"a{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))
     graph = helper.make_graph(
-        nodes, SYNTHETIC, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                         ["N", SYNTHETIC_FEATURES])],
+        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", sizes[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

@@ -76,10 +76,13 @@ def plan(n: int, low_ms: float, high_ms: float, seed: int) -> list[float]:
 
 
 def call(stub: pb_grpc.ExplainerStub, model: str, x: np.ndarray, budget_ms: float,
-         timeout_s: float, use_budget: bool, seed: int = 1) -> Call:
-    """One Explain; budget_ms is sent only when use_budget (else the deadline sets it)."""
-    request = pb.ExplainRequest(model=model, inputs=[from_array("input", x[None])], seed=seed,
-                                budget_ms=budget_ms if use_budget else 0.0)
+         timeout_s: float, use_budget: bool, seed: int = 1, input_name: str = "input",
+         **fields: object) -> Call:
+    """One Explain; budget_ms is sent only when use_budget (else the deadline sets it).
+    `fields`: more ExplainRequest fields (method, groups, ...)."""
+    request = pb.ExplainRequest(model=model, inputs=[from_array(input_name, x[None])],
+                                seed=seed, budget_ms=budget_ms if use_budget else 0.0,
+                                **fields)  # type: ignore[arg-type]
     start = time.perf_counter()
     try:
         r = stub.Explain(request, timeout=timeout_s)
@@ -111,3 +114,8 @@ def run_calls(port: int, jobs: list[tuple[str, np.ndarray, float, float, bool]],
     for t in threads:
         t.join()
     return [r for r in results if r is not None]
+
+
+def p99_cell(values: np.ndarray) -> str:
+    """A table cell: the 99th percentile and how many values it rests on."""
+    return f"{np.percentile(values, 99):.2f} (n={values.size})" if values.size else "-"

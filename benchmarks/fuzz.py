@@ -1,5 +1,6 @@
-"""Fuzzing every RPC (issue 11): random and malformed requests against a real server on the
-bundled models plus an INT64 token-id model and a two-input model (tests/fuzzing.py), counted
+"""Fuzzing every RPC of every service (issue 11): random and malformed requests against a real
+server on the bundled models plus an INT64 token-id model, a two-input model and an image model
+with an empty and a -inf weight (tests/fuzzing/), streams read to the end or cancelled, counted
 per RPC and status, with the checks made after the run.
 
 Usage: python -m benchmarks.fuzz [--seed 11] [--count 10000] [--clients 4]   (`make fuzz`)
@@ -17,11 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from benchmarks.run import DOC, HEADER, machine, ordered, replace_section
 from service.api.server import start
-from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests import fuzzing as fz
 from tests.conftest import settings_for
 
@@ -36,12 +34,13 @@ class Result:
     summary: fz.Summary
     health: dict[str, str]
     changed_defaults: dict[str, tuple[str, str]]  # model -> (sha256 before, after)
-    explains: dict[str, str]  # model -> "OK" or why an ordinary explanation failed
+    calls: dict[str, str]  # "<rpc> <model>" -> "OK" or why an ordinary call failed
 
     @property
     def passed(self) -> bool:
-        return not self.summary.failures and set(self.health.values()) == {"SERVING"} \
-            and not self.changed_defaults and set(self.explains.values()) == {"OK"}
+        return not self.summary.failures and not self.summary.internal_logged \
+            and set(self.health.values()) == {"SERVING"} and not self.changed_defaults \
+            and set(self.calls.values()) == {"OK"}
 
 
 def fuzz(seed: int, count: int, clients: int) -> Result:
@@ -50,15 +49,14 @@ def fuzz(seed: int, count: int, clients: int) -> Result:
         root = fz.build_repository(Path(tmp) / "models")
         app = start(settings_for(root, **fz.SETTINGS))
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                stub = pb_grpc.ExplainerStub(channel)
-                specs = fz.read_specs(stub, root)
-                before = fz.default_backgrounds(stub, specs)
-                summary = fz.run(channel, fz.Fuzzer(specs, seed).cases(count), clients)
-                after = fz.default_backgrounds(stub, specs)
+            with fz.channel(app.port) as channel:
+                specs = fz.read_specs(channel, root)
+                before = fz.default_backgrounds(channel, specs)
+                summary = fz.run(channel, fz.fuzzer(specs, seed).cases(count), fz.RPCS, clients)
+                after = fz.default_backgrounds(channel, specs)
                 changed = {m: (before[m], after[m]) for m in before if before[m] != after[m]}
-                return Result(summary, fz.health(channel), changed,
-                              {s.name: fz.ordinary_explain(stub, s) for s in specs})
+                return Result(summary, fz.health(channel, fz.SERVICES), changed,
+                              fz.ordinary_calls(channel, specs))
         finally:
             app.stop(grace=0)
 
@@ -66,23 +64,37 @@ def fuzz(seed: int, count: int, clients: int) -> Result:
 def section(r: Result, seed: int, count: int, clients: int) -> str:
     """Markdown: what was sent, the status table, the checks and the failure classes."""
     s = r.summary
+    streamed = ", ".join(f"{rpc.name} {s.messages[rpc.name]:,} (largest "
+                         f"{s.largest[rpc.name] / 1024:,.0f} KiB)" for rpc in fz.RPCS
+                         if rpc.streaming != "unary")
     lines = [
         "## Fuzzing every RPC (issue 11)", "",
-        f"{count:,} requests (seed {seed}, {clients} client threads, {s.seconds:.0f} s) against "
-        "a real server on the bundled models plus an INT64 token-id model and a two-input "
-        "model: valid requests and mutations of them (shapes, datatypes, byte lengths, NaN / "
-        "infinite / huge / denormal values, names, budgets, deadlines, seeds, targets, "
-        "accuracy goals, oversize strings and uploads) and wire garbage (random, truncated, "
-        "bit-flipped and mistyped messages). OK_NONFINITE is an OK answer with a non-finite "
-        "number; HANG a call unanswered after 10 s.", "",
+        f"{count:,} requests (seed {seed}, {clients} client threads, {s.seconds:.0f} s) over "
+        f"every RPC of {', '.join(name.split('.')[-1] for name in fz.SERVICES)} and health, "
+        "against a real server on the bundled models plus an INT64 token-id model, a "
+        "two-input model and an image model with an empty and a -inf weight: valid requests "
+        "(tensor names from ListLayers) and mutations of them (shapes, datatypes, byte "
+        "lengths, NaN / infinite / huge / denormal values, names, tensor names, reductions, "
+        "budgets, deadlines, seeds, targets, accuracy goals, baselines, groups, objectives, "
+        "bounds, steps and rates, oversize strings and uploads) and wire garbage (random, "
+        "truncated, bit-flipped and mistyped messages; for ExplainDataset also in the middle "
+        "of a stream, and streams without a job, with two, or with blocks and labels that do "
+        "not fit). Streams are read to the end, every message checked (finite numbers, under "
+        "the message limit: 4 MiB for Layers' streams, the server's 64 MiB send limit "
+        "otherwise), or cancelled by the client (CANCELLED, sometimes with its side still "
+        f"open); messages received: {streamed}. OK_NONFINITE is an OK answer with a "
+        "non-finite number, OK_OVERSIZE a message over its limit; HANG a call unanswered after "
+        "10 s.", "",
         s.table(), "",
-        f"- failing answers (INTERNAL, UNKNOWN, OK_NONFINITE, HANG): **{len(s.failures)}**",
+        f"- failing answers (INTERNAL, UNKNOWN, OK_NONFINITE, OK_OVERSIZE, OK_UNPARSEABLE, "
+        f"HANG): **{len(s.failures)}**; INTERNAL lines in the server log: "
+        f"**{len(s.internal_logged)}**",
         f"- health afterwards: {', '.join(f'{k} {v}' for k, v in r.health.items())}",
         f"- `default` backgrounds changed: {_listing(r.changed_defaults) or 'none'}",
-        f"- ordinary explanation afterwards failing: "
-        f"{_listing({m: a for m, a in r.explains.items() if a != 'OK'}) or 'none'}",
+        f"- ordinary calls afterwards (Explain and GetActivations per model) failing: "
+        f"{_listing({c: a for c, a in r.calls.items() if a != 'OK'}) or 'none'}",
     ]
-    if s.failures:
+    if s.failures or s.internal_logged:
         lines += ["", "Failure classes (RPC, status, message; the mutations seen in each):", ""]
         lines += [f"- {n} x `{key}`: {', '.join(f'{k} {c}' for k, c in kinds.most_common(4))}"
                   for n, key, kinds, _ in s.classes()[:FAILURE_CLASSES]]
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result = fuzz(args.seed, args.count, args.clients)
     body = section(result, args.seed, args.count, args.clients)
     print(body, flush=True)
-    if result.summary.failures:
+    if not result.passed:
         print(result.summary.report(), flush=True)
     command = " ".join(["python -m benchmarks.fuzz", *args_list]).strip()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("shapley", "trees", "trees_deep", "store", "metrics_overhead", "memory", "fuzz", "load",
-            "gradients", "captum", "batch")
+SECTIONS = ("shapley", "overhead", "calibration", "trees", "trees_deep", "store",
+            "metrics_overhead", "memory", "fuzz", "load", "gradients", "captum", "batch", "groups",
+            "global_views")
 OPTIONAL = {"captum": "the `captum` extra (torch, captum)"}  # sections skipped without it
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks

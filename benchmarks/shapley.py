@@ -21,7 +21,8 @@ from benchmarks._ladder import Curve, geometric, run_curves
 from benchmarks._models import Case
 from benchmarks._reference import reference
 from benchmarks._server import Call, plan, run_calls, server
-from explainers.base import Array, Budget, Explanation, ModelFn
+from benchmarks._server import p99_cell as _p99
+from explainers.base import Array, Budget, Explanation
 from explainers.errors import SidelightError
 from explainers.registry import build_registry
 from explainers.shapley.kernel import KernelShap
@@ -38,14 +39,11 @@ class Config:
     ref_pairs: int  # reference pairs per background row (doubled for the 100-feature model)
     curve_rows: int  # rows per step of the time-to-accuracy curves
     cap_s: float  # a curve stops after a step slower than this per explanation
-    overhead_rows: int
     calls: int  # gRPC calls per adherence scenario
 
 
-FULL = Config(rows=20, synthetic_rows=6, ref_pairs=1000, curve_rows=5, cap_s=2.0,
-              overhead_rows=5, calls=200)
-QUICK = Config(rows=4, synthetic_rows=2, ref_pairs=150, curve_rows=2, cap_s=0.3,
-               overhead_rows=2, calls=40)
+FULL = Config(rows=20, synthetic_rows=6, ref_pairs=1000, curve_rows=5, cap_s=2.0, calls=200)
+QUICK = Config(rows=4, synthetic_rows=2, ref_pairs=150, curve_rows=2, cap_s=0.3, calls=40)
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ def run(quick: bool) -> str:
     cases = _models.cases(cfg.rows, cfg.synthetic_rows)
     refs = {c.name: _reference(c, cfg) for c in cases}
     score: Score = []
-    parts = [_overhead(cases, cfg, score)]
+    parts = [OVERHEAD]
     curves = {c.name: _curves(c, refs[c.name], cfg) for c in cases}
     parts.append(_time_to_accuracy(cases, curves, score))
     runs = {c.name: _fixed_budgets(c, "auto") for c in cases}
@@ -81,14 +79,6 @@ def _scorecard(score: Score) -> str:
 
 WHY = """Why the misses (mechanisms; the figures are in the tables below):
 
-- *Overhead*: the bundled MLP costs ~0.25 µs per row in onnxruntime and the synthetic one ~0.2
-  µs, so everything else must stay under ~35 ns per row. Building a masked row is ~1.3 ns per
-  cell with numpy's bitwise select (40 ns at 30 features, 130 ns at 100), the service's model
-  function adds 5-10% (float64 output, column, logit), and each round pays ~0.1-0.2 ms of fixed
-  numpy calls, which is why the 10,000-row explanations show more. The GBDT (~1.2 µs per row)
-  lands at 1.1-1.3 depending on the run, at or near the target. A compiled (numba) builder
-  measured 9-15% faster end to end: not enough to reach 1.15 on the MLPs, so not worth a JIT
-  in the sidecar.
 - *5% on the 30-feature models*: the permutation sampler reaches 5% about when its pairs have
   covered the 100 background rows (~130 pairs, ~7,500 model rows; before, the spread of
   phi(x; z) across rows dominates). shap's PermutationExplainer gets there with ~12
@@ -139,53 +129,11 @@ def _intro(cases: list[Case], refs: dict[str, Ref], cfg: Config, quick: bool) ->
 
 
 # --- 1. overhead ------------------------------------------------------------------------------
-def _overhead(cases: list[Case], cfg: Config, score: Score) -> str:
-    lines = ["### 1. Overhead over plain onnxruntime (target <= 1.15)", "",
-             "Sidelight's wall time per explanation (permutation sampler, a fixed evaluation "
-             "count) / the time onnxruntime's `session.run` needs for the very batches it "
-             "evaluated, replayed in the same chunks. *adapter* = the same batches through the "
-             "service's model function (float32 feed, float64 output, column and logit), which "
-             "the estimators receive from the data plane.", "",
-             "| model | rows per explanation | Sidelight ms | onnxruntime ms | adapter ms | "
-             "Sidelight / onnxruntime | adapter / onnxruntime |", "|---|---|---|---|---|---|---|"]
-    for case in cases:
-        for n in (10_000, 100_000):
-            line, ratio = _overhead_row(case, n, cfg.overhead_rows)
-            lines.append(line)
-        score.append((f"1. overhead, {case.label}, 100,000 rows", "<= 1.15", f"{ratio:.2f}",
-                      ratio <= 1.15))
-    return "\n".join(lines)
+OVERHEAD = """### 1. Overhead over plain onnxruntime (target <= 1.15)
 
-
-def _overhead_row(case: Case, n: int, rows: int) -> tuple[str, float]:
-    f, est, bg = case.fn(), PermutationShapley(), case.background
-    sl = ort = adapter = 0.0
-    for i, x in enumerate(case.X[:rows]):
-        start = time.perf_counter()
-        est.explain(case.evaluator(f), x, bg, Budget(np.inf, n), np.random.default_rng(i))
-        sl += time.perf_counter() - start
-        batches: list[Array] = []
-        est.explain(case.evaluator(_recorder(f, batches)), x, bg, Budget(np.inf, n),
-                    np.random.default_rng(i))
-        start = time.perf_counter()
-        for X in batches:
-            case.plain(X)
-        ort += time.perf_counter() - start
-        start = time.perf_counter()
-        for X in batches:
-            f(X)
-        adapter += time.perf_counter() - start
-    return (f"| {case.label} | {n:,} | {1e3 * sl / rows:.1f} | {1e3 * ort / rows:.1f} | "
-            f"{1e3 * adapter / rows:.1f} | **{sl / ort:.2f}** | {adapter / ort:.2f} |",
-            sl / ort)
-
-
-def _recorder(f: ModelFn, batches: list[Array]) -> ModelFn:
-    def g(X: Array) -> Array:
-        batches.append(np.ascontiguousarray(X, np.float32))
-        return f(X)
-
-    return g
+Measured in its own section, "Overhead over the onnxruntime floor" (`python -m benchmarks.run
+--only overhead`): these three models and the cheap ones of issue 17, the row builder before and
+after side by side in one run, masking inside onnxruntime, and where the time goes."""
 
 
 # --- 2. time to accuracy ----------------------------------------------------------------------
@@ -428,10 +376,6 @@ def _score_adherence(label: str, clients: int, calls: list[Call], score: Score) 
                p99 <= limit),
               (f"5. DEADLINE_EXCEEDED, {label}, {clients} client{'s' if clients > 1 else ''}",
                "0", str(late), late == 0)]
-
-
-def _p99(values: Array) -> str:
-    return f"{np.percentile(values, 99):.2f} (n={values.size})" if values.size else "-"
 
 
 def _adherence_row(label: str, clients: int, calls: list[Call]) -> str:

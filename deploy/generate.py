@@ -236,6 +236,10 @@ def health() -> list[Json]:
              "{{model}} v{{version}}", 8, "Every model version found in the repository: "
              "ready, or failed to load (ListModels gives the reason).",
              {"1": "ready", "0": "failed"}),
+        timeseries("Model reloads", [
+            (f"sum by (model, outcome) (increase(sidelight_model_reloads_total{{{J}}}[{RI}]))",
+             "{{model}} {{outcome}}")], "short", 8,
+            "Versions loaded, failed (the one before goes on serving) or removed by hot reload."),
     ]
 
 

@@ -62,13 +62,15 @@ def explain(app: Sidelight, model: str, timeout: float | None = None,
             model=model, inputs=[from_array("x", x)], **kw), timeout=timeout)
 
 
-@pytest.mark.parametrize(("method", "budget_ms"), [("permutation", 25.0), ("permutation", 80.0),
-                                                   ("auto", 25.0), ("auto", 80.0),
+@pytest.mark.parametrize(("method", "budget_ms"), [("permutation", 40.0), ("permutation", 80.0),
+                                                   ("auto", 40.0), ("auto", 80.0),
                                                    ("kernel", 700.0)])
 def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method: str,
                                                     budget_ms: float) -> None:
     """Kernel's smallest sound fit costs ~400 ms on this model (it refuses less, tested below);
-    700 ms leaves room for the measured speed to vary on a loaded machine."""
+    700 ms leaves room for the measured speed to vary on a loaded machine. The permutation
+    sampler's least answer (6 pairs, 228 rows) needs ~16 ms here before the first round is
+    measured: 40 ms leaves room for a loaded machine."""
     start = time.monotonic()
     r = explain(slow_app, "slow", method=method, budget_ms=budget_ms, seed=1)  # ~90k rows/s
     wall_ms = 1e3 * (time.monotonic() - start)
@@ -78,7 +80,7 @@ def test_small_budgets_are_honoured_on_a_slow_model(slow_app: Sidelight, method:
     assert wall_ms <= 1.5 * budget_ms + 20
     assert r.cost.budget_exhausted and not r.cost.converged
     se = np.array(r.rows[0].std_errors)
-    assert np.all(np.isfinite(se)) and r.rows[0].samples >= 2
+    assert np.all(np.isfinite(se)) and r.rows[0].samples >= 6
     assert r.rows[0].predictions[0] - r.rows[0].base_values[0] == pytest.approx(
         sum(r.rows[0].attributions), abs=1e-6)
 

@@ -252,12 +252,15 @@ def test_weighted_backgrounds_converge_to_exact_and_stay_additive(method: str) -
 
 def test_row_sweeps_visit_every_row_before_any_twice() -> None:
     """The first sweep gives every row one pair (every DOUBLE_EVERY-th row two, back to back);
-    each later sweep is a fresh order of all rows."""
+    then the rows it visited once get their second pair, so every row has two; each later
+    sweep is a fresh order of all rows."""
     sweeps = RowSweeps(10, np.random.default_rng(0))
     first = sweeps.take(10 + 10 // DOUBLE_EVERY)
     rows, counts = np.unique(first, return_counts=True)
     assert rows.tolist() == list(range(10)) and counts.sum() == first.size
     assert sorted(counts.tolist()) == [1] * (10 - 10 // DOUBLE_EVERY) + [2] * (10 // DOUBLE_EVERY)
+    seconds = sweeps.take(10 - 10 // DOUBLE_EVERY)
+    assert sorted(seconds.tolist()) == rows[counts == 1].tolist()
     later = sweeps.take(25)
     for k in (0, 10):
         assert sorted(later[k:k + 10].tolist()) == list(range(10))
@@ -271,14 +274,15 @@ def test_a_partial_sweep_is_noted_and_a_complete_one_is_not() -> None:
 
 
 def test_path_rows_select_x_or_the_reference_exactly() -> None:
-    """Bitwise selection equals np.where, NaN included, in float32 and float64."""
+    """Bitwise selection equals np.where, NaN included, in float32 and float64; rows come
+    step-major (step, path, elements)."""
     rng = np.random.default_rng(4)
     x, Z = rng.normal(size=6), rng.normal(size=(5, 6))
     Z[1, 2] = np.nan
     ranks = np.argsort(rng.random((5, 6)), axis=1)
     for dtype in (np.float32, np.float64):
-        inside = ranks[:, None, :] < np.arange(1, 6)[None, :, None]
-        expected = np.where(inside, x.astype(dtype), Z.astype(dtype)[:, None, :])
+        inside = ranks[None, :, :] < np.arange(1, 6)[:, None, None]  # (steps, paths, elements)
+        expected = np.where(inside, x.astype(dtype), Z.astype(dtype)[None, :, :])
         np.testing.assert_array_equal(path_rows(x, Z, ranks, dtype), expected)
 
 

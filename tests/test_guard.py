@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -208,6 +209,17 @@ def test_failures_are_ranked_input_then_background_then_attributions() -> None:
         failure = find_failure((good, bad), "FP32", None)
         assert failure is not None and (failure.kind, failure.row) == (kind, 1)
     both = find_failure((cases["gap"], cases["prediction"]), "FP32", None)
+    assert both is not None and both.kind == "prediction"
+
+
+def test_non_finite_diagnostics_fail_after_everything_else() -> None:
+    """smoothgrad reported its noise's sigma as inf in an OK answer (found by the fuzzer)."""
+    good = row("smoothgrad", [1.0, 2.0], 3.0)
+    noisy = replace(good, diagnostics=(("noise_sigma", math.inf), ("samples", 8.0)))
+    failure = find_failure((good, noisy), "FP32", None)
+    assert failure is not None and (failure.kind, failure.row) == ("diagnostics", 1)
+    assert "noise_sigma not finite" in str(failure.error("FP32", "default"))
+    both = find_failure((noisy, row("exact", [1.0, 2.0], math.inf)), "FP32", None)
     assert both is not None and both.kind == "prediction"
 
 

@@ -125,12 +125,13 @@ def _per_row(info: TensorInfo, value: Array, rows: int) -> bool:
 
 
 def summary(by_row: Array) -> Summary:
-    """Statistics of (rows, ...) values per row, in float64."""
+    """Statistics of (rows, ...) values per row, in float64; 0 for rows without values (an
+    answer's numbers are always finite)."""
     rows = by_row.shape[0]
     x = by_row.reshape(rows, -1).astype(np.float64)  # (rows, elements)
     if x.shape[1] == 0:
-        nan = np.full(rows, np.nan)
-        return Summary(nan, nan, nan, nan, nan, None)
+        zero = np.zeros(rows)
+        return Summary(zero, zero, zero, zero, zero, None)
     channels = None
     if by_row.ndim >= 3:
         channels = by_row.reshape(rows, by_row.shape[1], -1).astype(np.float64).mean(axis=2)

@@ -139,11 +139,24 @@ def maximize(gm: GradientModel, objective: Objective, start: Array, low: float |
     lo, hi = _bounds(gm, low, high)
     _require(gm, budget)
     ascent = _Ascent(gm, lo, hi, settings, rng, pause)
-    begin = float(gm.value(x0[None])[0, 0])
+    begin = _finite_start(float(gm.value(x0[None])[0, 0]))
     x, trace, exhausted = ascent.run(_clipped(gm, x0, lo, hi), budget)
     end = float(gm.value(x[None])[0, 0])
+    if not math.isfinite(end) and trace:  # the last step's row was not evaluated before
+        ascent.stopped(len(trace))
+        x, trace = ascent.previous, trace[:-1]
+        end = float(gm.value(x[None])[0, 0])
     return Found(x, end, begin, len(trace), exhausted, np.asarray(trace),
-                 (describe(objective, gm), *gm.notes[1:]))
+                 (describe(objective, gm), *gm.notes[1:], *ascent.notes))
+
+
+def _finite_start(value: float) -> float:
+    """The objective at the start; InvalidArgument when it is inf/NaN (the model overflows
+    there: no step could be measured against it)."""
+    if not math.isfinite(value):
+        raise InvalidArgument(f"start: the objective is {value} at the start row: a value "
+                              "overflows the model's arithmetic there; start elsewhere")
+    return value
 
 
 def describe(objective: Objective, gm: GradientModel) -> str:
@@ -168,11 +181,14 @@ def _checked(gm: GradientModel, start: Array, settings: Settings) -> Array:
 
 
 def _bounds(gm: GradientModel, low: float | Array, high: float | Array) -> tuple[Array, Array]:
-    """(elements,) bounds; InvalidArgument unless low < high everywhere."""
+    """(elements,) bounds; InvalidArgument unless low < high everywhere with a finite width
+    (the step is a share of it)."""
     lo = np.broadcast_to(np.asarray(low, np.float64), (gm.elements,))
     hi = np.broadcast_to(np.asarray(high, np.float64), (gm.elements,))
-    if not np.all(lo < hi):
-        raise InvalidArgument("range: needs low < high for every element")
+    with np.errstate(over="ignore"):
+        width = hi - lo
+    if not np.all(lo < hi) or not np.all(np.isfinite(width)):
+        raise InvalidArgument("range: needs low < high for every element, high - low finite")
     return lo, hi
 
 
@@ -206,22 +222,39 @@ class _Ascent:
         self.free = np.zeros(gm.elements)  # 1 on the float inputs' elements, 0 elsewhere
         for v in gm.variables:
             self.free[v.elements] = 1
+        self.notes: list[str] = []
+        self.previous = np.zeros(gm.elements)  # run() sets it: the row before the last step
 
     def run(self, x: Array, budget: Budget) -> tuple[Array, list[float], bool]:
         """Steps until settings.steps or the budget; the row, the trace and whether the
-        budget stopped it."""
+        budget stopped it. When the model's arithmetic overflows (a step's objective or row
+        is inf/NaN) the ascent ends at the last row before it, with a note."""
         trace: list[float] = []
         slowest = 0.0
+        self.previous = x  # the row before the last step taken
         while len(trace) < self.s.steps:
             if trace and not self._fits(budget, slowest, len(trace)):
                 return x, trace, True
             if self.pause is not None:
                 self.pause()
             began = time.perf_counter()
-            x, value = self._step(x, len(trace) + 1)
+            with np.errstate(all="ignore"):
+                stepped, value = self._step(x, len(trace) + 1)
+            if not (math.isfinite(value) and np.all(np.isfinite(stepped))):
+                self.stopped(len(trace) + 1)
+                if math.isfinite(value) or not trace:
+                    return x, trace, False
+                return self.previous, trace[:-1], False  # x is where it overflows
+            self.previous, x = x, stepped
             trace.append(value)
             slowest = max(slowest, time.perf_counter() - began)
         return x, trace, False
+
+    def stopped(self, step: int) -> None:
+        """Note that step `step` reached inf/NaN."""
+        self.notes.append(f"stopped at step {step}: the objective or the row reached inf/NaN "
+                          "(the model's arithmetic overflows there); the answer is the last "
+                          "row where it was finite")
 
     def _fits(self, budget: Budget, slowest: float, steps: int) -> bool:
         """One more step and the final forward row fit the time and evaluation budget."""

@@ -6,8 +6,10 @@ or a Constant node's value, reached directly or through Identity nodes (exports 
 weights that way), or an integer constant dequantised by DequantizeLinear(x, scale,
 zero_point) with constant operands (per tensor, per axis, or blocked), whose statistics are
 those of the dequantised values (x - zero_point) * scale. The scale and zero point of such a
-weight are part of it, not weights of their own. Statistics are in float64 over every value;
-the histogram has BINS equal bins over the finite values' range.
+weight are part of it, not weights of their own. Statistics are in float64 over the finite
+values (`nonfinite` counts the others: a -inf mask constant, say), 0 when there are none (an
+empty ROI of Resize): every number of an answer is finite. The histogram has BINS equal bins
+over the finite values' range.
 """
 
 from __future__ import annotations
@@ -88,18 +90,29 @@ def weights(model: onnx.ModelProto) -> list[WeightStats]:
 
 def statistics(name: str, source: str, stored: Array, values: Array, uses: tuple[Use, ...],
                aliases: tuple[str, ...]) -> WeightStats:
-    """The statistics of one weight's values."""
+    """The statistics of one weight's finite values (0 when it has none)."""
     x = values.astype(np.float64).reshape(-1)  # (size,)
-    finite = x[np.isfinite(x)]
+    finite = x[np.isfinite(x)]  # (finite values,)
     counts, edges = np.histogram(finite, bins=BINS)
-    empty = x.size == 0
+    mean, std, l2 = _moments(finite)
     return WeightStats(name, source, tuple(int(d) for d in stored.shape), stored.dtype.name,
-                       float("nan") if empty else float(x.mean()),
-                       float("nan") if empty else float(x.std()),
-                       float(np.sqrt(np.sum(x * x))),
-                       0.0 if empty else float(np.abs(x).max()),
-                       float("nan") if empty else float(np.mean(x == 0)),
+                       mean, std, l2, float(np.abs(finite).max()) if finite.size else 0.0,
+                       float(np.mean(x == 0)) if x.size else 0.0,
                        int(x.size - finite.size), Histogram(counts, edges), uses, aliases)
+
+
+def _moments(finite: Array) -> tuple[float, float, float]:
+    """Mean, standard deviation and L2 norm of finite values (0 for none), computed on values
+    scaled into [-1, 1] when the plain sums overflow."""
+    if finite.size == 0:
+        return 0.0, 0.0, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        plain = (float(finite.mean()), float(finite.std()), float(np.sqrt(np.sum(finite**2))))
+    if np.all(np.isfinite(plain)):
+        return plain
+    scale = float(np.abs(finite).max())
+    y = finite / scale  # (finite values,) in [-1, 1]
+    return scale * float(y.mean()), scale * float(y.std()), scale * float(np.sqrt(np.sum(y**2)))
 
 
 Constant = tuple[str, onnx.TensorProto | Array]  # (source, the value as stored)

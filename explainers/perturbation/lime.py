@@ -116,7 +116,7 @@ class Lime:
             return float(samples.fit().se.max())
 
         units, stop = run_rounds(model, budget, 1, x.size, sample, max_se, min_units=least,
-                                 required=least)
+                                 required=least, finish_grows=True)  # the fit: O(samples)
         fit = samples.fit()
         return Explanation.build(self.name, fit.coef, fit.se, fit.intercept, fx,
                                  evaluations=model.evaluations, converged=stop.converged,

@@ -6,7 +6,7 @@ import numpy as np
 
 from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation
 from explainers.groups import Groups
-from explainers.shapley.exact import MAX_FEATURES
+from explainers.shapley.exact import MAX_FEATURES, WALL_PRIOR
 
 EXACT_SHARE = 0.5  # exact may use at most this share of the remaining budget
 
@@ -29,7 +29,8 @@ class AutoShapley:
         needed = self._exact.expected_evaluations(n_features, background)
         if n_features > MAX_FEATURES or needed is None:
             return self._sampler
-        fits_time = model.seconds_for(needed) <= EXACT_SHARE * budget.remaining()
+        fits_time = model.wall_seconds("exact", needed, WALL_PRIOR) \
+            <= EXACT_SHARE * budget.remaining()
         fits_cap = budget.max_evaluations is None or needed <= budget.max_evaluations
         return self._exact if fits_time and fits_cap else self._sampler
 

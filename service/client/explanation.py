@@ -40,6 +40,8 @@ class RowDetail:
     budget_exhausted: bool
     samples: int
     diagnostics: dict[str, float]
+    status: str = "OK"  # or NOT_REACHED: the budget ran out first (its numbers are NaN)
+    status_detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ def players(r: pb.ExplainResponse) -> tuple[tuple[str, ...], list[list[int]],
     if any(p is None for row in parsed for p in row):
         parsed = [list(range(len(row.labels))) for row in r.rows]
     width = max(map_width(r), 1 + max(p for row in parsed for p in row if p is not None))
-    name = r.rows[0].maps[0].name if r.rows[0].maps else "player"
+    first = reached(r)
+    name = first.maps[0].name if first is not None and first.maps else "player"
     words = [[""] * width for _ in r.rows]
     for row, places, out in zip(r.rows, parsed, words, strict=True):
         for label, p in zip(row.labels, places, strict=True):
@@ -200,12 +203,25 @@ def matrix(r: pb.ExplainResponse, field: str, d: int, place: list[list[int]] | N
     their own players are scattered into their columns (zeros elsewhere)."""
     n, k = len(r.rows), len(r.output_names)
     if place is None:  # every row has the same players: one conversion
-        return np.array([list(getattr(row, field)) for row in r.rows], np.float64)\
+        return np.array([filled(getattr(row, field), k * d) for row in r.rows], np.float64)\
             .reshape(n, k, d)
     out = np.zeros((n, k, d))
     for i, row in enumerate(r.rows):
+        if not getattr(row, field) and k * d:  # a row not reached
+            out[i] = np.nan
+            continue
         out[i][:, place[i]] = np.asarray(getattr(row, field), np.float64).reshape(k, -1)
     return out
+
+
+def filled(values: Any, size: int) -> list[float]:
+    """A row's numbers, or NaN in their place when the row was not reached (none sent)."""
+    return list(values) if len(values) or not size else [np.nan] * size
+
+
+def reached(r: pb.ExplainResponse) -> pb.RowExplanation | None:
+    """The first row that was explained (rows not reached carry no numbers or maps)."""
+    return next((row for row in r.rows if row.maps or row.attributions), None)
 
 
 def position(label: str) -> int | None:
@@ -216,22 +232,25 @@ def position(label: str) -> int | None:
 
 def map_width(r: pb.ExplainResponse) -> int:
     """Elements per output of the first row's first map (a text's length), 0 without maps."""
-    if not r.rows or not r.rows[0].maps:
+    first = reached(r)
+    if first is None or not first.maps:
         return 0
-    return int(np.prod(r.rows[0].maps[0].shape[1:]))
+    return int(np.prod(first.maps[0].shape[1:]))
 
 
 def per_output(r: pb.ExplainResponse, name: str) -> Array:
     k = len(r.output_names)
-    return np.array([getattr(row, name) for row in r.rows], np.float64).reshape(len(r.rows), k)
+    return np.array([filled(getattr(row, name), k) for row in r.rows], np.float64)\
+        .reshape(len(r.rows), k)
 
 
 def maps_of(r: pb.ExplainResponse) -> dict[str, Array]:
     """name -> (rows, outputs, *input shape), stacked over rows."""
-    if not r.rows or not r.rows[0].maps:
+    first = reached(r)
+    if first is None or not first.maps:
         return {}
-    return {t.name: np.stack([array(row.maps[j]) for row in r.rows])
-            for j, t in enumerate(r.rows[0].maps)}
+    return {t.name: np.stack([array(row.maps[j]) if row.maps else np.full(
+        tuple(t.shape), np.nan) for row in r.rows]) for j, t in enumerate(first.maps)}
 
 
 def cost_of(c: pb.Cost) -> Cost:
@@ -241,7 +260,7 @@ def cost_of(c: pb.Cost) -> Cost:
 
 def detail(row: pb.RowExplanation) -> RowDetail:
     return RowDetail(row.method, row.model_evaluations, row.converged, row.budget_exhausted,
-                     row.samples, dict(row.diagnostics))
+                     row.samples, dict(row.diagnostics), row.status or "OK", row.status_detail)
 
 
 def concatenate(parts: list[Explanation]) -> Explanation:

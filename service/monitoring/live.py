@@ -46,8 +46,8 @@ class Slices:
 class LiveFigures:
     """Mean |phi| per feature over a window and its standard error across rows."""
 
-    mean_abs: Array  # (features,) NaN when no row
-    std_errors: Array  # (features,) std (ddof=1) / sqrt(rows); NaN below two rows
+    mean_abs: Array  # (features,) 0 when no row (an answer's numbers are finite: see rows)
+    std_errors: Array  # (features,) std (ddof=1) / sqrt(rows); 0 below two rows (unknown)
     rows: int
     replicas: int  # summaries with at least one row in the window
     window_seconds: float  # the window the slices read cover
@@ -126,11 +126,12 @@ def combine(parts: Sequence[Slices], now: int, window_seconds: float,
 
 
 def figures(total: Array, replicas: int, window_seconds: float) -> LiveFigures:
-    """Mean and standard error per feature from [rows, sum, sum of squares] (3, features)."""
+    """Mean and standard error per feature from [rows, sum, sum of squares] (3, features);
+    0 where there are too few rows for them (the rows say so)."""
     n, s1, s2 = total
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = s1 / n  # (features,)
         var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1)  # (features,) ddof=1
-        se = np.where(n > 1, np.sqrt(var / n), np.nan)
+        se = np.where(n > 1, np.sqrt(var / n), 0.0)
     rows = int(n.max()) if n.size else 0
-    return LiveFigures(np.where(n > 0, mean, np.nan), se, rows, replicas, window_seconds)
+    return LiveFigures(np.where(n > 0, mean, 0.0), se, rows, replicas, window_seconds)

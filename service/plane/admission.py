@@ -8,13 +8,13 @@ remaining least work, and the remaining least work of every call due no later th
 over the cores, fit before its deadline (EDF's processor-demand test). What a call computes
 beyond its least answer (a sampler refining until its deadline) takes no one's place. A call's
 least cost is what its method needs before it can answer at all (exact: every coalition, with
-the margin its own check keeps; a sampler: its first two units; tree: its measured speed), in
-seconds at the model's speed as the last calls measured it (contention included); it falls as
-the call computes, and a call that has computed it is no longer counted. Only a call that the
-new one would make late counts against it: one already late (past its deadline, finishing its
-answer) does not shed the calls behind it. A call too slow even alone is let through: its method
-refuses it at once, on arrival (it takes a core only at its first model call), naming what it
-needs.
+the margin its own check keeps and its measured wall factor; a sampler: its least pairs,
+MIN_PAIRS; tree: its measured speed), in seconds at the model's speed as the last calls
+measured it (contention included); it falls as the call computes, and a call that has computed
+it is no longer counted. Only a call that the new one would make late counts against it: one
+already late (past its deadline, finishing its answer) does not shed the calls behind it. A
+call too slow even alone is let through: its method refuses it at once, on arrival (it takes a
+core only at its first model call), naming what it needs.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from explainers.base import SAFETY
 from explainers.errors import ResourceExhausted
+from explainers.shapley.permutation import MIN_PAIRS
 from service.plane.scheduler import Control
 
 FIXED_S = 0.001  # per call beyond its model rows: Python around the estimators
@@ -114,20 +115,22 @@ def late(tickets: Iterable[Ticket], cores: int, now: float) -> list[Ticket]:
 
 
 def least_seconds(method: str, players: int, references: int, rows_per_second: float,
-                  tree: bool = False) -> float:
+                  tree: bool = False, exact_factor: float = 1.0) -> float:
     """The least compute (seconds) a method needs before it can answer one row with `players`
-    players against `references` reference rows, at the model's measured speed."""
+    players against `references` reference rows, at the model's measured speed (exact: times
+    its measured wall factor, the time its answers take per second of model time)."""
     rate = max(rows_per_second, 1.0)
     d, bg = max(players, 1), max(references, 1)
     key = method.strip().lower() or "auto"
     if key == "tree" or (key == "auto" and tree):
         return FIXED_S
-    if key in ("auto", "permutation", "partition"):  # two antithetic pairs, one row each
-        return FIXED_S + SAMPLER_ROUNDS * (1 + 4 * (d - 1)) / rate
+    if key in ("auto", "permutation", "partition"):  # its least pairs, one row each way
+        return FIXED_S + SAMPLER_ROUNDS * (1 + 2 * MIN_PAIRS * (d - 1)) / rate
     rows = LEAST_ROWS.get(key)
     if rows is None:
         return FIXED_S + 8 / rate  # gradient methods: a few passes
-    return FIXED_S + (SAMPLER_ROUNDS if key == "kernel" else 1.0) * rows(d, bg) / rate
+    factor = {"kernel": SAMPLER_ROUNDS, "exact": exact_factor}.get(key, 1.0)
+    return FIXED_S + factor * rows(d, bg) / rate
 
 
 LEAST_ROWS: dict[str, Callable[[int, int], float]] = {  # model rows of the least answer

@@ -64,15 +64,17 @@ def check_baseline(spec: BaselineSpec, modality: Modality) -> BaselineSpec:
 
 def baseline_rows(spec: BaselineSpec, x: Array, layout: Layout, modality: Modality,
                   background: Array | None, weights: Array | None = None) -> Array:
-    """Reference rows (rows, elements) for the explained row x (elements,). Only the
-    modality's input is replaced; other inputs keep x's values (their elements are in no
-    group unless the request says otherwise)."""
+    """Reference rows (rows, elements) for the explained row x (elements,). Images and text:
+    only the modality's input is replaced, other inputs keep x's values (their elements are in
+    no group unless the request says otherwise). Tables: every column is a player, so the whole
+    row is replaced, whatever input a column comes from."""
     if spec.kind == "background":
         if background is None:
             raise InvalidArgument("baseline.kind: background needs a stored background")
         return background
     k = modality.input
-    a, b = layout.offsets[k], layout.offsets[k + 1]
+    a, b = (layout.offsets[k], layout.offsets[k + 1]) if modality.kind != "tabular" \
+        else (0, layout.elements)
     row = x.astype(np.float64).copy()
     row[a:b] = _replacement(spec, x[a:b], layout.shapes[k], modality, background, weights, a, b)
     return row[None]

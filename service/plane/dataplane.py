@@ -29,6 +29,7 @@ from explainers.errors import (
 from explainers.memory import ByteLru, nbytes_of
 from explainers.perturbation.occlusion import Occlusion
 from explainers.registry import build_registry, lookup
+from explainers.shapley.exact import WALL_PRIOR as EXACT_WALL_PRIOR
 from service.config import Settings
 from service.models.inputs import Layout, TensorInfo
 from service.models.reload import CONFIG
@@ -563,8 +564,10 @@ class DataPlane:
         players = p.players.groups_for(p.X[0]).size
         refs = p.background.rows if p.background is not None and \
             p.players.baseline.kind == "background" else 1
-        least = least_seconds(method, players, refs, p.model.onnx.rows_per_second,
-                              tree=p.model.trees is not None)
+        onnx = p.model.onnx
+        least = least_seconds(method, players, refs, onnx.rows_per_second,
+                              tree=p.model.trees is not None,
+                              exact_factor=onnx.wall_factors.get("exact", EXACT_WALL_PRIOR))
         try:
             return self.admission.admit(self._deadline(p), least, p.control)
         except ResourceExhausted:
@@ -670,9 +673,7 @@ class DataPlane:
             return Choice(Occlusion(windows), p.target)
         if name in ("tree", "linear"):
             ids = next(iter(p.model.onnx.discrete_inputs.items()), None)
-            why = f"input {ids[0]!r} {ids[1]}: the model takes ids, not real-valued features" \
-                if name == "linear" and ids else \
-                f"it explains single features, not {p.players.grouping}"
+            why = _why_not_single(name, ids, p.players)
             return Choice(self.registry["auto"], p.target,
                           (f"method {name} unavailable ({why}); fell back to auto",))
         return Choice(lookup(self.registry, name), p.target)
@@ -957,6 +958,18 @@ def spread_of_rows(rows: tuple[Explanation, ...]) -> Array:
         return np.ones(1)
     gap = np.mean([np.abs(r.prediction - r.base_values) for r in rows], axis=0)  # (outputs,)
     return np.where(gap > 0, gap, 1.0)
+
+
+def _why_not_single(name: str, ids: tuple[str, str] | None, players: Players) -> str:
+    """Why tree or linear cannot answer a grouped request (the note of the fallback)."""
+    if name == "linear" and ids:
+        return f"input {ids[0]!r} {ids[1]}: the model takes ids, not real-valued features"
+    if players.baseline.kind != "background":
+        return f"it explains against background rows, not baseline {players.baseline.kind}"
+    if players.modality.kind == "tabular" and players.fixed is not None \
+            and players.fixed.identity:
+        return "it takes no groups.hierarchy"
+    return f"it explains single features, not {players.grouping}"
 
 
 def baseline_meta(model: LoadedModel, players: Players) -> BackgroundMeta:

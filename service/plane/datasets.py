@@ -388,7 +388,7 @@ class DatasetJob:
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * layout.elements)))
         return Evaluator(counted, chunk, onnx.rows_per_second, dtype=onnx.batch_dtype,
-                         pause=self.control.pause)
+                         pause=self.control.pause, path_major=onnx.has_trees)
 
     def _result(self, value: Value, info: JobInfo, dataset_rows: int) -> JobResult:
         rows = _rows_used(value)

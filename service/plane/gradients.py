@@ -24,6 +24,7 @@ from service.plane.targets import Target
 
 METHODS = ("saliency", "input_x_gradient", "smoothgrad", "integrated_gradients", "deeplift",
            "deepshap", "gradcam", "gradcam++")
+MAX_NOISE_LEVEL = 100.0  # smoothgrad's noise, in input ranges: past it the answer is noise
 SCALES = {"": "auto", "identity": "identity", "logit": "logit", "margin": "logit"}
 
 
@@ -70,8 +71,11 @@ class GradientMethods:
 
 def estimator_of(name: str, gm: GradientModel, o: GradientRequest) -> Estimator:
     """One estimator instance per request (they hold the GradientModel and the options)."""
-    if o.samples < 0 or o.steps < 0 or o.noise_level < 0:
-        raise InvalidArgument("gradients: samples, steps and noise_level must be >= 0")
+    if o.samples < 0 or o.steps < 0:
+        raise InvalidArgument("gradients: samples and steps must be >= 0")
+    if not 0 <= o.noise_level <= MAX_NOISE_LEVEL:  # NaN too
+        raise InvalidArgument(f"gradients.noise_level: {o.noise_level}; a share of the input's "
+                              f"range from 0 to {MAX_NOISE_LEVEL:g} (0 = {NOISE_LEVEL})")
     if name == "saliency":
         return Saliency(gm, absolute=not o.signed)
     if name == "input_x_gradient":

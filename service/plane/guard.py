@@ -22,7 +22,8 @@ the table allows ~100 float32 ulps).
 What happens on a failure (in `checked`): linear or tree with a gap or non-finite attributions
 fall back to the sampler with a note; a non-finite prediction is the caller's input
 (INVALID_ARGUMENT); a non-finite base value is the background (FAILED_PRECONDITION: upload a
-finite one); anything else is FAILED_PRECONDITION. A failed answer is never returned as OK, so
+finite one); anything else (non-finite attributions or diagnostics, a gap) is
+FAILED_PRECONDITION. A failed answer is never returned as OK, so
 it is never cached and never reaches the metrics as an answered row.
 """
 
@@ -55,7 +56,7 @@ class Failure:
 
     row: int
     method: str
-    kind: str  # prediction, base, values or gap
+    kind: str  # prediction, base, values, gap or diagnostics
     detail: str
 
     def note(self) -> str:
@@ -77,6 +78,9 @@ class Failure:
             return FailedPrecondition(
                 f"inputs: row {self.row}: the {self.method} attributions are not finite: the "
                 f"model returns inf/NaN on mixes of this row with background {background!r}")
+        if self.kind == "diagnostics":
+            return FailedPrecondition(f"inputs: row {self.row}: the {self.method} diagnostics "
+                                      f"are not finite ({self.detail}); no answer returned")
         return FailedPrecondition(f"inputs: row {self.row}: the {self.method} attributions "
                                   f"do not add up ({self.detail}); no answer returned")
 
@@ -115,9 +119,18 @@ def find_failure(rows: Rows, precision: str, background: Background | None) -> F
     own_base = any(r.method in OWN_BASE for r in rows)  # the others are handed E f itself
     gaps = relative_gaps(pred, base, values, background if own_base else None, spread=False)
     if float(np.max(gaps - tol)) <= 0 and math.isfinite(float(errors.sum())):
-        return None  # NaN fails both tests; the std of f(background) is not needed to pass
+        return _diagnostics(rows)  # NaN fails both tests; the std of f(background) not needed
     return _non_finite(rows, pred, base, values, errors) \
-        or _gap(rows, relative_gaps(pred, base, values, background), tol)
+        or _gap(rows, relative_gaps(pred, base, values, background), tol) or _diagnostics(rows)
+
+
+def _diagnostics(rows: Rows) -> Failure | None:
+    """The first row whose diagnostics (a method's own figures) hold inf/NaN."""
+    for i, r in enumerate(rows):
+        bad = [name for name, value in r.diagnostics if not math.isfinite(value)]
+        if bad:
+            return Failure(i, r.method, "diagnostics", f"{', '.join(bad)} not finite")
+    return None
 
 
 def _non_finite(rows: Rows, pred: Array, base: Array, values: Array,

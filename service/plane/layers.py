@@ -9,6 +9,8 @@ with the method label `layers.<call>`. Inputs are validated as Explain validates
 CACHE_SHARE of SIDELIGHT_MEMORY_LIMIT_BYTES: tensor lists and weight statistics per model file
 (sha256), exposed copies per (file, tensors, input shapes), attention probes per (file, input
 shapes), and activation-maximisation gradient graphs per (file, objective, input shapes).
+Every answer is checked before it leaves: a value that is not finite (the rows overflow the
+model's arithmetic) refuses the call with a status naming the row and tensor, never OK.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ DEFAULT_K = 8  # top_k's channels when the request says 0
 MAX_STEPS = 4096  # activation maximisation's step cap
 GRADIENT_ROWS = 10  # a maximisation's least work in forward rows: two rows and one gradient
 SUGGESTED = 5  # tensor names a refusal lists
+MAX_BLUR_SIGMA = 100.0  # positions: a wider Gaussian only averages the whole input
+FLOATS = ("FP16", "FP32", "FP64")  # the inputs an ascent moves
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,8 @@ class LayerPlane:
             call.control.pause()
             found = activations(exposed, layout.feeds(X), q.reduction or "none",
                                 q.k or DEFAULT_K, self.max_bytes, self.max_run_bytes)
+            for a in found:
+                finite_activation(a)
             return Activations(m.name, m.version, X.shape[0], tuple(found), elapsed(call))
         return self._serve("layers.activations", _explain_query(q), control,
                            _rows(q.inputs), work)
@@ -225,6 +231,8 @@ class LayerPlane:
             call.control.pause()
             maps = probe.run(layout.feeds(X), q.reduction or "none", self.max_bytes,
                              self.max_run_bytes)
+            for layer, values in zip(maps.layers, maps.probabilities, strict=True):
+                finite_rows(values, f"attention layer {quoted(layer.node)}")
             return Attention(m.name, m.version, X.shape[0], maps, elapsed(call))
         return self._serve("layers.attention", _explain_query(q), control, _rows(q.inputs),
                            work)
@@ -331,6 +339,7 @@ class LayerPlane:
         parts = layout.split(found.input[None])  # per input (1, *shape)
         inputs: Inputs = tuple((spec.name, np.asarray(part, NUMPY[spec.datatype]))
                                for spec, part in zip(layout.specs, parts, strict=True))
+        finite_found(found, inputs)
         return Maximized(m.name, m.version, inputs, found, 2 + found.steps, elapsed(call),
                          1e3 * call.budget_s, call.source)
 
@@ -377,6 +386,7 @@ class LayerPlane:
             low, high = q.low, q.high
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise InvalidArgument(f"low, high: need finite low < high, got {low} and {high}")
+        within_datatypes(low, high, layout)
         return start, low, high
 
     def _background_rows(self, m: LoadedModel, name: str, layout: Layout) -> Array:
@@ -396,6 +406,56 @@ class LayerPlane:
                 q.model, (), q.version, deadline_s=q.deadline_s), call.start)
             end = min(end, call.start + latest)
         return end - reserve_s(call.budget_s, 1)
+
+
+def within_datatypes(low: float, high: float, layout: Layout) -> None:
+    """INVALID_ARGUMENT when the range leaves a float input's datatype (the input found would
+    hold inf) or its width overflows (the step is a share of it)."""
+    for spec in layout.specs:
+        if spec.datatype in FLOATS:
+            largest = float(np.finfo(NUMPY[spec.datatype]).max)
+            if max(abs(low), abs(high)) > largest:
+                raise InvalidArgument(f"low, high: {low} and {high} leave the finite values of "
+                                      f"input {spec.name!r} ({spec.datatype}, |x| <= "
+                                      f"{largest:.4g})")
+    if not math.isfinite(high - low):
+        raise InvalidArgument(f"low, high: the range from {low} to {high} is wider than a "
+                              "float64 holds")
+
+
+def finite_rows(values: Array, what: str, per_row: bool = True) -> None:
+    """INVALID_ARGUMENT naming the first row whose values are inf/NaN: those rows overflow
+    the model's arithmetic (an answer is never OK with a non-finite number)."""
+    if values.dtype.kind not in "fc" or np.all(np.isfinite(values)):
+        return
+    by_row = values.reshape(values.shape[0], -1) if per_row and values.ndim else \
+        values.reshape(1, -1)  # (rows, elements)
+    row = int(np.argmax(~np.all(np.isfinite(by_row), axis=1)))
+    where = f"row {row}" if per_row else "these rows"
+    raise InvalidArgument(f"inputs: {where}: {what} is inf/NaN there: a value overflows the "
+                          f"model's {values.dtype} arithmetic or the model produces inf/NaN")
+
+
+def finite_activation(a: Activation) -> None:
+    """The tensor's values and statistics are finite (see finite_rows)."""
+    what = f"tensor {quoted(a.name)}"
+    finite_rows(a.values, what, a.per_row)
+    s = a.summary
+    stats = [s.mean, s.std, s.min, s.max, s.zeros]  # (rows,) each
+    if s.channel_mean is not None:
+        stats.append(s.channel_mean.reshape(s.channel_mean.shape[0], -1).mean(axis=1))
+    finite_rows(np.stack(stats, axis=1), f"the statistics of {what}", a.per_row)
+
+
+def finite_found(found: Found, inputs: Inputs) -> None:
+    """The input found, the objective and its trace are finite; else FAILED_PRECONDITION
+    (the ascent stops before a non-finite step: this is the last guard)."""
+    numbers = [found.activation, found.start_activation, *found.trace.tolist()]
+    if np.all(np.isfinite(numbers)) and all(np.all(np.isfinite(v)) for _, v in inputs
+                                            if v.dtype.kind == "f"):
+        return
+    raise FailedPrecondition("maximize: the ascent reached inf/NaN (the model's arithmetic "
+                             "overflows in this range); narrow low and high or start elsewhere")
 
 
 def _explain_query(q: LayersQuery) -> ExplainQuery:
@@ -465,6 +525,8 @@ def ascent_settings(q: MaximizeQuery) -> Settings:
     for field, value in numbers.items():
         if not math.isfinite(value) or value < 0:
             raise InvalidArgument(f"{field}: {value}; must be a finite number >= 0")
+    if q.blur_sigma > MAX_BLUR_SIGMA:
+        raise InvalidArgument(f"blur_sigma: {q.blur_sigma}; at most {MAX_BLUR_SIGMA} positions")
     if not 0 <= q.steps <= MAX_STEPS:
         raise InvalidArgument(f"steps: {q.steps}; at most {MAX_STEPS} (0 = 128)")
     for field, count in {"jitter": q.jitter, "blur_every": q.blur_every}.items():

@@ -173,7 +173,8 @@ class LiveImportance:
         figures = combine([mine.slices(self.replica), *others], mine.now(),
                           window_s or self.window_s, mine.slice_seconds)
         return LiveResult(loaded.name, loaded.version, expected.labels, figures,
-                          (*notes, *more, *self._skipped_note(key)))
+                          (*notes, *more, *_few_rows_note(figures.rows),
+                           *self._skipped_note(key)))
 
     def _window_notes(self, window_s: float) -> tuple[str, ...]:
         if window_s <= self.window_s:
@@ -188,6 +189,15 @@ class LiveImportance:
             return ()
         return (f"{skipped} row(s) explained on another target or with other players since "
                 "start-up are not counted on this replica",)
+
+
+def _few_rows_note(rows: int) -> tuple[str, ...]:
+    """What zeros mean when the window holds too few rows for the figures."""
+    if rows == 0:
+        return ("no rows were explained in the window: mean_abs and std_errors are 0",)
+    if rows == 1:
+        return ("one row was explained in the window: its std_errors are unknown (0 here)",)
+    return ()
 
 
 def group_key(key: Key) -> str:

@@ -57,8 +57,13 @@ class Players:
 
     @property
     def plain(self) -> bool:
-        """One player per element of a table: today's per-feature attributions, no maps."""
-        return self.fixed is not None and self.fixed.identity
+        """One player per column of a table against the stored background rows: today's
+        per-feature attributions, no maps. Never for an image or a text whose every element is
+        its own group (they keep their maps and hierarchy), a hierarchy, or a named baseline
+        (zeros, mean, ...: its reference row replaces the background rows)."""
+        return self.modality.kind == "tabular" and self.fixed is not None and \
+            self.fixed.identity and self.fixed.hierarchy is None and \
+            self.baseline.kind == "background"
 
     @property
     def labels(self) -> tuple[str, ...]:

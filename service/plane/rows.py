@@ -28,6 +28,7 @@ from service.plane.scheduler import SLICE_S, Control
 CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
 LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
 LEARN_WEIGHT = 0.2  # how much one call moves the model's measured speed
+FACTOR_WEIGHT = 0.5  # ... and a method's wall factor (a late answer must not repeat for long)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class RowJob:
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
         return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype,
-                         pause=self.pause if scheduled else None)
+                         pause=self.pause if scheduled else None,
+                         wall_factors=onnx.wall_factors, path_major=onnx.has_trees)
 
     def budget(self, rows_left: int) -> Budget:
         """This row's share of the time left, and the request's caps."""
@@ -64,17 +66,30 @@ class RowJob:
         return Budget(now + share, self.max_evaluations or None, self.target_error or None)
 
     @property
-    def waited(self) -> bool:
-        """Whether the call has waited for a core (a refusal now would be late)."""
-        return self.control is not None and self.control.waited_s > 0
+    def waited_s(self) -> float:
+        """Seconds the call has waited for a core so far (a refusal after any is late)."""
+        return self.control.waited_s if self.control is not None else 0.0
 
-    def learn(self, ev: Evaluator) -> float:
+    def clock(self) -> float:
+        """Seconds the call has spent, less its waits for a core: a method's wall time is
+        measured on this clock (the waits are other calls' work, which admission counts)."""
+        return time.perf_counter() - self.waited_s
+
+    def learn(self, ev: Evaluator, found: Explanation | None = None,
+              seconds: float = 0.0) -> float:
         """The model's speed as this row measured it (contention included), folded into the
-        model's own figure so the next request plans and is admitted with it."""
+        model's own figure so the next request plans and is admitted with it; and the wall
+        time of the method that answered over its model time (`seconds` for `found`), which
+        exact's admission and its own check use."""
         onnx = self.model.onnx
         if ev.evaluations >= LEARN_MIN_ROWS:
             onnx.rows_per_second = (1 - LEARN_WEIGHT) * onnx.rows_per_second \
                 + LEARN_WEIGHT * ev.rows_per_second
+            if found is not None and seconds > 0:
+                factor = seconds / ev.seconds_for(ev.evaluations)
+                old = onnx.wall_factors.get(found.method, factor)
+                onnx.wall_factors[found.method] = (1 - FACTOR_WEIGHT) * old \
+                    + FACTOR_WEIGHT * factor
         return ev.rows_per_second
 
     def attempt(self, ev: Evaluator, explain: Callable[[Budget], Explanation], rows_left: int,
@@ -88,7 +103,7 @@ class RowJob:
             try:
                 return explain(self.budget(share_of))
             except (ResourceExhausted, DeadlineExceeded):
-                late = ev.evaluations > before or self.waited
+                late = ev.evaluations > before or self.waited_s > 0
                 if share_of == 1 and first and not late:
                     raise
         return None
@@ -108,13 +123,13 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
         return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second)))
     rate, out = job.model.onnx.rows_per_second, []
     for i, x in enumerate(X):
-        ev = job.evaluator(rate)
+        ev, start = job.evaluator(rate), job.clock()
         found = job.attempt(ev, lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
             ev, x, background, b, rng), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # the rows done are kept; the rest are reported as not reached
         out.append(found)
-        rate = job.learn(ev)
+        rate = job.learn(ev, found, job.clock() - start)
     return tuple(out)
 
 
@@ -142,13 +157,14 @@ def explain_grouped(job: RowJob, X: Array, players: Players,
         ev = job.evaluator(rate)
         g = players.groups_for(x)
         ref = references(x, ev)
+        start = job.clock()
         found = job.attempt(ev, lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
             ev, x, ref, b, rng, g), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # as in explain_plain
         out.append(found)
         groups.append(g)
-        rate = job.learn(ev)
+        rate = job.learn(ev, found, job.clock() - start)
     return tuple(out), tuple(groups)
 
 

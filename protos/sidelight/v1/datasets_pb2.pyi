@@ -652,7 +652,7 @@ class LiveImportance(_message.Message):
     @_builtins.property
     def mean_abs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Per feature: mean |attribution| over the rows explained in the window, and its standard
-        error across rows.
+        error across rows (0, with a note, when the window holds fewer than two rows).
         """
 
     @_builtins.property

@@ -210,7 +210,9 @@ Global___ActivationsRequest: _TypeAlias = ActivationsRequest  # noqa: Y015
 
 @_typing.final
 class ActivationSummary(_message.Message):
-    """Per-row statistics of one tensor's values (over the whole tensor when it has no row axis)."""
+    """Per-row statistics of one tensor's values (over the whole tensor when it has no row axis);
+    0 for a tensor with no values.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -406,7 +408,9 @@ class WeightInfo(_message.Message):
     datatype: _builtins.str
     """As stored (INT8 for a quantised weight)."""
     mean: _builtins.float
-    """Over every value, in float64, after dequantising."""
+    """Over the finite values (nonfinite counts the others), in float64, after dequantising; 0
+    when there are none.
+    """
     std: _builtins.float
     l2: _builtins.float
     abs_max: _builtins.float
