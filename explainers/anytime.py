@@ -90,6 +90,14 @@ def require_rows(model: Evaluator, budget: Budget, rows: int, what: str) -> None
                                 f"about {1e3 * seconds / SAFETY:.0f} ms here")
 
 
+def require_units(model: Evaluator, budget: Budget, rows_per_unit: int,
+                  required: int = 2) -> None:
+    """run_rounds' own up-front refusal, for a sampler to make before its first model call
+    (f(x)): a call refused is then refused on arrival, before it waits for a core."""
+    per_unit = ROUND_OVERHEAD * model.seconds_for(rows_per_unit)
+    _require_units(model, budget, rows_per_unit, per_unit, FINISH_GUESS_S, max(2, required))
+
+
 def _seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

@@ -14,9 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from explainers.errors import Cancelled
+from explainers.errors import Cancelled, ResourceExhausted, SidelightError
 from service.api.server import Sidelight, start
 from service.api.tensors import from_array
+from service.plane.admission import Admission
+from service.plane.dataplane import ExplainResult
+from service.plane.requests import ExplainQuery
 from service.plane.scheduler import Control, Cores
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -68,6 +71,60 @@ def test_a_yield_point_hands_the_core_to_an_earlier_deadline() -> None:
     assert ran.is_set()
     cores.release()
     thread.join(1)
+
+
+def test_a_call_short_of_its_least_answer_takes_the_core_first() -> None:
+    """A sampler refining an answer it already has (computed past its least work) gives its
+    core, at its next yield point, to a later-deadline call that has no answer yet; that one
+    gives it back once it has computed its own least work."""
+    cores = Cores(1)
+    refining = Control(1.0, cores)
+    cores.acquire(refining)
+    newcomer = Control(9.0, cores)
+    newcomer.least_s = 0.02
+    ran = threading.Event()
+
+    def least_work() -> None:
+        with cores.held(newcomer, lazily=True):
+            newcomer.pause()  # its first model call takes a core
+            ran.set()
+            time.sleep(0.03)  # past its least work: the earlier deadline goes first again
+            newcomer.pause()
+
+    thread = threading.Thread(target=least_work)
+    thread.start()
+    time.sleep(0.05)
+    assert not ran.is_set() and cores.waiting == 1
+    refining.pause()  # hands over, waits for the newcomer's least work, then takes it back
+    assert ran.is_set() and refining.holding and newcomer.ran() >= 0.02
+    for _ in range(100):  # the newcomer queues again (it released, then asks)
+        if cores.waiting == 1:
+            break
+        time.sleep(0.01)
+    assert cores.waiting == 1
+    cores.release(refining)
+    thread.join(1)
+    assert not newcomer.holding and newcomer.waited_s > 0 and cores.waiting == 0
+
+
+def test_admission_counts_only_the_least_answers_still_to_compute() -> None:
+    """Two cores; accepted calls past their least work, or already past their deadline and
+    finishing their answer, shed no one; least work due before a deadline is spread over the
+    cores (earliest deadline first), and a new call that would make one late is shed."""
+    admission = Admission(2)
+    done, finishing = Control(1.0), Control(1.0)
+    admission.admit(10.0, 0.5, done, now=0.0)
+    done.ran_s = 0.5  # its least answer is computed
+    admission.admit(0.1, 0.05, finishing, now=0.0)  # due at 0.1: past it below
+    admission.admit(10.0, 9.0, now=0.5)  # 9 s of least work before 10.0 fits
+    admission.admit(10.0, 9.0, now=0.5)  # so do 18 s over two cores
+    with pytest.raises(ResourceExhausted, match="this call's") as err:  # 26 s by 12.0: no
+        admission.admit(12.0, 8.0, now=0.5)
+    assert err.value.reason == "admission" and err.value.retry_after_s == pytest.approx(9.5)
+    with pytest.raises(ResourceExhausted, match="1 accepted call"):  # due first: 19 s by 10.0
+        admission.admit(9.8, 1.0, now=0.5)
+    admission.admit(30.0, 8.0, now=0.5)  # due later: 26 s over two cores fits by 30.0
+    assert admission.admitted == 5
 
 
 def test_a_cancelled_call_stops_at_its_next_yield_point_and_leaves_the_queue() -> None:
@@ -204,3 +261,52 @@ def test_a_burst_beyond_capacity_is_shed_at_arrival_and_counted(exact_app: Sidel
     counted = exact_app.metrics.registry.get_sample_value(
         "sidelight_explain_rejected_total", {"reason": "admission"})
     assert counted == len(shed)
+
+
+def test_every_refusal_of_a_burst_comes_at_arrival(exact_app: Sidelight,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sixteen calls at once, twelve samplers (each would use its whole budget) and four exact
+    calls (each most of a core for its budget), more than the cores can answer. Each call
+    refused is refused on arrival, before it ever held or waited for a core (measured in the
+    server: a loaded machine's slow clients do not count); each call admitted is answered, its
+    row explained or NOT_REACHED, never refused late."""
+    plane = exact_app.data_plane()
+    budget_ms = 1e3 * 2.2 * (254 * 30 + 1) / plane.repo.get("slow8").onnx.rows_per_second
+    seen: list[tuple[str, float, Control]] = []  # (code, seconds in the plane, its control)
+    explain = plane.explain
+
+    def timed(q: ExplainQuery, control: Control | None = None) -> ExplainResult:
+        assert control is not None
+        start, code = time.monotonic(), "OK"
+        try:
+            return explain(q, control)
+        except SidelightError as err:
+            code = err.code
+            raise
+        finally:
+            seen.append((code, time.monotonic() - start, control))
+
+    monkeypatch.setattr(plane, "explain", timed)
+    X = np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32)
+    go = threading.Barrier(16)
+
+    def call(k: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{exact_app.port}") as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            go.wait()
+            try:
+                r = stub.Explain(pb.ExplainRequest(
+                    model="slow8", inputs=[from_array("x", X[k:k + 1])], budget_ms=budget_ms,
+                    method="permutation" if k < 12 else "exact", seed=k), timeout=10)
+            except grpc.RpcError as err:
+                return str(err.code().name)
+            return str(r.rows[0].status)
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(16)))
+    assert "RESOURCE_EXHAUSTED" in codes, codes
+    assert set(codes) <= {"OK", "NOT_REACHED", "RESOURCE_EXHAUSTED"}, codes
+    late = [f"{1e3 * s:.1f} ms in, {1e3 * c.waited_s:.1f} ms waiting, {1e3 * c.ran():.1f} ms "
+            f"on a core" for code, s, c in seen if code == "RESOURCE_EXHAUSTED"
+            and (c.waited_s or c.ran() or s > 0.1 * budget_ms / 1e3)]
+    assert not late, f"refused late (budget {budget_ms:.0f} ms): {late}"

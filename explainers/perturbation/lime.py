@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from explainers.anytime import MIN_UNITS, require_stop_rule, run_rounds
+from explainers.anytime import MIN_UNITS, require_stop_rule, require_units, run_rounds
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.groups import Groups
 from explainers.masking import pinned, players_of
@@ -102,6 +102,8 @@ class Lime:
     def _explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,
                  rng: np.random.Generator, groups: Groups) -> Explanation:
         d = players_of(x, groups)
+        least = max(MIN_UNITS, d + 2)  # fewer samples than coefficients: no standard errors
+        require_units(model, budget, 1, least)  # before any model call
         fx = model(x[None])[0]  # (outputs,)
         samples = Samples()
         samples.add(np.ones((1, d), bool), fx[None])
@@ -113,7 +115,6 @@ class Lime:
         def max_se() -> float:
             return float(samples.fit().se.max())
 
-        least = max(MIN_UNITS, d + 2)  # fewer samples than coefficients: no standard errors
         units, stop = run_rounds(model, budget, 1, x.size, sample, max_se, min_units=least,
                                  required=least, finish_grows=True)  # the fit: O(samples)
         fit = samples.fit()

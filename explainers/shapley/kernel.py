@@ -19,6 +19,7 @@ from explainers.anytime import (
     MIN_UNITS,
     require_rows,
     require_stop_rule,
+    require_units,
     run_rounds,
     single_feature,
 )
@@ -120,6 +121,8 @@ class KernelShap:
             require_rows(model, budget, 1 + 2 * background.rows * (d + least),
                          f"kernel with this background (its {d} enumerated pairs and "
                          f"{least} sampled ones; use permutation or auto)")
+        else:
+            require_units(model, budget, 2, least)  # before any model call
         fx = model(x[None])[0]  # (outputs,)
         base = background.base_values
         sums = KernelSums(d, fx.size, fx - base)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainers.anytime import require_stop_rule, run_rounds, single_feature
+from explainers.anytime import require_stop_rule, require_units, run_rounds, single_feature
 from explainers.base import Array, Background, Budget, Evaluator, Explanation
 from explainers.groups import Groups
 from explainers.masking import path_values, pinned, players_of
@@ -356,8 +356,11 @@ class PermutationShapley:
 
     def _play(self, model: Evaluator, x: Array, background: Background, budget: Budget,
               rng: np.random.Generator, groups: Groups | None, differs: Array) -> Explanation:
-        if players_of(x, groups) == 1:
+        d = players_of(x, groups)
+        if d == 1:
             return single_feature(self.name, model, x, background)
+        # before f(x): a refusal comes on arrival, before the call takes a core
+        require_units(model, budget, 2 * (d - 1), MIN_PAIRS)
         return self._explain(model, x, background, budget, rng, groups, differs)
 
     def _explain(self, model: Evaluator, x: Array, background: Background, budget: Budget,

@@ -1,14 +1,20 @@
 """Admission at arrival, on a model of the work: a call is accepted only when its least sound
-answer, and the least answers of the calls already accepted, still fit their deadlines once
-the cores are shared among one more call. Otherwise it is shed at once, with a retry hint.
+answer, and the least answers of the calls already accepted, still fit their deadlines with one
+more call on the cores. Otherwise it is shed at once, with a retry hint.
 
-The model: admitted calls share the cores (the scheduler hands them round, earliest deadline
-first), so with n calls on c cores each progresses at min(1, c / n) of a core; a call's least
-cost is what its method needs before it can answer at all (exact: every coalition, with the
-margin its own check keeps; a sampler: its least pairs (MIN_PAIRS); tree: its measured speed), in
-seconds at the model's speed as the last calls measured it (contention included); a call's
-remaining least cost falls as it computes. A call too slow even alone is let through: its
-method refuses it at once, naming what it needs.
+The model is the scheduler's (service/plane/scheduler.py): the least answers are served first,
+earliest deadline first, over the cores, so a call's least answer is ready in time when its own
+remaining least work, and the remaining least work of every call due no later than it spread
+over the cores, fit before its deadline (EDF's processor-demand test). What a call computes
+beyond its least answer (a sampler refining until its deadline) takes no one's place. A call's
+least cost is what its method needs before it can answer at all (exact: every coalition, with
+the margin its own check keeps and its measured wall factor; a sampler: its least pairs,
+MIN_PAIRS; tree: its measured speed), in seconds at the model's speed as the last calls
+measured it (contention included); it falls as the call computes, and a call that has computed
+it is no longer counted. Only a call that the new one would make late counts against it: one
+already late (past its deadline, finishing its answer) does not shed the calls behind it. A
+call too slow even alone is let through: its method refuses it at once, on arrival (it takes a
+core only at its first model call), naming what it needs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from explainers.base import SAFETY
@@ -38,8 +45,8 @@ class Ticket:
     control: Control | None = None
     started: float = field(default_factory=time.monotonic)
 
-    def remaining_least(self) -> float:
-        ran = self.control.ran_s if self.control is not None else 0.0
+    def remaining_least(self, now: float | None = None) -> float:
+        ran = self.control.ran(now) if self.control is not None else 0.0
         return max(0.0, self.least_s - ran)
 
 
@@ -54,16 +61,20 @@ class Admission:
     def admit(self, deadline: float, least_s: float, control: Control | None = None,
               now: float | None = None) -> Ticket:
         """A ticket, or RESOURCE_EXHAUSTED with `retry_after_s` when this call's least answer
-        or an accepted call's would no longer fit its deadline."""
+        or an accepted call's would no longer fit its deadline. The control learns its least
+        work: the scheduler serves it first until it has computed it."""
         now = time.monotonic() if now is None else now
         ticket = Ticket(deadline, least_s, control, started=now)
+        if control is not None:
+            control.least_s = least_s
         with self._lock:
-            tickets = [*self._tickets, ticket]
-            slowdown = max(1.0, len(tickets) / self.cores)
-            late = [t for t in tickets if now + t.remaining_least() * slowdown > t.deadline]
+            hurt = late([*self._tickets, ticket], self.cores, now)
+            if hurt:  # rare: only then are the ones already late found, and left out
+                before = set(late(self._tickets, self.cores, now))
+                hurt = [t for t in hurt if t not in before]
             alone = now + least_s <= deadline
-            if late and alone:  # too slow alone: its method refuses it, naming what it needs
-                raise self._shed(ticket, late, slowdown, now)
+            if hurt and alone:  # too slow alone: its method refuses it, naming what it needs
+                raise self._shed(ticket, hurt, now)
             self._tickets.add(ticket)
         return ticket
 
@@ -76,12 +87,11 @@ class Admission:
         with self._lock:
             return len(self._tickets)
 
-    def _shed(self, new: Ticket, late: list[Ticket], slowdown: float,
-              now: float) -> ResourceExhausted:
-        """Why, and when to retry: once the earliest accepted deadline has passed."""
-        deadlines = [t.deadline for t in self._tickets]
-        retry = max(SHED_FLOOR_S, min(deadlines, default=now) - now)
-        whose = "this call's" if new in late else f"{len(late)} accepted call(s)'"
+    def _shed(self, new: Ticket, hurt: list[Ticket], now: float) -> ResourceExhausted:
+        """Why, and when to retry: once the earliest accepted deadline still ahead has passed."""
+        ahead = [t.deadline for t in self._tickets if t.deadline > now]
+        retry = max(SHED_FLOOR_S, min(ahead, default=now) - now)
+        whose = "this call's" if new in hurt else f"{len(hurt)} accepted call(s)'"
         err = ResourceExhausted(
             f"server busy: {len(self._tickets)} explanations share {self.cores} core(s); "
             f"{whose} least answer ({1e3 * new.least_s:.1f} ms of compute here) would not fit "
@@ -89,6 +99,19 @@ class Admission:
         err.retry_after_s = retry
         err.reason = "admission"
         return err
+
+
+def late(tickets: Iterable[Ticket], cores: int, now: float) -> list[Ticket]:
+    """The tickets whose least answer would miss its deadline when the cores serve the least
+    answers earliest deadline first: its own remaining least work, or that of every ticket due
+    no later than it spread over the cores, does not fit before its deadline."""
+    due, found = 0.0, []
+    for t in sorted(tickets, key=lambda t: t.deadline):
+        left = t.remaining_least(now)
+        due += left
+        if left > 0 and now + max(left, due / cores) > t.deadline:
+            found.append(t)
+    return found
 
 
 def least_seconds(method: str, players: int, references: int, rows_per_second: float,
@@ -99,15 +122,19 @@ def least_seconds(method: str, players: int, references: int, rows_per_second: f
     rate = max(rows_per_second, 1.0)
     d, bg = max(players, 1), max(references, 1)
     key = method.strip().lower() or "auto"
-    sampler = SAMPLER_ROUNDS * (1 + 2 * MIN_PAIRS * (d - 1)) / rate  # its least pairs
     if key == "tree" or (key == "auto" and tree):
         return FIXED_S
-    rows = {"exact": ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
-            "kernel": 1 + 2 * bg * (d + max(8, 2 * d)),
-            "lime": max(8, d + 2) * 2, "linear": 1, "occlusion": d * bg + 1}
-    if key in ("auto", "permutation", "partition"):
-        return FIXED_S + sampler
-    if key in rows:
-        factor = {"kernel": SAMPLER_ROUNDS, "exact": exact_factor}.get(key, 1.0)
-        return FIXED_S + factor * rows[key] / rate
-    return FIXED_S + 8 / rate  # gradient methods: a few passes
+    if key in ("auto", "permutation", "partition"):  # its least pairs, one row each way
+        return FIXED_S + SAMPLER_ROUNDS * (1 + 2 * MIN_PAIRS * (d - 1)) / rate
+    rows = LEAST_ROWS.get(key)
+    if rows is None:
+        return FIXED_S + 8 / rate  # gradient methods: a few passes
+    factor = {"kernel": SAMPLER_ROUNDS, "exact": exact_factor}.get(key, 1.0)
+    return FIXED_S + factor * rows(d, bg) / rate
+
+
+LEAST_ROWS: dict[str, Callable[[int, int], float]] = {  # model rows of the least answer
+    "exact": lambda d, bg: ((2**d - 2) * bg + 1) / SAFETY if d <= 16 else math.inf,
+    "kernel": lambda d, bg: 1 + 2 * bg * (d + max(8, 2 * d)),
+    "lime": lambda d, bg: max(8, d + 2) * 2, "linear": lambda d, bg: 1,
+    "occlusion": lambda d, bg: d * bg + 1}

@@ -542,7 +542,7 @@ class DataPlane:
         """Explain within a call already admitted (a dataset job's rows), on the Explain path
         itself (budget, players, method, guard) but with no admission, result cache or
         metrics of its own: the job holds the core and counts as the one call."""
-        p = replace(self._prepare(q, time.monotonic()), control=control)
+        p = self._prepare(q, time.monotonic(), control)
         return self._explain(p)
 
     def drain(self) -> None:
@@ -579,7 +579,8 @@ class DataPlane:
             self._in_flight -= 1
             self._calls.discard(control)
 
-    def _prepare(self, q: ExplainQuery, start: float) -> Prepared:
+    def _prepare(self, q: ExplainQuery, start: float,
+                 control: Control | None = None) -> Prepared:
         """Resolve the request once: budget, model, inputs, target, background and players."""
         budget_s, source = self.resolve_budget(q, start)
         model = self.repo.get(q.model, q.version)
@@ -600,7 +601,7 @@ class DataPlane:
                           budget_s / X.shape[0])
         players = resolve_players(model, layout, q.groups, q.baseline, fits)
         return Prepared(q, start, budget_s, source, model, X, layout, target, meta, background,
-                        players)
+                        players, control)
 
     @staticmethod
     def _fits(method: str, model: LoadedModel, rows: int, seconds: float) -> Callable[[int], bool]:
@@ -620,13 +621,12 @@ class DataPlane:
         deadline = self._deadline(p)
         choice = self.choose(q.method or model.config.method, model, p.target, background,
                              meta.sha256, X.shape[0], deadline - time.monotonic())
-        pause = p.control.pause if p.control else None
         rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
-                                  deadline, pause)
+                                  deadline, p.control)
         choice, rows = checked(choice, rows, p.target, background, model.onnx.precision,
                                meta.name, lambda c: self._explain_rows(
                                    model, X, c.target, background, c.estimator, q, deadline,
-                                   pause),
+                                   p.control),
                                self.registry["auto"])
         elapsed = 1e3 * (time.monotonic() - p.start)
         return ExplainResult(model.name, model.version, model.feature_names, choice.target, rows,
@@ -640,7 +640,7 @@ class DataPlane:
         choice = self._grouped_choice(p)
         job = RowJob(model, target_fn(model, p.target, p.layout), choice.estimator, q.seed,
                      q.max_evaluations, q.target_error, self._deadline(p), p.layout.elements,
-                     p.control.pause if p.control else None)
+                     p.control)
         references = reference_maker(players, p.layout, p.background)
         rows, groups = explain_grouped(job, X, players, references)
         choice, rows = checked(choice, rows, p.target, None, model.onnx.precision,
@@ -696,11 +696,11 @@ class DataPlane:
 
     def _explain_rows(self, model: LoadedModel, X: Array, target: Target,
                       background: Background, estimator: Estimator, q: ExplainQuery,
-                      deadline: float, pause: Callable[[], None] | None = None
+                      deadline: float, control: Control | None = None
                       ) -> tuple[Explanation, ...]:
         """One player per feature, rows one after the other (service/plane/rows.py)."""
         job = RowJob(model, target_fn(model, target), estimator, q.seed, q.max_evaluations,
-                     q.target_error, deadline, X.shape[1], pause)
+                     q.target_error, deadline, X.shape[1], control)
         return explain_plain(job, X, background)
 
     def _fold_drift(self, batch: list[Record]) -> None:
@@ -787,7 +787,7 @@ class DataPlane:
     def _explain_cached(self, q: ExplainQuery, start: float, control: Control) -> ExplainResult:
         """The stored answer to an identical request (cached=true), else compute (holding a
         core, earliest deadline first) and store a complete answer."""
-        p = replace(self._prepare(q, start), control=control)
+        p = self._prepare(q, start, control)
         control.deadline, control.cores = p.start + p.budget_s, self.cores
         if not self.results.enabled:
             return self._compute(p)
@@ -805,11 +805,12 @@ class DataPlane:
         return result
 
     def _compute(self, p: Prepared) -> ExplainResult:
-        """Admit the work, explain while holding a core, say which rows were not reached."""
+        """Admit the work, explain while holding a core (taken at the first model call: the
+        method's own refusal comes on arrival), say which rows were not reached."""
         assert p.control is not None
         ticket = self._admit_work(p)
         try:
-            with self.cores.held(p.control):
+            with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
         finally:
             self.admission.done(ticket)
@@ -951,7 +952,10 @@ def notes_of(choice: Choice, rows: tuple[Explanation, ...]) -> tuple[str, ...]:
 
 
 def spread_of_rows(rows: tuple[Explanation, ...]) -> Array:
-    """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0."""
+    """The scale of errors without a background: mean |f(x) - base| per output; 1 where 0
+    (and a placeholder when no row was reached: only answered rows are measured)."""
+    if not rows:
+        return np.ones(1)
     gap = np.mean([np.abs(r.prediction - r.base_values) for r in rows], axis=0)  # (outputs,)
     return np.where(gap > 0, gap, 1.0)
 

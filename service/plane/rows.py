@@ -1,8 +1,11 @@
 """Rows of a request explained one after the other, each with an equal share of the time left:
 against the stored background (tables), or over each row's groups against its reference rows
 (images, text, feature blocks). A row that no longer fits its share ends the request early:
-the rows explained are returned and the others are reported as not reached (the first row's
-refusal is the request's)."""
+the rows explained are returned and the others are reported as not reached. The first row's
+refusal is the request's when it is the method's up-front one (methods check before their first
+model call, and a call takes a core only then: it comes on arrival); a call refused later (it
+waited for a core, or computed and ran out of time) was admitted and is owed an answer: every
+row it could not reach says so."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from service.models.repository import LoadedModel
 from service.plane.baselines import baseline_rows
 from service.plane.methods import batch_explainer
 from service.plane.players import Players
+from service.plane.scheduler import SLICE_S, Control
 
 CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large images)
 LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
@@ -40,13 +44,19 @@ class RowJob:
     target_error: float
     deadline: float
     elements: int
-    pause: Callable[[], None] | None = None  # the call's yield point (service/plane/scheduler)
+    control: Control | None = None  # the call's yield point (service/plane/scheduler)
 
-    def evaluator(self, rate: float) -> Evaluator:
-        """A fresh counted evaluator, its chunks capped in bytes for large inputs."""
+    @property
+    def pause(self) -> Callable[[], None] | None:
+        return self.control.pause if self.control is not None else None
+
+    def evaluator(self, rate: float, scheduled: bool = True) -> Evaluator:
+        """A fresh counted evaluator, its chunks capped in bytes for large inputs; its model
+        calls are yield points unless not `scheduled`."""
         onnx = self.model.onnx
         chunk = max(1, min(onnx.chunk_rows, CHUNK_BYTES // max(1, 8 * self.elements)))
-        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype, pause=self.pause,
+        return Evaluator(self.fn, chunk, rate, dtype=onnx.batch_dtype,
+                         pause=self.pause if scheduled else None,
                          wall_factors=onnx.wall_factors, path_major=onnx.has_trees)
 
     def budget(self, rows_left: int) -> Budget:
@@ -54,6 +64,16 @@ class RowJob:
         now = time.monotonic()
         share = max(self.deadline - now, 0.0) / rows_left
         return Budget(now + share, self.max_evaluations or None, self.target_error or None)
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds the call has waited for a core so far (a refusal after any is late)."""
+        return self.control.waited_s if self.control is not None else 0.0
+
+    def clock(self) -> float:
+        """Seconds the call has spent, less its waits for a core: a method's wall time is
+        measured on this clock (the waits are other calls' work, which admission counts)."""
+        return time.perf_counter() - self.waited_s
 
     def learn(self, ev: Evaluator, found: Explanation | None = None,
               seconds: float = 0.0) -> float:
@@ -72,16 +92,19 @@ class RowJob:
                     + FACTOR_WEIGHT * factor
         return ev.rows_per_second
 
-    def attempt(self, explain: Callable[[Budget], Explanation], rows_left: int,
+    def attempt(self, ev: Evaluator, explain: Callable[[Budget], Explanation], rows_left: int,
                 first: bool) -> Explanation | None:
         """A row with its equal share; when that share is below the method's minimum, with all
         the time left (finishing rows beats spreading thin). None when even that does not fit
-        and earlier rows were explained; the first row's refusal is the request's."""
+        and earlier rows were explained, or when the refusal came late (after model calls or a
+        wait for a core); else the first row's refusal is the request's, made on arrival."""
+        before = ev.evaluations
         for share_of in dict.fromkeys((rows_left, 1)):
             try:
                 return explain(self.budget(share_of))
             except (ResourceExhausted, DeadlineExceeded):
-                if share_of == 1 and first:
+                late = ev.evaluations > before or self.waited_s > 0
+                if share_of == 1 and first and not late:
                     raise
         return None
 
@@ -92,17 +115,33 @@ def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explan
     rng = np.random.default_rng(job.seed)
     batch = batch_explainer(job.estimator)
     if batch is not None:
+        if brief(job, X, background):  # no core to take: done before a hand-over would be
+            return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second,
+                                                            scheduled=False)))
+        if job.pause is not None:  # tree reads its tables without a model call: a yield point
+            job.pause()
         return tuple(batch(X, background, job.evaluator(job.model.onnx.rows_per_second)))
     rate, out = job.model.onnx.rows_per_second, []
     for i, x in enumerate(X):
-        ev, start = job.evaluator(rate), time.perf_counter()
-        found = job.attempt(lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
+        ev, start = job.evaluator(rate), job.clock()
+        found = job.attempt(ev, lambda b, ev=ev, x=x: job.estimator.explain(  # type: ignore[misc]
             ev, x, background, b, rng), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # the rows done are kept; the rest are reported as not reached
         out.append(found)
-        rate = job.learn(ev, found, time.perf_counter() - start)
+        rate = job.learn(ev, found, job.clock() - start)
     return tuple(out)
+
+
+def brief(job: RowJob, X: Array, background: Background) -> bool:
+    """Whether a batch method's whole answer (tree, linear: exact, their time predictable)
+    takes less than the scheduler's slice: it then computes without taking a core, as a
+    hand-over (a thread woken, or a wait for a holder's next yield point) would cost more than
+    the ordering gains; the cheapest calls pay nothing for the scheduler."""
+    predict = getattr(job.estimator, "seconds_for", None)
+    seconds = predict(X.shape[0], background) if predict is not None \
+        else X.shape[0] / max(job.model.onnx.rows_per_second, 1.0)
+    return seconds is not None and seconds < SLICE_S
 
 
 References = Callable[[Array, Evaluator], Background]
@@ -118,14 +157,14 @@ def explain_grouped(job: RowJob, X: Array, players: Players,
         ev = job.evaluator(rate)
         g = players.groups_for(x)
         ref = references(x, ev)
-        start = time.perf_counter()
-        found = job.attempt(lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
+        start = job.clock()
+        found = job.attempt(ev, lambda b, ev=ev, x=x, ref=ref, g=g: job.estimator.explain(  # type: ignore[misc]
             ev, x, ref, b, rng, g), X.shape[0] - i, first=i == 0)
         if found is None:
             break  # as in explain_plain
         out.append(found)
         groups.append(g)
-        rate = job.learn(ev, found, time.perf_counter() - start)
+        rate = job.learn(ev, found, job.clock() - start)
     return tuple(out), tuple(groups)
 
 
