@@ -30,7 +30,7 @@ from service.models.repository import ModelRepository
 from service.monitoring.metrics import Metrics
 from service.plane.dataplane import DataPlane
 from service.plane.datasets import DatasetPlane
-from service.plane.layers import layers_of
+from service.plane.layers import LayerPlane
 from service.plane.reloader import Reloader
 from service.store.backgrounds import BackgroundStore, MemoryStore
 from service.store.redis import RedisOptions, RedisStore, masked
@@ -67,6 +67,7 @@ class Sidelight:
     health_port: int = -1  # the plaintext health-only port, when SIDELIGHT_HEALTH_PORT is set
     plane: DataPlane | None = None
     datasets: DatasetPlane | None = None
+    layers: LayerPlane | None = None
     store: BackgroundStore | None = None
     reloader: Reloader | None = None  # looks for changed models (SIDELIGHT_RELOAD_INTERVAL_SECONDS)
     certificates: CertificateWatch | None = None  # TLS on
@@ -86,6 +87,11 @@ class Sidelight:
             raise Unavailable("models are still loading; retry shortly")
         return self.datasets
 
+    def layer_plane(self) -> LayerPlane:
+        if self.layers is None:
+            raise Unavailable("models are still loading; retry shortly")
+        return self.layers
+
     def load(self) -> None:
         """Load the repository, seed and warm backgrounds, then report SERVING."""
         repo = ModelRepository.load(self.settings.models_dir, self.settings)
@@ -93,9 +99,9 @@ class Sidelight:
         plane = DataPlane(repo, self.store, self.settings, self.metrics)
         plane.seed_backgrounds()
         plane.warm()
-        datasets = DatasetPlane(plane)
+        datasets, layers = DatasetPlane(plane), LayerPlane(plane)
         freeze_startup_objects()
-        self.plane, self.datasets = plane, datasets
+        self.plane, self.datasets, self.layers = plane, datasets, layers
         self._serving()
         self.metrics.initialise(repo.entries, plane.methods.known())
         log.info("loaded %d model version(s); %s", len(repo.ready()),
@@ -221,7 +227,7 @@ def start(settings: Settings, registry: CollectorRegistry | None = None,
                     certificates=secure.certificates)
     pb_grpc.add_ExplainerServicer_to_server(
         ExplainerServicer(app.data_plane, secure.guard.client_id), server)
-    layers_grpc.add_LayersServicer_to_server(LayersServicer(layers_of(app.data_plane)), server)
+    layers_grpc.add_LayersServicer_to_server(LayersServicer(app.layer_plane), server)
     datasets_pb2_grpc.add_DatasetsServicer_to_server(DatasetsServicer(app.dataset_plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

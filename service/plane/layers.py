@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
@@ -547,19 +546,4 @@ def _count(value: int, default: int) -> int:
 def renamed(message: str, old: str, new: str) -> str:
     """A message about field `old` (at its start) said of field `new`."""
     return new + message[len(old):] if message.startswith(old) else f"{new}: {message}"
-
-
-def layers_of(plane: Callable[[], DataPlane]) -> Callable[[], LayerPlane]:
-    """The LayerPlane over the data plane once it is loaded (the plane's UNAVAILABLE before):
-    one per data plane, so its caches live as long as the models they were built from."""
-    made: list[LayerPlane] = []
-    lock = threading.Lock()
-
-    def get() -> LayerPlane:
-        data = plane()
-        with lock:
-            if not made or made[0].plane is not data:
-                made[:] = [LayerPlane(data)]
-            return made[0]
-    return get
 
