@@ -22,10 +22,11 @@ from sidelight.v1 import explainer_pb2 as pb
 
 HELP = """Dataset-wide explanations with a running server.
 
+  sidelight global importance --model diabetes_forest --dataset default
   sidelight global importance --model diabetes_forest --input rows.csv --labels y.npy
   sidelight global dependence --model breast_cancer_gbdt --dataset default --features 0,27
-  sidelight global shapley --model diabetes_forest --input rows.npy --plot beeswarm.png
-  sidelight global projection --model digits_cnn --input digits.npy --layer 12 --plot map.png
+  sidelight global shapley --model diabetes_forest --dataset default --plot beeswarm.png
+  sidelight global projection --model digits_cnn --dataset default --layer /pool/MaxPool_output_0
   sidelight global live --model diabetes_linear"""
 KINDS = ("importance", "dependence", "shapley", "projection")
 
