@@ -38,7 +38,8 @@ EXPLAIN_HELP = """Explain rows of a table, images or texts with a running server
 
   sidelight explain --model diabetes_linear --row=0.03,0.05,0.06,0.02,-0.04,-0.03,-0.04,0,0.02,-0.01
   sidelight explain --model text_sentiment --text "not bad" --plot words.png
-  sidelight explain --model digits_cnn --input digits.npy --grid 4 --report digits.html
+  sidelight explain --model digits_cnn --first 2 --grid 4 --report digits.html \\
+      --input examples/models/digits_cnn/background.npy
   sidelight explain --model breast_cancer_gbdt --input rows.csv --out results.parquet
 
 Files are sent in chunks of --chunk-rows rows, --concurrency at a time, with progress on
