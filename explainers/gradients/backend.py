@@ -37,7 +37,7 @@ from onnx import helper
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument
-from explainers.gradients import graphs
+from explainers.gradients import graphs, tidy
 
 Feeds = Callable[[Array], dict[str, Array]]
 """Flat rows (rows, elements) -> onnxruntime feeds, every model input in its dtype and shape
@@ -155,6 +155,7 @@ class _Adjoint:
                                                                       shapes))))
             adjoint = onnx_ad.reverse(pinned, inputs=names, outputs=[target.tensor],
                                       prefix=PREFIX, layout="onnx")
+            adjoint = _tidied(adjoint, target, names)
             self.session = session(adjoint)
         except onnx_ad.UnsupportedOperator as exc:
             raise Refused(f"onnx-ad refused the graph: {exc}") from exc
@@ -176,6 +177,16 @@ class _Adjoint:
         rows, k = value.shape[0], len(self.columns)
         flat = [np.moveaxis(g, -1, 1).reshape(rows, k, -1) for g in grads]  # (rows, k, size)
         return _columns(value, self.columns), np.concatenate(flat, axis=2).astype(np.float64)
+
+
+def _tidied(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]) -> onnx.ModelProto:
+    """The adjoint after tidy's exact rewrites (seed axis pinned to the explained columns);
+    onnx-ad's own graph when tidying fails (the rewrites are an optimisation only)."""
+    try:
+        return tidy.tidy(adjoint, PREFIX + target.tensor, [PREFIX + n for n in names],
+                         len(target.columns))
+    except Exception:  # shape inference or the reference evaluator on an unusual graph
+        return adjoint
 
 
 def _seed(target: Target, parts: Prepared, batch: int) -> Array:

@@ -178,7 +178,7 @@ def _aliases(model: onnx.ModelProto) -> onnx.ModelProto:
         if _is_alias(node, shapes) and node.output[0] not in outputs:
             renames[node.output[0]] = node.input[0]
         elif node.op_type == "Transpose" and _moves_ones_only(node, shapes):
-            target = f"{node.output[0]}__tidy_shape"
+            target = _fresh(out, f"{node.output[0]}__tidy_shape")
             extra.append(numpy_helper.from_array(np.array(shapes[node.output[0]], np.int64),
                                                  target))
             _become_reshape(node, node.input[0], target)
@@ -197,6 +197,17 @@ def _moves_ones_only(node: NodeProto, shapes: dict[str, tuple[int, ...]]) -> boo
                 list(reversed(range(len(shape)))))
     kept = [p for p in perm if shape[p] != 1]
     return kept == sorted(kept)
+
+
+def _fresh(model: onnx.ModelProto, stem: str) -> str:
+    """A tensor name not yet used in the model."""
+    g = model.graph
+    used = {i.name for i in g.initializer} | {o for n in g.node for o in n.output} | \
+        {v.name for v in [*g.input, *g.output]}
+    name, k = stem, 1
+    while name in used:
+        name, k = f"{stem}_{k}", k + 1
+    return name
 
 
 def _become_reshape(node: NodeProto, source: str, target: str) -> None:
@@ -223,7 +234,7 @@ def _reshape_chains(model: onnx.ModelProto) -> onnx.ModelProto:
             source = made[source].input[0]
         if source == node.input[0] and node.op_type == "Reshape":
             continue
-        target = f"{node.output[0]}__tidy_shape"
+        target = _fresh(out, f"{node.output[0]}__tidy_shape")
         extra.append(numpy_helper.from_array(np.array(shapes[node.output[0]], np.int64),
                                              target))
         _become_reshape(node, source, target)
