@@ -164,19 +164,25 @@ class _Adjoint:
             raise Refused(f"onnx-ad failed on the graph: {type(exc).__name__}: {exc}") from exc
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [target.tensor, *(PREFIX + n for n in names)]
+        self.seed_name = PREFIX + target.tensor
         self.seed = _seed(target, parts, batch)  # (batch, *target shape, columns)
         self.columns = target.columns
+        self._picks = np.array(target.columns, np.intp)
         self.nbytes = int(adjoint.ByteSize())
         self.seconds = time.perf_counter() - start
 
     def run(self, feeds: dict[str, Array]) -> tuple[Array, Array]:
         """Target values (batch, columns) and gradients (batch, columns, p)."""
         given = {k: v for k, v in feeds.items() if k in self.inputs}
-        given[PREFIX + self.outputs[0]] = self.seed
+        given[self.seed_name] = self.seed
         value, *grads = self.session.run(self.outputs, given)
         rows, k = value.shape[0], len(self.columns)
-        flat = [np.moveaxis(g, -1, 1).reshape(rows, k, -1) for g in grads]  # (rows, k, size)
-        return _columns(value, self.columns), np.concatenate(flat, axis=2).astype(np.float64)
+        # (rows, *shape, k) -> (rows, k, size): a plain reshape when k is 1 (no copy)
+        flat = [g.reshape(rows, 1, -1) if k == 1 else
+                g.reshape(rows, -1, k).transpose(0, 2, 1) for g in grads]
+        grad = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=2)
+        return (value.reshape(rows, -1)[:, self._picks].astype(np.float64),
+                grad.astype(np.float64))
 
 
 def _tidied(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]) -> onnx.ModelProto:
@@ -373,8 +379,11 @@ class GradientModel:
         feeds = {**self.feeds(X, P), **(references or {})}
         if self.engine == ENGINE_FD:
             return self._finite_differences(feeds)
+        rows = X.shape[0]
+        if rows in self.batches:  # one call at a pinned size: no slicing or padding
+            return self._adjoint(rows).run(feeds)
         values, grads = [], []
-        for start, stop, batch in _chunks(X.shape[0], self.batches):
+        for start, stop, batch in _chunks(rows, self.batches):
             v, g = self._adjoint(batch).run(_padded(_slice(feeds, start, stop), batch))
             values.append(v[:stop - start])
             grads.append(g[:stop - start])
