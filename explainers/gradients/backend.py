@@ -155,8 +155,13 @@ class _Adjoint:
                                                                       shapes))))
             adjoint = onnx_ad.reverse(pinned, inputs=names, outputs=[target.tensor],
                                       prefix=PREFIX, layout="onnx")
-            adjoint = _tidied(adjoint, target, names)
-            self.session = session(adjoint)
+            tidied = _tidy_session(adjoint, target, names)
+            self.tidied = tidied is not None  # else onnx-ad's graph as it came
+            if tidied is None:
+                self.session = session(adjoint)
+            else:
+                self.session, adjoint = tidied
+            self.ops = tuple(tidy.ops(adjoint))  # the op types the session was given
         except onnx_ad.UnsupportedOperator as exc:
             raise Refused(f"onnx-ad refused the graph: {exc}") from exc
         except Exception as exc:  # onnx-ad is alpha: whatever it or the runtime raises on
@@ -185,14 +190,17 @@ class _Adjoint:
                 grad.astype(np.float64))
 
 
-def _tidied(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]) -> onnx.ModelProto:
-    """The adjoint after tidy's exact rewrites (seed axis pinned to the explained columns);
-    onnx-ad's own graph when tidying fails (the rewrites are an optimisation only)."""
+def _tidy_session(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]
+                  ) -> tuple[ort.InferenceSession, onnx.ModelProto] | None:
+    """A session on the adjoint after tidy's exact rewrites (seed axis pinned to the explained
+    columns); None when tidying or its session fails, and onnx-ad's own graph is run (the
+    rewrites are an optimisation only)."""
     try:
-        return tidy.tidy(adjoint, PREFIX + target.tensor, [PREFIX + n for n in names],
-                         len(target.columns))
-    except Exception:  # shape inference or the reference evaluator on an unusual graph
-        return adjoint
+        tidied = tidy.tidy(adjoint, PREFIX + target.tensor, [PREFIX + n for n in names],
+                           len(target.columns))
+        return session(tidied), tidied
+    except Exception:  # shape inference, the reference evaluator or onnxruntime refusing
+        return None
 
 
 def _seed(target: Target, parts: Prepared, batch: int) -> Array:

@@ -12,6 +12,9 @@ built) every shape is static, and then:
   Reshape of the first input;
 - a ReLU's derivative mask Greater(a, 0) reads the ReLU's output instead of a (the same
   booleans), so `a` has the ReLU as only consumer and onnxruntime fuses Conv+ReLU;
+- a non-overlapping MaxPool's gradient (MaxPool with indices, then ScatterND, both slow
+  generic kernels in onnxruntime) becomes window arithmetic on the pooled maximum
+  (`maxpool_gradients`): the same values, ties going to the first maximum as before;
 - Div/Mul by a constant after an Expand moves before it (a mean's gradient is divided on
   the pooled tensor, not on the spread one);
 - a stride-1 ConvTranspose with a constant kernel and at least CONV_MIN channels each way is
@@ -22,7 +25,9 @@ Every function returns a new model and leaves its argument alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +42,9 @@ FOLDED = ("Slice", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Gather", "Cast"
 CONV_MIN = 16  # channels in and out for the ConvTranspose -> Conv rewrite: below it, the
 # blocked Conv was slower here (digits CNN: 8 and 1 channels, ratio 3.4 -> 4.1 at 32 rows)
 FOLD_MAX = 64  # elements: shapes and counts, never data
+MAXPOOL_MIN = 4096  # input elements for the MaxPool rewrite: below it its ~20 small nodes cost
+# more than MaxPool-with-indices + ScatterND (16x8x8 input, 1 row: 10 -> 16 us; 32 rows: 177 ->
+# 103 us, the pool's gradient alone)
 
 
 def tidy(adjoint: onnx.ModelProto, seed: str, grads: list[str], seeds: int) -> onnx.ModelProto:
@@ -44,6 +52,7 @@ def tidy(adjoint: onnx.ModelProto, seed: str, grads: list[str], seeds: int) -> o
     out = graphs.infer(pin_seeds(adjoint, [seed, *grads], seeds))
     out = graphs.prune(out)
     out = relu_masks(graphs.infer(_static_sizes(out)))
+    out = graphs.prune(maxpool_gradients(out))
     out = graphs.infer(_clear_shapes(_aliases(out)))
     out = graphs.prune(_reshape_chains(out))
     out = graphs.infer(_clear_shapes(graphs.prune(_aliases(out))))
@@ -268,6 +277,119 @@ def relu_masks(model: onnx.ModelProto) -> onnx.ModelProto:
         if (node.op_type == "Greater" and node.input[0] in relu_of
                 and _zero(node.input[1], constants)):
             node.input[0] = relu_of[node.input[0]]
+    return out
+
+
+def maxpool_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each ScatterND(zeros, indices of a MaxPool, g) onnx-ad emits for a MaxPool whose windows
+    tile the input (kernel == strides, 2-D, no pads, dilation 1, floor mode, sides divisible,
+    one seed, at least MAXPOOL_MIN input elements) rewritten without indices:
+
+        up(t)  = t repeated over each window (MatMul by a 0/1 matrix along W, Concat along H)
+        eq     = x == up(MaxPool(x))                        (the window's maxima)
+        score  = eq * rank weight (k, k-1, ..., 1 in row-major window order)
+        first  = eq and score == up(MaxPool(score))         (the first maximum only)
+        grad   = first * up(g)
+
+    MaxPool's Indices name the first maximum of a window too (onnxruntime keeps the first on
+    ties), and a window of non-overlapping pools scatters one value onto zeros, so the values
+    are the same. (A MatMul by 0/1 copies finite values exactly; an infinite maximum would
+    spread NaN over its row.)"""
+    out = graphs.copy(model)
+    shapes = _shapes(out)
+    made = graphs.producers(out.graph)
+    constants = _constants(out)
+    nodes: list[NodeProto] = []
+    for node in out.graph.node:
+        plan = _pool_plan(node, made, shapes, constants)
+        if plan is None:
+            nodes.append(node)
+            continue
+        nodes.extend(_window_gradient(out, node, *plan))
+    out.graph.ClearField("node")
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _pool_plan(node: NodeProto, made: dict[str, NodeProto], shapes: dict[str, tuple[int, ...]],
+               constants: dict[str, np.ndarray]) -> tuple[NodeProto, list[int]] | None:
+    """The MaxPool and its kernel when `node` is a scatter `maxpool_gradients` rewrites."""
+    if node.op_type != "ScatterND" or node.domain not in graphs.DEFAULT_DOMAINS:
+        return None
+    zeros, index, update = node.input
+    source = made.get(zeros)
+    if source is None or source.op_type != "ConstantOfShape" or any(
+            a.name == "value" and numpy_helper.to_array(a.t).any() for a in source.attribute):
+        return None
+    wrap = made.get(index)
+    if wrap is None or wrap.op_type not in RESHAPES:
+        return None
+    pool = made.get(wrap.input[0])
+    if pool is None or pool.op_type != "MaxPool" or len(pool.output) < 2 or \
+            pool.output[1] != wrap.input[0]:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+    kernel = list(attrs.get("kernel_shape", []))
+    x = shapes.get(pool.input[0])
+    if (len(kernel) != 2 or list(attrs.get("strides", [1, 1])) != kernel
+            or any(attrs.get("pads", [0] * 4)) or list(attrs.get("dilations", [1, 1])) != [1, 1]
+            or attrs.get("ceil_mode", 0) or attrs.get("storage_order", 0)
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or x is None
+            or len(x) != 4 or x[2] % kernel[0] or x[3] % kernel[1]
+            or math.prod(x) < MAXPOOL_MIN or shapes.get(update, (0,))[-1] != 1
+            or shapes.get(node.output[0]) != (math.prod(x), 1)):
+        return None
+    return pool, kernel
+
+
+def _window_gradient(model: onnx.ModelProto, scatter: NodeProto, pool: NodeProto,
+                     kernel: list[int]) -> list[NodeProto]:
+    """The nodes computing `scatter`'s output as `maxpool_gradients` describes."""
+    x = pool.input[0]
+    n, c, h, w = _shapes(model)[x]
+    kh, kw = kernel
+    rows, wo = n * c * (h // kh), w // kw
+
+    made = iter(range(1 << 30))
+
+    def name(stem: str) -> str:
+        return _fresh(model, f"{scatter.output[0]}__{stem}_{next(made)}")
+
+    def const(stem: str, value: np.ndarray) -> str:
+        tensor = numpy_helper.from_array(value, name(stem))
+        model.graph.initializer.append(tensor)
+        return tensor.name
+
+    elem = graphs.types(model)[x].tensor_type.elem_type
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    spread = const("spread", np.kron(np.eye(wo), np.ones((1, kw))).astype(dtype))  # (wo, w)
+    flat, row, full = (const("flat", np.array([rows, wo], np.int64)),
+                       const("row", np.array([rows, 1, w], np.int64)),
+                       const("full", np.array([n, c, h, w], np.int64)))
+    rank = np.arange(kh * kw, 0, -1, dtype=dtype).reshape(kh, kw)
+    weights = const("rank", np.tile(rank, (h // kh, w // kw)))  # (h, w)
+    out: list[NodeProto] = []
+
+    def node(op: str, inputs: list[str], **attrs: Any) -> str:
+        result = name(op.lower())
+        out.append(helper.make_node(op, inputs, [result], name=result, **attrs))
+        return result
+
+    def up(t: str) -> str:  # (n, c, h/kh, w/kw[, 1]) -> (n, c, h, w)
+        along_w = node("MatMul", [node("Reshape", [t, flat]), spread])  # (rows, w)
+        line = node("Reshape", [along_w, row])  # (rows, 1, w)
+        return node("Reshape", [node("Concat", [line] * kh, axis=1), full])
+
+    pooled = {a.name: helper.get_attribute_value(a) for a in pool.attribute
+              if a.name in ("kernel_shape", "strides")}
+    top = node("MaxPool", [x], **pooled)
+    eq = node("Equal", [x, up(top)])
+    score = node("Mul", [node("Cast", [eq], to=elem), weights])
+    first = node("And", [eq, node("Equal", [score, up(node("MaxPool", [score], **pooled))])])
+    grad = node("Mul", [node("Cast", [first], to=elem), up(scatter.input[2])])
+    shape = const("shape", np.array([n * c * h * w, 1], np.int64))
+    out.append(helper.make_node("Reshape", [grad, shape], [scatter.output[0]],
+                                name=f"{scatter.output[0]}__tidy"))
     return out
 
 
