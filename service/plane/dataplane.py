@@ -818,7 +818,8 @@ class DataPlane:
         method's own refusal comes on arrival), say which rows were not reached."""
         assert p.control is not None
         ticket = self._admit_work(p)
-        p.control.tail = Tail(self.reserve.level(self._in_flight), p.budget_s, ticket.deadline)
+        p.control.tail = Tail(self.reserve.level(self._in_flight), p.budget_s, p.X.shape[0],
+                              ticket.deadline)
         try:
             with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)

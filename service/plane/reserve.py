@@ -1,16 +1,16 @@
 """The time kept back from the estimators for what follows them (the response, metrics, gRPC),
 measured rather than assumed.
 
-After every computed call the servicer reports when its response was built. Two parts are
-measured: the *overshoot*, how far past their deadline the estimators ran (a round planned from
-a speed that then dropped; it grows with the round, so it is kept as a share of the budget), and
-the *post* time, from the estimators' return to the response (the guard, metrics and encoding,
-serialised on one interpreter lock). Both grow with the calls in flight, so they are kept per
-load level (calls in flight per core, rounded up) in bounded windows, and a call's reserve is
-the sum of their high quantiles plus an allowance for what the server cannot see (the transport
-and the client), never less than the one-call prior. Until a level has enough samples the
-assumed prior (with its load term) holds. Admission plans with
-the same deadline, so when the measured tail leaves too little of a budget the call is shed on
+After every computed one-row call the servicer reports when its response was built. Two
+parts are measured: the *overshoot*, how far past their deadline the estimators ran (a round
+planned from a speed that then dropped; it grows with the round, so budgets are measured in
+bands), and the *post* time, from the estimators' return to the response (the guard, metrics
+and encoding, serialised on one interpreter lock). Both grow with the calls in flight, so they
+are kept per load level (calls in flight per core, rounded up) and budget band in bounded
+windows, and a call's reserve is the sum of their high quantiles plus an allowance for what the
+server cannot see (the transport and the client), never less than the one-call prior. Until a
+cell has enough samples the assumed prior (with its load term) holds. Admission plans with the
+same deadline, so when the measured tail leaves too little of a budget the call is shed on
 arrival instead of answered late.
 """
 
@@ -31,6 +31,7 @@ MAX_LEVEL = 8  # calls in flight per core beyond this share one level
 TRANSPORT_S = 0.0015  # unseen by the server: gRPC's send and the client, per call
 TRANSPORT_SHARE = 0.015  # ... and a share of the budget for clock and scheduling jitter
 ROW_S = 0.0002  # the response's size grows with the rows
+BANDS_S = (0.01, 0.03, 0.1, 0.3, 1.0)  # budget bands measured apart (seconds)
 
 
 def reserve_s(budget_s: float, rows: int) -> float:
@@ -48,29 +49,33 @@ def load_reserve_s(remaining_s: float, in_flight: int, cores: float) -> float:
 
 @dataclass
 class Tail:
-    """One admitted call's plan (its load level, budget and the estimators' deadline) and when
-    its estimators returned."""
+    """One admitted call's plan (its load level, budget, rows and the estimators' deadline)
+    and when its estimators returned."""
 
     level: int
     budget_s: float
+    rows: int
     stop_at: float
     computed_at: float | None = None
 
     def observe(self, reserve: Reserve) -> None:
-        """The response is built now: report the overshoot and the post time."""
-        if self.computed_at is not None:
+        """The response is built now: report the overshoot and the post time (one-row calls
+        only: a larger response's time is the prior's per-row term)."""
+        if self.computed_at is not None and self.rows == 1:
             done = self.computed_at
             reserve.observe(self.level, self.budget_s, done - self.stop_at,
                             time.monotonic() - done)
 
 
 class Reserve:
-    """Measured overshoot and post times per load level, and the reserve they imply."""
+    """Measured overshoot and post times per load level and budget band, and the reserve
+    they imply."""
 
     def __init__(self, cores: float) -> None:
         self.cores = max(1.0, cores)
-        self._over = [deque[float](maxlen=WINDOW) for _ in range(MAX_LEVEL + 1)]  # / budget
-        self._post = [deque[float](maxlen=WINDOW) for _ in range(MAX_LEVEL + 1)]  # seconds
+        cells = (MAX_LEVEL + 1) * (len(BANDS_S) + 1)
+        self._over = [deque[float](maxlen=WINDOW) for _ in range(cells)]  # seconds
+        self._post = [deque[float](maxlen=WINDOW) for _ in range(cells)]  # seconds
         self._lock = threading.Lock()
 
     def level(self, in_flight: int) -> int:
@@ -81,32 +86,42 @@ class Reserve:
         """Time to keep back from a call's budget at this load: the measured quantiles of
         overshoot and post time plus the unseen transport (never less than the one-call
         prior, which also covers the client's side), or the prior with its load term while
-        the level has too few samples."""
+        too few calls of this load and budget band are measured."""
         prior = reserve_s(budget_s, rows)
-        measured = self.measured(self.level(in_flight))
+        measured = self.measured(self.level(in_flight), budget_s)
         if measured is None:
             return prior + load_reserve_s(budget_s - prior, in_flight, self.cores)
         over, post = measured
-        return max(prior, TRANSPORT_S + (TRANSPORT_SHARE + over) * budget_s + ROW_S * rows + post)
+        unseen = TRANSPORT_S + TRANSPORT_SHARE * budget_s + ROW_S * rows
+        return max(prior, unseen + over + post)
 
-    def measured(self, level: int) -> tuple[float, float] | None:
-        """The level's (overshoot share, post seconds) quantiles, or None below MIN_SAMPLES."""
+    def measured(self, level: int, budget_s: float) -> tuple[float, float] | None:
+        """(overshoot, post) quantiles in seconds at this level and budget band, or None
+        below MIN_SAMPLES."""
+        k = self._cell(level, budget_s)
         with self._lock:
-            over, post = list(self._over[level]), list(self._post[level])
+            over, post = list(self._over[k]), list(self._post[k])
         if len(post) < MIN_SAMPLES:
             return None
         return float(np.percentile(over, QUANTILE)), float(np.percentile(post, QUANTILE))
 
-    def samples(self, level: int) -> int:
-        """Calls measured at this level (at most WINDOW are kept)."""
+    def samples(self, level: int, budget_s: float) -> int:
+        """Calls measured at this level and budget band (at most WINDOW are kept)."""
         with self._lock:
-            return len(self._post[min(max(level, 0), MAX_LEVEL)])
+            return len(self._post[self._cell(level, budget_s)])
 
     def observe(self, level: int, budget_s: float, overshoot_s: float, post_s: float) -> None:
         """One call: how far past its deadline its estimators ran, and how long its response
         took after them."""
-        if budget_s > 0 and math.isfinite(overshoot_s) and math.isfinite(post_s):
-            k = min(max(level, 0), MAX_LEVEL)
+        if math.isfinite(budget_s) and math.isfinite(overshoot_s) and math.isfinite(post_s):
+            k = self._cell(level, budget_s)
             with self._lock:
-                self._over[k].append(max(0.0, overshoot_s) / budget_s)
+                self._over[k].append(max(0.0, overshoot_s))
                 self._post[k].append(max(0.0, post_s))
+
+    @staticmethod
+    def _cell(level: int, budget_s: float) -> int:
+        """The window of a load level and budget band (a round, hence an overshoot, grows
+        with the budget; a tiny budget's overshoot must not widen a large one's reserve)."""
+        band = int(np.searchsorted(BANDS_S, budget_s, side="right"))
+        return min(max(level, 0), MAX_LEVEL) * (len(BANDS_S) + 1) + band
