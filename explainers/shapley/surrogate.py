@@ -80,6 +80,7 @@ def fit_trees(masks: Array, y: Array, w: Array, rng: np.random.Generator,
     if n > MAX_FIT_ROWS:
         keep = rng.choice(n, MAX_FIT_ROWS, replace=False)
         masks, y, w = masks[keep], y[keep], w[keep]
+        n = MAX_FIT_ROWS
     Z = masks.astype(np.float64)  # (n, players)
     ridge = RIDGE * float(w.mean())
     resid = np.asarray(y, np.float64).copy()
