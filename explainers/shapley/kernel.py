@@ -9,6 +9,14 @@ importance-weighted by kernel mass / sampling probability, so the fit is that of
 Measured (docs/benchmarks.md): about 1.8x less variance than kernel-weighted sampling without
 enumeration. With one background row per pair, sizes are drawn from the kernel itself (there
 the leverage scheme measured no better).
+
+Regression adjustment (up to ADJUST_MAX_PLAYERS players, all background rows per coalition):
+the paired fit is exact for games without interactions above order two, so its error comes from
+higher-order ones. Boosted trees over the coalitions (surrogate.py), cross-fitted on two folds
+of the jackknife groups, take up part of them: their Shapley values are exact, and only the
+residual game is fitted and jackknifed. The adjusted answer is returned when its standard errors
+are smaller on average than the plain fit's (measured on the digits CNN at 11-13 live patches
+and the text model: 2-3.5x lower error at equal evaluations, 95% intervals covering 95-97%).
 """
 
 from __future__ import annotations
