@@ -12,9 +12,11 @@ correlation between features of one run); the band [0.92, 0.98] excludes standar
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from explainers import Background, Budget, Evaluator, build_registry
 from explainers.base import Array
+from explainers.shapley import kernel
 from explainers.shapley.exact import all_coalitions, shapley_from_values
 from explainers.shapley.kernel import KernelShap, KernelSums
 from explainers.shapley.surrogate import fit_trees
@@ -50,7 +52,13 @@ def test_surrogate_shapley_values_equal_brute_force() -> None:
     assert np.std(y - g) < 0.5 * np.std(y)  # the fit explains most of the game
 
 
-def test_adjustment_lowers_the_error_at_equal_evaluations() -> None:
+@pytest.fixture
+def slow_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the model were slow enough for the trees' fit to pay (ADJUST_COST_SHARE)."""
+    monkeypatch.setattr(kernel, "ADJUST_COST_SHARE", np.inf)
+
+
+def test_adjustment_lowers_the_error_at_equal_evaluations(slow_model: None) -> None:
     """Against the plain constrained fit on the same samples: the adjusted answer is closer to
     the exact values (RMS over seeds)."""
     truth = exact()
@@ -63,7 +71,7 @@ def test_adjustment_lowers_the_error_at_equal_evaluations() -> None:
     assert np.mean(adjusted) < 0.6 * np.mean(plain), (np.mean(adjusted), np.mean(plain))
 
 
-def test_adjusted_intervals_cover_the_exact_values() -> None:
+def test_adjusted_intervals_cover_the_exact_values(slow_model: None) -> None:
     truth = exact()
     inside = []
     for seed in range(40):
@@ -74,6 +82,14 @@ def test_adjusted_intervals_cover_the_exact_values() -> None:
     assert 0.92 <= share <= 0.98, share
 
 
+def test_a_fast_model_is_not_adjusted() -> None:
+    """At 1M rows/s, 800 evaluations take ~1 ms: fitting trees would cost more than the
+    evaluations it saves, so the answer is the plain fit's."""
+    sums: list[KernelSums] = []
+    e = _explain(800, 0, sums)
+    assert np.array_equal(e.values, sums[0].estimate()[0])
+
+
 def test_auto_uses_the_kernel_fit_against_one_reference_row() -> None:
     e = build_registry()["auto"].explain(Evaluator(f, 4096, 1e6), X0, BG, Budget(np.inf, 2000),
                                          np.random.default_rng(0))
@@ -81,7 +97,8 @@ def test_auto_uses_the_kernel_fit_against_one_reference_row() -> None:
     assert np.isclose(e.values.sum(), f(X0[None])[0, 0] - BG.base_values[0])
 
 
-def _explain(evaluations: int, seed: int, keep: list[KernelSums] | None = None):  # type: ignore[no-untyped-def]
+def _explain(evaluations: int, seed: int, keep: list[KernelSums] | None = None,  # type: ignore[no-untyped-def]
+             rows_per_second: float = 1e6):
     """KernelShap at an evaluation cap; `keep` receives its sums (the plain fit's inputs)."""
     est = KernelShap()
     if keep is not None:
@@ -92,11 +109,12 @@ def _explain(evaluations: int, seed: int, keep: list[KernelSums] | None = None):
             keep.append(self)
         KernelSums.__init__ = spy  # type: ignore[method-assign]
         try:
-            return est.explain(Evaluator(f, 4096, 1e6), X0, BG, Budget(np.inf, evaluations),
+            return est.explain(Evaluator(f, 4096, rows_per_second), X0, BG,
+                               Budget(np.inf, evaluations),
                                np.random.default_rng(seed))
         finally:
             KernelSums.__init__ = original  # type: ignore[method-assign]
-    return est.explain(Evaluator(f, 4096, 1e6), X0, BG, Budget(np.inf, evaluations),
+    return est.explain(Evaluator(f, 4096, rows_per_second), X0, BG, Budget(np.inf, evaluations),
                        np.random.default_rng(seed))
 
 
