@@ -150,7 +150,7 @@ machine, the tables below are this run's):
 - *Images and text against one baseline row (~3-8x, not 10x)*: a coalition costs one model row
   for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples antithetic
   permutations, Sidelight `auto` (against one row) paired KernelSHAP with the size-1 pairs
-  enumerated, which reached 5% with 1.5-2.5x fewer evaluations, plus less cost around each
+  enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost around each
   evaluation. A regression adjustment (boosted trees over the coalitions, cross-fitted, their
   Shapley values exact: Witter, Liu & Musco 2025; explainers/shapley/surrogate.py) cut the
   kernel fit's error 2-3.5x at equal evaluations on 11-13 live patches and on the texts (so
