@@ -17,17 +17,38 @@ accuracy goal stops them.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
-from explainers.anytime import MIN_UNITS, require_stop_rule, require_units, run_rounds
-from explainers.base import Array, Background, Budget, Evaluator, Explanation
+from explainers.anytime import (
+    MAX_ROUND_CELLS,
+    MAX_UNITS,
+    MIN_UNITS,
+    ROUND_FIXED_S,
+    ROUND_OVERHEAD,
+    StopReason,
+    require_stop_rule,
+    require_units,
+)
+from explainers.base import SAFETY, Array, Background, Budget, Evaluator, Explanation
 from explainers.groups import Groups
 from explainers.masking import pinned, players_of
 
 KERNEL_WIDTH = 0.25  # LIME's image default, on the cosine distance
 RIDGE = 1e-3  # a stabiliser, not a prior: see the module docstring
+# The final fit's pass over the samples (residuals, U A^-1, the sandwich's squares) costs
+# 1.0-1.6x the accumulation done as each round arrives (Z, U = W Z, Z'U), per sample, measured
+# here for 16-64 groups and 1-10 outputs; this factor keeps time for it with a margin.
+FIT_FACTOR = 2.5
+# A round takes at most this share of the time left (after the fit's reserve), so a model that
+# turns 1 / (SAFETY * ROUND_SHARE) = 2.5x slower during the round still ends in time.
+ROUND_SHARE = 0.5
+TRACE: list | None = None
+TAIL_SHARE = 1 / 32  # a round adding fewer samples than this share is not worth its overhead
 
 
 def kernel_weights(z: Array) -> Array:
@@ -35,21 +56,6 @@ def kernel_weights(z: Array) -> Array:
     on = z.sum(axis=1)
     distance = 1.0 - np.sqrt(on / z.shape[1])  # cosine distance to all-on (0 on: distance 1)
     return np.asarray(np.sqrt(np.exp(-distance**2 / KERNEL_WIDTH**2)))
-
-
-@dataclass
-class Samples:
-    """Every sample so far: on/off vectors (n, d), model outputs (n, outputs), weights (n,)."""
-
-    z: list[Array] = field(default_factory=list)
-    y: list[Array] = field(default_factory=list)
-
-    def add(self, z: Array, y: Array) -> None:
-        self.z.append(z)
-        self.y.append(y)
-
-    def fit(self) -> Fit:
-        return ridge_fit(np.concatenate(self.z), np.concatenate(self.y))
 
 
 @dataclass(frozen=True)
@@ -64,24 +70,90 @@ class Fit:
     n: int
 
 
+@dataclass
+class Samples:
+    """Every sample so far, with the fit's sums kept up to date as samples arrive, so the final
+    fit is one pass over them (residuals and standard errors) and an inverse of (1 + d)^2.
+
+    Per block: Z = [1, z] (n, 1 + d), U = W Z (n, 1 + d), y (n, outputs); in total
+    A = Z' W Z (1 + d, 1 + d) and b = Z' W y (1 + d, outputs), unpenalised."""
+
+    Z: list[Array] = field(default_factory=list)
+    U: list[Array] = field(default_factory=list)
+    y: list[Array] = field(default_factory=list)
+    A: Array = field(default_factory=lambda: np.zeros(0))
+    b: Array = field(default_factory=lambda: np.zeros(0))
+    n: int = 0
+    _fit: Fit | None = None
+
+    def add(self, z: Array, y: Array) -> None:
+        """Fold samples z (n, d) bool with outputs y (n, outputs) into the sums."""
+        Z = np.empty((z.shape[0], 1 + z.shape[1]))  # (n, 1 + d)
+        Z[:, 0] = 1.0
+        Z[:, 1:] = z
+        U = kernel_weights(z)[:, None] * Z  # (n, 1 + d)
+        A, b = Z.T @ U, U.T @ y  # (1 + d, 1 + d), (1 + d, outputs)
+        self.A = A if self.n == 0 else self.A + A
+        self.b = b if self.n == 0 else self.b + b
+        self.Z.append(Z)
+        self.U.append(U)
+        self.y.append(y)
+        self.n += z.shape[0]
+        self._fit = None
+
+    def fit(self) -> Fit:
+        """The surrogate over every sample so far (kept until samples are added)."""
+        if self._fit is None:
+            self._fit = _solve(self.A, self.b, np.concatenate(self.Z), np.concatenate(self.U),
+                               np.concatenate(self.y))
+        return self._fit
+
+
 def ridge_fit(z: Array, y: Array) -> Fit:
     """Weighted ridge of y (n, outputs) on z (n, d) with an unpenalised intercept, and
     sandwich standard errors A^-1 (Z' W diag(r^2) W Z) A^-1 with a small-sample factor."""
-    n, d = z.shape
-    w = kernel_weights(z)  # (n,)
-    Z = np.concatenate([np.ones((n, 1)), z], axis=1)  # (n, 1 + d)
-    A = Z.T @ (w[:, None] * Z) + RIDGE * np.diag([0.0, *np.ones(d)])  # (1 + d, 1 + d)
-    Ainv = np.linalg.pinv(A)
-    beta = Ainv @ (Z.T @ (w[:, None] * y))  # (1 + d, outputs)
+    samples = Samples()
+    samples.add(z, y)
+    return samples.fit()
+
+
+def _solve(A: Array, b: Array, Z: Array, U: Array, y: Array) -> Fit:
+    """The fit from the sums A = Z' W Z, b = Z' W y and the samples Z, U = W Z (n, 1 + d),
+    y (n, outputs). The sandwich's diagonal needs no (1 + d)^2 matrix per output:
+    [A^-1 U' diag(r_o^2) U A^-1]_kk = sum_i r_io^2 (U A^-1)_ik^2, one product for all outputs."""
+    n, d = Z.shape[0], Z.shape[1] - 1
+    Ainv = np.linalg.pinv(A + RIDGE * np.diag([0.0, *np.ones(d)]))  # (1 + d, 1 + d)
+    beta = Ainv @ b  # (1 + d, outputs)
     r = y - Z @ beta  # (n, outputs)
+    P = U @ Ainv  # (n, 1 + d)
     scale = n / max(n - d - 1, 1)
-    G = (w[:, None] * Z)  # (n, 1 + d)
-    se = np.stack([np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", Ainv, (G * r[:, [o]] ** 2).T @ G,
-                                                Ainv), 0.0) * scale)
-                   for o in range(y.shape[1])])  # (outputs, 1 + d)
+    se = np.sqrt(np.maximum((r * r).T @ (P * P), 0.0) * scale)  # (outputs, 1 + d)
+    w = U[:, 0]  # (n,) the weights (Z's first column is 1)
     mean = (w @ y) / w.sum()
     r2 = 1.0 - (w @ r**2) / np.maximum(w @ (y - mean) ** 2, 1e-300)
     return Fit(beta[0], beta[1:].T, se[:, 1:], r2, n)
+
+
+@dataclass
+class Pace:
+    """What the round loop has measured: wall seconds per sample (drawing, the model, the
+    sums), the accumulation's share of it (the final pass costs about FIT_FACTOR times that
+    per sample) and the final fit's fixed cost (the inverse)."""
+
+    per_sample: float
+    fit_per_sample: float = 0.0
+    fit_fixed: float = 5e-4
+    stall: float = 0.0  # the longest wait for a core seen in one round (wall less CPU time)
+
+    def fit_seconds(self, samples: int) -> float:
+        return self.fit_fixed + self.fit_per_sample * samples
+
+    def measure(self, n: int, wall: float, cpu: float, folding: float) -> None:
+        """Fold in a round of n samples: its wall and thread CPU seconds, and the seconds it
+        spent folding them into the sums."""
+        self.per_sample = wall / n
+        self.fit_per_sample = FIT_FACTOR * folding / n
+        self.stall = max(self.stall, wall - cpu)
 
 
 class Lime:
@@ -108,19 +180,22 @@ class Lime:
         samples = Samples()
         samples.add(np.ones((1, d), bool), fx[None])
 
-        def sample(n: int) -> None:
+        def sample(n: int) -> float:
+            """Draw n samples; returns the seconds spent folding them into the sums."""
             z = rng.random((n, d)) < 0.5  # (n, players) True = kept
-            samples.add(z, self._values(model, x, background, groups, z, rng))
+            y = self._values(model, x, background, groups, z, rng)
+            start = time.perf_counter()
+            samples.add(z, y)
+            return time.perf_counter() - start
 
-        def max_se() -> float:
-            return float(samples.fit().se.max())
-
-        units, stop = run_rounds(model, budget, 1, x.size, sample, max_se, min_units=least,
-                                 required=least, finish_grows=True)  # the fit: O(samples)
+        stop = _rounds(model, budget, samples, sample, least, x.size)
+        t0 = time.perf_counter()
         fit = samples.fit()
+        if TRACE is not None:
+            TRACE.append(("fit", round(1e3 * (time.perf_counter() - t0), 2), round(1e3 * budget.remaining(), 2)))
         return Explanation.build(self.name, fit.coef, fit.se, fit.intercept, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
-                                 budget_exhausted=stop.budget_exhausted, samples=units,
+                                 budget_exhausted=stop.budget_exhausted, samples=fit.n - 1,
                                  dof=float(max(fit.n - d - 1, 1)), additive=False,
                                  diagnostics=(("surrogate_r2", float(fit.r2.min())),))
 
@@ -134,3 +209,59 @@ class Lime:
         reference = background.data[rows[:, owner], np.arange(x.size)]  # (n, elements)
         keep = groups.expand(z)  # (n, elements)
         return model(np.where(keep, x, reference).astype(model.dtype))
+
+
+def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable[[int], float],
+            least: int, elements: int) -> StopReason:
+    """Draw samples in rounds until the accuracy goal is met or no worthwhile round fits.
+
+    Rounds double from `least` while time is plentiful; each is also capped so that it takes
+    at most ROUND_SHARE of the time left after the final fit's reserve, at the speed the last
+    round measured: near the deadline rounds shrink, and a model that slows down within a
+    round still ends in time. The reserve is the final fit's cost for the samples drawn and
+    to be drawn (FIT_FACTOR times the measured accumulation per sample, plus the inverse's
+    measured time), so the fit, whose cost grows with the samples, is bounded rather than
+    guessed. Unlike explainers.anytime.run_rounds, no fit runs between rounds unless an
+    accuracy goal needs its standard errors (the fit is kept: the last one is the answer).
+    """
+    pace = Pace(ROUND_OVERHEAD * model.seconds_for(1))
+    cap = max(1, MAX_ROUND_CELLS // max(1, elements))
+    size, units, met = least, 0, False
+    while True:
+        met = units >= least and budget.target_error is not None \
+            and float(samples.fit().se.max()) <= budget.target_error
+        n = min(size, cap, _affordable(model, budget, pace, units))
+        if units >= least and (met or n < max(1, units * TAIL_SHARE) or units >= MAX_UNITS):
+            break
+        n = max(n, least - units)
+        start, cpu = time.perf_counter(), time.thread_time()
+        planned = n * pace.per_sample
+        folding = sample(n)
+        pace.measure(n, time.perf_counter() - start, time.thread_time() - cpu, folding)
+        if TRACE is not None:
+            TRACE.append(("round", n, round(1e3 * planned, 2), round(1e3 * n * pace.per_sample, 2),
+                          round(1e3 * budget.remaining(), 2), round(1e3 * pace.fit_seconds(units + n), 2), round(1e3 * pace.stall, 2)))
+        if units == 0 and np.isfinite(budget.deadline):
+            pace.fit_fixed = FIT_FACTOR * _seconds(partial(np.linalg.pinv, samples.A))
+        units, size = units + n, size * 2
+    return StopReason(converged=met, budget_exhausted=not met)
+
+
+def _affordable(model: Evaluator, budget: Budget, pace: Pace, units: int) -> int:
+    """Samples the next round may draw: the evaluation cap, and ROUND_SHARE of the safe time
+    left once the fit of every sample (these included) is reserved:
+    n * per_sample <= ROUND_SHARE * (time - fit(units + n))."""
+    cap = budget.max_evaluations
+    by_evals = 2**62 if cap is None else cap - model.evaluations
+    left = budget.remaining()
+    if not np.isfinite(left):
+        return max(0, by_evals)
+    free = SAFETY * left - ROUND_FIXED_S - pace.fit_seconds(units) - pace.stall
+    by_time = ROUND_SHARE * free / (pace.per_sample + ROUND_SHARE * pace.fit_per_sample)
+    return max(0, int(min(by_evals, by_time)))
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
