@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -40,15 +40,17 @@ from explainers.masking import pinned, players_of
 
 KERNEL_WIDTH = 0.25  # LIME's image default, on the cosine distance
 RIDGE = 1e-3  # a stabiliser, not a prior: see the module docstring
-# The final fit's pass over the samples (residuals, U A^-1, the sandwich's squares) costs
-# 1.0-1.6x the accumulation done as each round arrives (Z, U = W Z, Z'U), per sample, measured
-# here for 16-64 groups and 1-10 outputs; this factor keeps time for it with a margin.
-FIT_FACTOR = 2.5
+# The final fit's pass over the samples (residuals, W Z A^-1, the sandwich's squares) took
+# 0.6-0.94x the CPU time of the accumulation done as the rounds arrived (Z, W Z, Z'W Z), per
+# sample, measured here for 16-64 groups and 1-10 outputs: this factor keeps time for it.
+FIT_FACTOR = 1.5
 # A round takes at most this share of the time left (after the fit's reserve), so a model that
 # turns 1 / (SAFETY * ROUND_SHARE) = 2.5x slower during the round still ends in time.
 ROUND_SHARE = 0.5
-TRACE: list | None = None
 TAIL_SHARE = 1 / 32  # a round adding fewer samples than this share is not worth its overhead
+PASS_ROWS = 2048  # samples per step of the final pass (its arrays stay in cache)
+MIN_SHARE = 0.05  # the least share of a core assumed (a thread starved longer is stalled)
+TRACE: list | None = None  # type: ignore[type-arg]
 
 
 def kernel_weights(z: Array) -> Array:
@@ -73,39 +75,36 @@ class Fit:
 @dataclass
 class Samples:
     """Every sample so far, with the fit's sums kept up to date as samples arrive, so the final
-    fit is one pass over them (residuals and standard errors) and an inverse of (1 + d)^2.
+    fit is an inverse of (1 + d)^2 and one pass over the samples (residuals, standard errors).
 
-    Per block: Z = [1, z] (n, 1 + d), U = W Z (n, 1 + d), y (n, outputs); in total
-    A = Z' W Z (1 + d, 1 + d) and b = Z' W y (1 + d, outputs), unpenalised."""
+    Per block (a round): Z = [1, z] (n, 1 + d), the kernel weights w (n,), y (n, outputs); in
+    total A = Z' W Z (1 + d, 1 + d) and b = Z' W y (1 + d, outputs), unpenalised."""
 
-    Z: list[Array] = field(default_factory=list)
-    U: list[Array] = field(default_factory=list)
-    y: list[Array] = field(default_factory=list)
-    A: Array = field(default_factory=lambda: np.zeros(0))
-    b: Array = field(default_factory=lambda: np.zeros(0))
-    n: int = 0
-    _fit: Fit | None = None
+    def __init__(self) -> None:
+        self.blocks: list[tuple[Array, Array, Array]] = []  # (Z, w, y) per round
+        self.A: Array = np.zeros(0)
+        self.b: Array = np.zeros(0)
+        self.n = 0
+        self._fit: Fit | None = None
 
     def add(self, z: Array, y: Array) -> None:
         """Fold samples z (n, d) bool with outputs y (n, outputs) into the sums."""
         Z = np.empty((z.shape[0], 1 + z.shape[1]))  # (n, 1 + d)
         Z[:, 0] = 1.0
         Z[:, 1:] = z
-        U = kernel_weights(z)[:, None] * Z  # (n, 1 + d)
+        w = kernel_weights(z)  # (n,)
+        U = w[:, None] * Z  # (n, 1 + d)
         A, b = Z.T @ U, U.T @ y  # (1 + d, 1 + d), (1 + d, outputs)
         self.A = A if self.n == 0 else self.A + A
         self.b = b if self.n == 0 else self.b + b
-        self.Z.append(Z)
-        self.U.append(U)
-        self.y.append(y)
+        self.blocks.append((Z, w, y))
         self.n += z.shape[0]
         self._fit = None
 
     def fit(self) -> Fit:
         """The surrogate over every sample so far (kept until samples are added)."""
         if self._fit is None:
-            self._fit = _solve(self.A, self.b, np.concatenate(self.Z), np.concatenate(self.U),
-                               np.concatenate(self.y))
+            self._fit = _solve(self.A, self.b, self.blocks, self.n)
         return self._fit
 
 
@@ -117,43 +116,79 @@ def ridge_fit(z: Array, y: Array) -> Fit:
     return samples.fit()
 
 
-def _solve(A: Array, b: Array, Z: Array, U: Array, y: Array) -> Fit:
-    """The fit from the sums A = Z' W Z, b = Z' W y and the samples Z, U = W Z (n, 1 + d),
-    y (n, outputs). The sandwich's diagonal needs no (1 + d)^2 matrix per output:
-    [A^-1 U' diag(r_o^2) U A^-1]_kk = sum_i r_io^2 (U A^-1)_ik^2, one product for all outputs."""
-    n, d = Z.shape[0], Z.shape[1] - 1
+def _solve(A: Array, b: Array, blocks: list[tuple[Array, Array, Array]], n: int) -> Fit:
+    """The fit from the sums A = Z' W Z, b = Z' W y and one pass over the blocks (Z, w, y).
+
+    The sandwich's diagonal needs no (1 + d)^2 matrix per output: with P = W Z A^-1,
+    [A^-1 Z' W diag(r_o^2) W Z A^-1]_kk = sum_i r_io^2 P_ik^2, one product for all outputs;
+    Z [beta, A^-1] gives the residuals and P in one product. Block by block, so the pass
+    allocates no (samples, 1 + d) array: its cost stays linear in the samples."""
+    d, outputs = A.shape[0] - 1, b.shape[1]
     Ainv = np.linalg.pinv(A + RIDGE * np.diag([0.0, *np.ones(d)]))  # (1 + d, 1 + d)
     beta = Ainv @ b  # (1 + d, outputs)
-    r = y - Z @ beta  # (n, outputs)
-    P = U @ Ainv  # (n, 1 + d)
-    scale = n / max(n - d - 1, 1)
-    se = np.sqrt(np.maximum((r * r).T @ (P * P), 0.0) * scale)  # (outputs, 1 + d)
-    w = U[:, 0]  # (n,) the weights (Z's first column is 1)
-    mean = (w @ y) / w.sum()
-    r2 = 1.0 - (w @ r**2) / np.maximum(w @ (y - mean) ** 2, 1e-300)
+    M = np.concatenate([beta, Ainv], axis=1)  # (1 + d, outputs + 1 + d)
+    mean = b[0] / A[0, 0]  # (outputs,) weighted mean of y (Z's first column is 1)
+    meat = np.zeros((outputs, 1 + d))  # sum_i r_io^2 P_ik^2
+    sse, sst = np.zeros(outputs), np.zeros(outputs)  # weighted residual and total squares
+    for Z, w, y in blocks:
+        for i in range(0, Z.shape[0], PASS_ROWS):
+            Zs, ws, ys = Z[i:i + PASS_ROWS], w[i:i + PASS_ROWS], y[i:i + PASS_ROWS]
+            ZM = Zs @ M  # (rows, outputs + 1 + d)
+            r = ys - ZM[:, :outputs]  # (rows, outputs)
+            P = ws[:, None] * ZM[:, outputs:]  # (rows, 1 + d)
+            meat += (r * r).T @ (P * P)
+            sse += ws @ (r * r)
+            sst += ws @ (ys - mean) ** 2
+    se = np.sqrt(np.maximum(meat, 0.0) * (n / max(n - d - 1, 1)))  # (outputs, 1 + d)
+    r2 = 1.0 - sse / np.maximum(sst, 1e-300)
     return Fit(beta[0], beta[1:].T, se[:, 1:], r2, n)
 
 
-@dataclass
 class Pace:
-    """What the round loop has measured: wall seconds per sample (drawing, the model, the
-    sums), the accumulation's share of it (the final pass costs about FIT_FACTOR times that
-    per sample) and the final fit's fixed cost (the inverse)."""
+    """What the round loop measures on two clocks, wall and this thread's CPU time.
 
-    per_sample: float
-    fit_per_sample: float = 0.0
-    fit_fixed: float = 5e-4
-    stall: float = 0.0  # the longest wait for a core seen in one round (wall less CPU time)
+    The CPU time per sample (drawing, the model, the sums) and the accumulation's share of it
+    (the final pass costs about FIT_FACTOR times that per sample) describe the work; the share
+    of wall time this thread got since the start (CPU over wall) turns work into wall time;
+    and the longest wait for a core between two marks (wall less CPU: a preemption, a pause
+    the caller's scheduler imposed) is kept free at the end, because a wait that long may
+    come again just before the deadline.
+    """
+
+    def __init__(self, cpu_per_sample: float) -> None:
+        self.cpu_per_sample = cpu_per_sample
+        self.fit_per_sample = 0.0  # CPU seconds of the final pass per sample
+        self._samples, self._folding = 0, 0.0  # samples and CPU seconds folding them
+        self.fit_fixed = 5e-4  # CPU seconds of the final fit's inverse
+        self.stall = 0.0  # the longest wait for a core seen between two marks
+        self._start = self._last = (time.perf_counter(), time.thread_time())
+        self.share = 1.0  # CPU over wall since the start
+
+    def mark(self) -> None:
+        """Account the time since the last mark: its wait for a core, the share so far."""
+        now = (time.perf_counter(), time.thread_time())
+        self.stall = max(self.stall, (now[0] - self._last[0]) - (now[1] - self._last[1]))
+        wall = now[0] - self._start[0]
+        if wall > 0:
+            self.share = min(1.0, max(MIN_SHARE, (now[1] - self._start[1]) / wall))
+        self._last = now
+
+    def measure(self, n: int, cpu: float, folding: float) -> None:
+        """Fold in a round of n samples: its CPU seconds, and those spent on the sums (the
+        fit's reserve follows their total: a pass has the small rounds' overheads too)."""
+        self.cpu_per_sample = cpu / n
+        self._samples += n
+        self._folding += folding
+        self.fit_per_sample = FIT_FACTOR * self._folding / self._samples
+
+    @property
+    def per_sample(self) -> float:
+        """Wall seconds per sample at the share of the core this thread has been getting."""
+        return self.cpu_per_sample / self.share
 
     def fit_seconds(self, samples: int) -> float:
-        return self.fit_fixed + self.fit_per_sample * samples
-
-    def measure(self, n: int, wall: float, cpu: float, folding: float) -> None:
-        """Fold in a round of n samples: its wall and thread CPU seconds, and the seconds it
-        spent folding them into the sums."""
-        self.per_sample = wall / n
-        self.fit_per_sample = FIT_FACTOR * folding / n
-        self.stall = max(self.stall, wall - cpu)
+        """Wall seconds kept for the final fit over `samples` samples."""
+        return (self.fit_fixed + self.fit_per_sample * samples) / self.share
 
 
 class Lime:
@@ -176,23 +211,27 @@ class Lime:
         d = players_of(x, groups)
         least = max(MIN_UNITS, d + 2)  # fewer samples than coefficients: no standard errors
         require_units(model, budget, 1, least)  # before any model call
+        pace = Pace(ROUND_OVERHEAD * model.seconds_for(1))
         fx = model(x[None])[0]  # (outputs,)
         samples = Samples()
         samples.add(np.ones((1, d), bool), fx[None])
+        pace.mark()
 
         def sample(n: int) -> float:
             """Draw n samples; returns the seconds spent folding them into the sums."""
             z = rng.random((n, d)) < 0.5  # (n, players) True = kept
             y = self._values(model, x, background, groups, z, rng)
-            start = time.perf_counter()
+            start = time.thread_time()
             samples.add(z, y)
-            return time.perf_counter() - start
+            return time.thread_time() - start
 
-        stop = _rounds(model, budget, samples, sample, least, x.size)
+        stop = _rounds(model, budget, samples, sample, least, x.size, pace)
         t0 = time.perf_counter()
         fit = samples.fit()
         if TRACE is not None:
-            TRACE.append(("fit", round(1e3 * (time.perf_counter() - t0), 2), round(1e3 * budget.remaining(), 2)))
+            TRACE.append(("fit", round(1e3 * (time.perf_counter() - t0), 2),
+                          round(1e3 * budget.remaining(), 2), round(1e3 * pace.fit_seconds(fit.n), 2),
+                          round(1e3 * pace.stall, 2), round(pace.share, 2)))
         return Explanation.build(self.name, fit.coef, fit.se, fit.intercept, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
                                  budget_exhausted=stop.budget_exhausted, samples=fit.n - 1,
@@ -212,7 +251,7 @@ class Lime:
 
 
 def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable[[int], float],
-            least: int, elements: int) -> StopReason:
+            least: int, elements: int, pace: Pace) -> StopReason:
     """Draw samples in rounds until the accuracy goal is met or no worthwhile round fits.
 
     Rounds double from `least` while time is plentiful; each is also capped so that it takes
@@ -224,7 +263,6 @@ def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable
     guessed. Unlike explainers.anytime.run_rounds, no fit runs between rounds unless an
     accuracy goal needs its standard errors (the fit is kept: the last one is the answer).
     """
-    pace = Pace(ROUND_OVERHEAD * model.seconds_for(1))
     cap = max(1, MAX_ROUND_CELLS // max(1, elements))
     size, units, met = least, 0, False
     while True:
@@ -234,15 +272,16 @@ def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable
         if units >= least and (met or n < max(1, units * TAIL_SHARE) or units >= MAX_UNITS):
             break
         n = max(n, least - units)
-        start, cpu = time.perf_counter(), time.thread_time()
+        cpu = time.thread_time()
         planned = n * pace.per_sample
         folding = sample(n)
-        pace.measure(n, time.perf_counter() - start, time.thread_time() - cpu, folding)
+        pace.measure(n, time.thread_time() - cpu, folding)
+        pace.mark()
         if TRACE is not None:
             TRACE.append(("round", n, round(1e3 * planned, 2), round(1e3 * n * pace.per_sample, 2),
                           round(1e3 * budget.remaining(), 2), round(1e3 * pace.fit_seconds(units + n), 2), round(1e3 * pace.stall, 2)))
         if units == 0 and np.isfinite(budget.deadline):
-            pace.fit_fixed = FIT_FACTOR * _seconds(partial(np.linalg.pinv, samples.A))
+            pace.fit_fixed = FIT_FACTOR * _cpu_seconds(partial(np.linalg.pinv, samples.A))
         units, size = units + n, size * 2
     return StopReason(converged=met, budget_exhausted=not met)
 
@@ -261,7 +300,7 @@ def _affordable(model: Evaluator, budget: Budget, pace: Pace, units: int) -> int
     return max(0, int(min(by_evals, by_time)))
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _cpu_seconds(fn: Callable[[], object]) -> float:
+    start = time.thread_time()
     fn()
-    return time.perf_counter() - start
+    return time.thread_time() - start
