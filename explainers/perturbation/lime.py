@@ -45,12 +45,11 @@ RIDGE = 1e-3  # a stabiliser, not a prior: see the module docstring
 # sample, measured here for 16-64 groups and 1-10 outputs: this factor keeps time for it.
 FIT_FACTOR = 1.5
 # A round takes at most this share of the time left (after the fit's reserve), so a model that
-# turns 1 / (SAFETY * ROUND_SHARE) = 2.5x slower during the round still ends in time.
-ROUND_SHARE = 0.5
+# turns up to 1 / (SAFETY * ROUND_SHARE) = 3.1x slower during the round still ends in time.
+ROUND_SHARE = 0.4
 TAIL_SHARE = 1 / 32  # a round adding fewer samples than this share is not worth its overhead
 PASS_ROWS = 2048  # samples per step of the final pass (its arrays stay in cache)
 MIN_SHARE = 0.05  # the least share of a core assumed (a thread starved longer is stalled)
-TRACE: list | None = None  # type: ignore[type-arg]
 
 
 def kernel_weights(z: Array) -> Array:
@@ -226,12 +225,7 @@ class Lime:
             return time.thread_time() - start
 
         stop = _rounds(model, budget, samples, sample, least, x.size, pace)
-        t0 = time.perf_counter()
         fit = samples.fit()
-        if TRACE is not None:
-            TRACE.append(("fit", round(1e3 * (time.perf_counter() - t0), 2),
-                          round(1e3 * budget.remaining(), 2), round(1e3 * pace.fit_seconds(fit.n), 2),
-                          round(1e3 * pace.stall, 2), round(pace.share, 2)))
         return Explanation.build(self.name, fit.coef, fit.se, fit.intercept, fx,
                                  evaluations=model.evaluations, converged=stop.converged,
                                  budget_exhausted=stop.budget_exhausted, samples=fit.n - 1,
@@ -273,13 +267,9 @@ def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable
             break
         n = max(n, least - units)
         cpu = time.thread_time()
-        planned = n * pace.per_sample
         folding = sample(n)
         pace.measure(n, time.thread_time() - cpu, folding)
         pace.mark()
-        if TRACE is not None:
-            TRACE.append(("round", n, round(1e3 * planned, 2), round(1e3 * n * pace.per_sample, 2),
-                          round(1e3 * budget.remaining(), 2), round(1e3 * pace.fit_seconds(units + n), 2), round(1e3 * pace.stall, 2)))
         if units == 0 and np.isfinite(budget.deadline):
             pace.fit_fixed = FIT_FACTOR * _cpu_seconds(partial(np.linalg.pinv, samples.A))
         units, size = units + n, size * 2
