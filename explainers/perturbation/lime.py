@@ -12,7 +12,10 @@ samples) without saying so; here the penalty only keeps the fit defined with few
 The response reports the weighted R^2 of the fit and each coefficient's standard error
 (sandwich, robust to the surrogate being wrong), so the user sees both how well the surrogate
 fits and how much the sampling moved it. Samples are drawn in rounds until the budget or the
-accuracy goal stops them.
+accuracy goal stops them; the fit's sums grow with each round, so the final fit is one pass
+over the samples whose cost is measured and kept free, and rounds are planned on the CPU time
+per sample, the share of a core the thread gets and the longest wait for one (section
+"_rounds"): the answer arrives by the deadline on a loaded machine too.
 """
 
 from __future__ import annotations
@@ -71,7 +74,6 @@ class Fit:
     n: int
 
 
-@dataclass
 class Samples:
     """Every sample so far, with the fit's sums kept up to date as samples arrive, so the final
     fit is an inverse of (1 + d)^2 and one pass over the samples (residuals, standard errors).
@@ -217,7 +219,7 @@ class Lime:
         pace.mark()
 
         def sample(n: int) -> float:
-            """Draw n samples; returns the seconds spent folding them into the sums."""
+            """Draw n samples; returns the CPU seconds spent folding them into the sums."""
             z = rng.random((n, d)) < 0.5  # (n, players) True = kept
             y = self._values(model, x, background, groups, z, rng)
             start = time.thread_time()
@@ -249,21 +251,25 @@ def _rounds(model: Evaluator, budget: Budget, samples: Samples, sample: Callable
     """Draw samples in rounds until the accuracy goal is met or no worthwhile round fits.
 
     Rounds double from `least` while time is plentiful; each is also capped so that it takes
-    at most ROUND_SHARE of the time left after the final fit's reserve, at the speed the last
-    round measured: near the deadline rounds shrink, and a model that slows down within a
-    round still ends in time. The reserve is the final fit's cost for the samples drawn and
-    to be drawn (FIT_FACTOR times the measured accumulation per sample, plus the inverse's
-    measured time), so the fit, whose cost grows with the samples, is bounded rather than
-    guessed. Unlike explainers.anytime.run_rounds, no fit runs between rounds unless an
-    accuracy goal needs its standard errors (the fit is kept: the last one is the answer).
+    at most ROUND_SHARE of the time left after the reserves, at the last round's CPU time per
+    sample over the share of a core this thread has been getting (Pace): near the deadline
+    rounds shrink, and a model that turns slower within a round still ends in time. Kept
+    free: the final fit over the samples drawn and to be drawn (FIT_FACTOR times the measured
+    accumulation per sample, plus the inverse's measured time: the fit's cost grows with the
+    samples, so it is bounded, not guessed) and the longest wait for a core seen so far.
+    Unlike explainers.anytime.run_rounds (which re-times a whole fit after every round, then
+    fits again), no fit runs between rounds unless an accuracy goal needs its standard
+    errors, and the last fit is the answer. A round adding under TAIL_SHARE of the samples
+    is not drawn when time, not the evaluation cap, is what binds.
     """
     cap = max(1, MAX_ROUND_CELLS // max(1, elements))
+    tail = TAIL_SHARE if np.isfinite(budget.deadline) else 0.0
     size, units, met = least, 0, False
     while True:
         met = units >= least and budget.target_error is not None \
             and float(samples.fit().se.max()) <= budget.target_error
         n = min(size, cap, _affordable(model, budget, pace, units))
-        if units >= least and (met or n < max(1, units * TAIL_SHARE) or units >= MAX_UNITS):
+        if units >= least and (met or n < max(1, units * tail) or units >= MAX_UNITS):
             break
         n = max(n, least - units)
         cpu = time.thread_time()
@@ -291,6 +297,7 @@ def _affordable(model: Evaluator, budget: Budget, pace: Pace, units: int) -> int
 
 
 def _cpu_seconds(fn: Callable[[], object]) -> float:
+    """This thread's CPU seconds spent in fn()."""
     start = time.thread_time()
     fn()
     return time.thread_time() - start
