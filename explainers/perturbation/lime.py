@@ -188,8 +188,12 @@ class Pace:
     @property
     def wait(self) -> float:
         """Wall seconds kept free for one wait for a core: the longest seen, or what the
-        share of the core so far implies, whichever is longer."""
-        return max(self.stall, TICK_S * (1.0 / self.share - 1.0))
+        share of the core so far implies, whichever is longer. The share counts one tick of
+        running in advance, so one early wait does not pass for the rule."""
+        cpu = self._last[1] - self._start[1]
+        wall = self._last[0] - self._start[0]
+        share = max(MIN_SHARE, (cpu + TICK_S) / (wall + TICK_S))
+        return max(self.stall, TICK_S * (1.0 / share - 1.0))
 
     @property
     def per_sample(self) -> float:
