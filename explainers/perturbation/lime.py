@@ -53,9 +53,6 @@ ROUND_SHARE = 0.4
 TAIL_SHARE = 1 / 32  # a round adding fewer samples than this share is not worth its overhead
 PASS_ROWS = 2048  # samples per step of the final pass (its arrays stay in cache)
 MIN_SHARE = 0.05  # the least share of a core assumed (a thread starved longer is stalled)
-# A thread getting a share s of a core runs about a scheduler tick between preemptions and then
-# waits about TICK_S (1 / s - 1): runs between preemptions measured 4.0 ms p50 here (HZ=250)
-TICK_S = 4e-3
 
 
 def kernel_weights(z: Array) -> Array:
@@ -186,16 +183,6 @@ class Pace:
         self.fit_per_sample = FIT_FACTOR * self._folding / self._samples
 
     @property
-    def wait(self) -> float:
-        """Wall seconds kept free for one wait for a core: the longest seen, or what the
-        share of the core so far implies, whichever is longer. The share counts one tick of
-        running in advance, so one early wait does not pass for the rule."""
-        cpu = self._last[1] - self._start[1]
-        wall = self._last[0] - self._start[0]
-        share = max(MIN_SHARE, (cpu + TICK_S) / (wall + TICK_S))
-        return max(self.stall, TICK_S * (1.0 / share - 1.0))
-
-    @property
     def per_sample(self) -> float:
         """Wall seconds per sample at the share of the core this thread has been getting."""
         return self.cpu_per_sample / self.share
@@ -304,7 +291,7 @@ def _affordable(model: Evaluator, budget: Budget, pace: Pace, units: int) -> int
     left = budget.remaining()
     if not np.isfinite(left):
         return max(0, by_evals)
-    free = SAFETY * left - ROUND_FIXED_S - pace.fit_seconds(units) - pace.wait
+    free = SAFETY * left - ROUND_FIXED_S - pace.fit_seconds(units) - pace.stall
     by_time = ROUND_SHARE * free / (pace.per_sample + ROUND_SHARE * pace.fit_per_sample)
     return max(0, int(min(by_evals, by_time)))
 
