@@ -18,7 +18,6 @@ ROUND_OVERHEAD = 2.0  # before any round is measured, assume building a batch co
 MAX_UNITS = 2**20  # a hard stop for budgets given only as an accuracy goal
 ROUND_FIXED_S = 2e-4  # a round's cost beyond its units (numpy calls, bookkeeping)
 FINISH_GUESS_S = 5e-4  # the final estimate's cost before it is measured
-GROWING_FACTOR = 2.5  # finish_grows: the re-timing after a round and the final estimate
 FINISH_FACTOR = 2.0  # the measured cost, times this (it grows with the samples folded in)
 
 
@@ -39,8 +38,7 @@ def require_stop_rule(budget: Budget) -> None:
 
 def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features: int,
                sample: Callable[[int], None], max_se: Callable[[], float],
-               min_units: int = MIN_UNITS, required: int = 2,
-               finish_grows: bool = False) -> tuple[int, StopReason]:
+               min_units: int = MIN_UNITS, required: int = 2) -> tuple[int, StopReason]:
     """Draw units in growing rounds until the goal is met or the next round would not fit.
 
     Rounds double (from min_units) so per-round overhead stays small while the clock is still
@@ -50,9 +48,7 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
     once, after the first round, when there is a deadline) is kept free. On a model too slow
     for even `min_units` in the budget, fewer units are drawn (wider intervals, honest dof);
     fewer than `required` (at least two: no standard error is possible below) is
-    RESOURCE_EXHAUSTED before any sampling. `finish_grows`: the final estimate's cost grows in
-    proportion to the units (a regression refitted on every sample, LIME), so each unit also
-    reserves its share of it.
+    RESOURCE_EXHAUSTED before any sampling.
     """
     units, size = 0, min_units
     cap = max(1, MAX_ROUND_CELLS // max(1, rows_per_unit * n_features))
@@ -60,11 +56,8 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
     finish = FINISH_GUESS_S  # time kept for the final estimate; measured after the first round
     required = max(2, required)
     _require_units(model, budget, rows_per_unit, per_unit, finish, required)
-    finish_per_unit = 0.0  # finish_grows: the final estimate's measured cost per unit
     while True:
-        n = min(size, cap, _affordable_units(model, budget, rows_per_unit,
-                                             per_unit + finish_per_unit,
-                                             finish + finish_per_unit * units))
+        n = min(size, cap, _affordable_units(model, budget, rows_per_unit, per_unit, finish))
         met = units >= min_units and _goal_met(budget, max_se)
         if units >= required and (n < 1 or units >= MAX_UNITS or met):
             break
@@ -72,9 +65,7 @@ def run_rounds(model: Evaluator, budget: Budget, rows_per_unit: int, n_features:
         start = time.perf_counter()
         sample(n)
         per_unit = (time.perf_counter() - start) / n
-        if finish_grows and np.isfinite(budget.deadline):  # re-timed as the units grow
-            finish, finish_per_unit = 0.0, GROWING_FACTOR * _seconds(max_se) / (units + n)
-        elif units == 0 and np.isfinite(budget.deadline):
+        if units == 0 and np.isfinite(budget.deadline):
             finish = FINISH_FACTOR * _seconds(max_se)
         units, size = units + n, size * 2
     return units, StopReason(converged=met, budget_exhausted=not met)
