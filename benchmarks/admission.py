@@ -16,6 +16,7 @@ upload is done), then a second identical Explain (the same call warm), then Dele
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -26,7 +27,7 @@ import grpc
 import numpy as np
 
 from benchmarks._server import server
-from benchmarks.heldout_accuracy import REPO, _entry
+from benchmarks.heldout_accuracy import REPO, _bg, _entry, _function, _onnx
 from service.api.tensors import from_array
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
@@ -35,14 +36,34 @@ OVER = 1.05
 EXACT_MODEL = "interactions12_mlp"
 EXACT_FACTORS = (0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 2.0, 3.0)  # budgets / measured cost
 ESTIMATE = re.compile(r"~(\d+) ms here")
-# (model, method, budget ms, scale, class): the first call builds per-background state
-FIRST_CALLS = (("lightgbm_defaults", "tree", 20.0, "logit", 1),
-               ("lightgbm_defaults", "tree", 50.0, "logit", 1),
-               ("lightgbm_defaults", "auto", 20.0, "logit", 1),
-               ("lightgbm_defaults", "auto", 50.0, "logit", 1),
-               ("digits_mlp", "permutation", 20.0, "identity", 3),
-               ("digits_mlp", "auto", 20.0, "identity", 3),
-               ("interactions12_mlp", "auto", 50.0, "identity", 0))
+FIT_WAIT_S = 2.5  # "after the fit": the wait between the upload and the first call
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A first call: model, method, budget, target, and how long after the upload it comes."""
+
+    model: str
+    method: str
+    budget_ms: float
+    scale: str = "identity"  # "" and column None: the model's default target
+    column: int | None = 0
+    wait_s: float = 0.0
+
+
+# the first call builds per-background state: f(background), auto's affine probe, tree tables
+FIRST_CALLS = (Scenario("lightgbm_defaults", "tree", 20.0, "logit", 1),
+               Scenario("lightgbm_defaults", "tree", 50.0, "logit", 1),
+               Scenario("lightgbm_defaults", "auto", 20.0, "logit", 1),
+               Scenario("lightgbm_defaults", "auto", 50.0, "logit", 1),
+               Scenario("digits_mlp", "permutation", 20.0, "identity", 3),
+               Scenario("digits_mlp", "auto", 20.0, "identity", 3),
+               Scenario("interactions12_mlp", "auto", 50.0),
+               Scenario("lightgbm_defaults", "tree", 20.0, "logit", 1, FIT_WAIT_S),
+               Scenario("lightgbm_defaults", "auto", 20.0, "logit", 1, FIT_WAIT_S),
+               Scenario("digits_mlp", "permutation", 20.0, "identity", 3, FIT_WAIT_S),
+               Scenario("lightgbm_defaults", "tree", 20.0, "", None),
+               Scenario("lightgbm_defaults", "tree", 20.0, "", None, FIT_WAIT_S))
 
 
 @dataclass(frozen=True)
@@ -74,22 +95,17 @@ class Outcome:
         return self.accepted and value > OVER * self.budget_ms
 
 
-@dataclass
-class Exact:
-    measured_ms: float = 0.0  # median server time with a large budget
-    probes: list[float] = field(default_factory=list)  # the server's estimate, before rounds
-    calls: list[Outcome] = field(default_factory=list)
-
-
 def run(quick: bool) -> str:
     cfg = QUICK if quick else FULL
     for name in ("lightgbm_defaults", "digits_mlp", "interactions12_mlp"):
         _entry(name)
+    fit = _fit_in_process(2 if quick else 4)
     with server(REPO) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ExplainerStub(channel)
         exact = _exact(stub, cfg)
-        first = {s: _first_calls(stub, s, cfg.first_reps) for s in FIRST_CALLS}
-    return _report(exact, first, cfg, quick)
+        first = {s: _first_calls(stub, s, cfg.first_reps if not s.wait_s or not quick else 1)
+                 for s in FIRST_CALLS}
+    return _report(exact, first, fit, cfg, quick)
 
 
 def _rows(name: str) -> np.ndarray:
@@ -99,11 +115,12 @@ def _rows(name: str) -> np.ndarray:
 
 
 def _explain(stub: pb_grpc.ExplainerStub, model: str, x: np.ndarray, method: str,
-             budget_ms: float, seed: int, scale: str = "identity", column: int = 0,
+             budget_ms: float, seed: int, scale: str = "identity", column: int | None = 0,
              background: str = "") -> Outcome:
     request = pb.ExplainRequest(model=model, inputs=[from_array("input", x[None])],
                                 method=method, budget_ms=budget_ms, seed=seed,
-                                target=pb.Target(classes=[column], scale=scale),
+                                target=pb.Target(classes=[] if column is None else [column],
+                                                 scale=scale),
                                 background=background)
     start = time.perf_counter()
     try:
@@ -118,10 +135,23 @@ def _explain(stub: pb_grpc.ExplainerStub, model: str, x: np.ndarray, method: str
     return Outcome(budget_ms, "OK", wall, r.cost.elapsed_ms, r.method, tuple(r.notes))
 
 
+def _rate(stub: pb_grpc.ExplainerStub, model: str) -> float:
+    return float(stub.GetModel(pb.GetModelRequest(model=model)).rows_per_second)
+
+
 # --- exact ------------------------------------------------------------------------------------
+@dataclass
+class Exact:
+    measured_ms: float = 0.0  # median server time with a large budget
+    probes: list[float] = field(default_factory=list)  # the server's estimate, before rounds
+    calls: list[Outcome] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # GetModel rows/s: start, then per round
+    local: dict[str, float] = field(default_factory=dict)  # the same work in this process
+
+
 def _exact(stub: pb_grpc.ExplainerStub, cfg: Config) -> Exact:
     X = np.load(REPO / EXACT_MODEL / "rows.npy")
-    out = Exact()
+    out = Exact(rates=[_rate(stub, EXACT_MODEL)], local=_exact_in_process(X[:4]))
     warm = [_explain(stub, EXACT_MODEL, X[k], "exact", 2000.0, k + 1) for k in range(5)]
     out.measured_ms = statistics.median(o.server_ms for o in warm[1:])
     budgets = sorted({round(out.measured_ms * f) for f in EXACT_FACTORS})
@@ -133,7 +163,31 @@ def _exact(stub: pb_grpc.ExplainerStub, cfg: Config) -> Exact:
             seed += 1
             out.calls.append(_explain(stub, EXACT_MODEL, X[seed % len(X)], "exact", float(b),
                                       seed))
+        out.rates.append(_rate(stub, EXACT_MODEL))
     return out
+
+
+def _exact_in_process(X: np.ndarray) -> dict[str, float]:
+    """ExactShapley on the same function in this process: its wall time, the model time
+    predicted at OnnxModel.measure's rows/s, and the rows/s its own model calls ran at."""
+    from explainers.base import Background, Budget, Evaluator
+    from explainers.shapley.exact import ExactShapley
+
+    model = _onnx(EXACT_MODEL)
+    f = _function(model, EXACT_MODEL, "identity", 0)
+    data = _bg(EXACT_MODEL)
+    bg = Background.build(data, f(data))
+    walls, predicted, ran = [], [], []
+    for x in X.astype(np.float64):
+        ev = Evaluator(f, model.chunk_rows, model.rows_per_second, dtype=model.batch_dtype)
+        predicted.append(ev.seconds_for(ExactShapley().expected_evaluations(x.size, bg) or 0))
+        start = time.perf_counter()
+        ExactShapley().explain(ev, x, bg, Budget(math.inf), np.random.default_rng(0))
+        walls.append(time.perf_counter() - start)
+        ran.append(ev.rows_per_second)
+    return {"wall_ms": 1e3 * statistics.median(walls),
+            "model_ms": 1e3 * statistics.median(predicted),
+            "rate": model.rows_per_second, "ran": statistics.median(ran)}
 
 
 # --- first calls on a new background ----------------------------------------------------------
@@ -144,29 +198,54 @@ class First:
     second: list[Outcome] = field(default_factory=list)
 
 
-def _first_calls(stub: pb_grpc.ExplainerStub, scenario: tuple[str, str, float, str, int],
-                 reps: int) -> First:
-    model, method, budget, scale, column = scenario
-    rows = _rows(model)
-    rng = np.random.default_rng(abs(hash(scenario)) % 2**32)
+def _first_calls(stub: pb_grpc.ExplainerStub, s: Scenario, reps: int) -> First:
+    rows = _rows(s.model)
+    rng = np.random.default_rng(abs(hash(s)) % 2**32)
     out = First()
     for k in range(reps):
-        name = f"fresh-{method}-{budget:g}-{k}-{time.time_ns()}"
+        name = f"fresh-{s.method}-{s.budget_ms:g}-{k}-{time.time_ns()}"
         data = rows[rng.choice(len(rows), 100, replace=False)]
         start = time.perf_counter()
-        stub.PutBackground(pb.PutBackgroundRequest(model=model, name=name,
+        stub.PutBackground(pb.PutBackgroundRequest(model=s.model, name=name,
                                                    data=from_array("data", data)))
         out.upload_ms.append(1e3 * (time.perf_counter() - start))
+        time.sleep(s.wait_s)
         x = rows[rng.integers(len(rows))]
         for calls in (out.first, out.second):
-            calls.append(_explain(stub, model, x, method, budget, k + 1, scale, column, name))
-        stub.DeleteBackground(pb.DeleteBackgroundRequest(model=model, name=name))
-        time.sleep(0.05)  # let a fit started by the upload end before the next one
+            calls.append(_explain(stub, s.model, x, s.method, s.budget_ms, k + 1, s.scale,
+                                  s.column, name))
+        stub.DeleteBackground(pb.DeleteBackgroundRequest(model=s.model, name=name))
+        time.sleep(0.05)
     return out
 
 
+def _fit_in_process(backgrounds: int) -> dict[str, float]:
+    """LightGBM's tables and patterns for fresh 100-row backgrounds in this process: the fit
+    TreeShap predicts before it has fitted any, and the fit measured (medians)."""
+    import onnx
+
+    from explainers.base import Background
+    from explainers.trees.onnx_trees import parse_onnx_trees, predict_margin
+    from explainers.trees.tree import TreeShap
+
+    parsed = parse_onnx_trees(onnx.load(REPO / "lightgbm_defaults" / "1" / "model.onnx"))
+    rows, rng = _rows("lightgbm_defaults").astype(np.float64), np.random.default_rng(5)
+    tree = TreeShap(parsed, [1])
+    predicted, measured = [], []
+    for _ in range(backgrounds):
+        data = rows[rng.choice(len(rows), 100, replace=False)]
+        bg = Background.build(data, predict_margin(parsed, data)[:, [1]])
+        predicted.append(tree.fit_seconds(bg))
+        start = time.perf_counter()
+        tree.prefit(bg)
+        measured.append(time.perf_counter() - start)
+    return {"first_predicted_ms": 1e3 * predicted[0],
+            "predicted_ms": 1e3 * statistics.median(predicted[1:] or predicted),
+            "measured_ms": 1e3 * statistics.median(measured)}
+
+
 # --- report -----------------------------------------------------------------------------------
-def _report(exact: Exact, first: dict[tuple[str, str, float, str, int], First], cfg: Config,
+def _report(exact: Exact, first: dict[Scenario, First], fit: dict[str, float], cfg: Config,
             quick: bool) -> str:
     load = os.getloadavg()
     lines = ["## Admission: accepted calls within their budget (issue 17)", "",
@@ -176,21 +255,22 @@ def _report(exact: Exact, first: dict[tuple[str, str, float, str, int], First], 
              f"client; load average {load[0]:.2f} / {load[1]:.2f} at the end (2 cores, other "
              "work running).", ""]
     lines += [*_targets(exact, first), "", *_exact_table(exact), ""]
-    lines += [*_first_table(first), "", WHY]
+    lines += [*_first_table(first, fit), "", _why(exact, first, fit)]
     return "\n".join(lines) + "\n"
 
 
-def _targets(exact: Exact, first: dict[tuple[str, str, float, str, int], First]) -> list[str]:
+def _targets(exact: Exact, first: dict[Scenario, First]) -> list[str]:
     over_exact = sum(o.over() for o in exact.calls)
     accepted = sum(o.accepted for o in exact.calls)
-    firsts = [o for f in first.values() for o in f.first]
+    firsts = [o for s, f in first.items() if not s.wait_s for o in f.first]
     over_first = sum(o.over() for o in firsts)
     accepted_first = sum(o.accepted for o in firsts)
     return ["### Targets", "", "| target | reached | |", "|---|---|---|",
             f"| `exact`: 0 accepted calls over {OVER}x budget (client wall) | {over_exact} of "
             f"{accepted} accepted | {_met(over_exact == 0)} |",
-            f"| first call on a new background: 0 accepted calls over {OVER}x budget (client "
-            f"wall) | {over_first} of {accepted_first} accepted | {_met(over_first == 0)} |"]
+            f"| first call right after a background upload: 0 accepted calls over {OVER}x "
+            f"budget (client wall) | {over_first} of {accepted_first} accepted | "
+            f"{_met(over_first == 0)} |"]
 
 
 def _met(ok: bool) -> str:
@@ -199,10 +279,16 @@ def _met(ok: bool) -> str:
 
 def _exact_table(exact: Exact) -> list[str]:
     probes = [p for p in exact.probes if p == p]
+    local = exact.local
     lines = ["### `exact` on the 12-feature MLP", "",
              f"Measured cost: **{exact.measured_ms:.1f} ms** of server time (median of 4 calls "
-             f"with a 2 s budget). The server's estimate (1 ms probes before each round): "
-             f"{_range(probes)} ms. *over* = accepted calls whose time exceeds {OVER}x the "
+             f"with a 2 s budget); in this process the same enumeration takes "
+             f"{local['wall_ms']:.1f} ms ({local['model_ms']:.1f} ms of model time predicted "
+             f"at OnnxModel.measure's {local['rate'] / 1e6:.1f}M rows/s; its model calls ran at "
+             f"{local['ran'] / 1e6:.1f}M rows/s). The server's estimate (1 ms probes before "
+             f"each round): {_range(probes)} ms. The model's rows/s as GetModel reports it: "
+             f"{exact.rates[0] / 1e6:,.0f}M at the start, {_range(exact.rates[1:], 1e-6)}M "
+             f"after each round. *over* = accepted calls whose time exceeds {OVER}x the "
              "budget.", "",
              "| budget ms | budget / cost | calls | accepted | refused | over (wall) | "
              "over (server) | wall / budget p50, max | server ms p50, max | estimate in "
@@ -212,39 +298,51 @@ def _exact_table(exact: Exact) -> list[str]:
         ok = [o for o in calls if o.accepted]
         refused = [o for o in calls if o.code == "RESOURCE_EXHAUSTED"]
         other = len(calls) - len(ok) - len(refused)
-        wall = [o.wall_ms / b for o in ok]
-        srv = [o.server_ms for o in ok]
         lines.append(
             f"| {b:g} | {b / exact.measured_ms:.2f} | {len(calls)} | {len(ok)} | "
             f"{len(refused)}{f' (+{other} other)' if other else ''} | "
             f"{sum(o.over() for o in ok)} | {sum(o.over(True) for o in ok)} | "
-            f"{_pair(wall, '.2f')} | {_pair(srv, '.1f')} | "
+            f"{_pair([o.wall_ms / b for o in ok], '.2f')} | "
+            f"{_pair([o.server_ms for o in ok], '.1f')} | "
             f"{_range([o.estimate_ms for o in refused if o.estimate_ms == o.estimate_ms])} |")
     return lines
 
 
-def _first_table(first: dict[tuple[str, str, float, str, int], First]) -> list[str]:
+def _first_table(first: dict[Scenario, First], fit: dict[str, float]) -> list[str]:
     lines = ["### First calls on a new background", "",
              "Per scenario: the upload's round trip, then the first and the second call "
-             "against the new background: accepted / refused, accepted over "
-             f"{OVER}x (client wall; server), wall / budget p50 and max, and what ran "
-             "(the response's method; notes abridged).", "",
-             "| model | method | budget ms | upload ms p50 | call | accepted | refused | over "
-             "(wall; server) | wall / budget p50, max | server / budget max | ran |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, method, budget, _, _), f in first.items():
+             "against the new background, at once or *after* a wait of "
+             f"{FIT_WAIT_S:g} s (the fit the upload started is done by then): accepted / "
+             f"refused, accepted over {OVER}x (client wall; server), wall / budget p50 and "
+             "max, server / budget max, the client's wall less the server's elapsed (median), "
+             "and what ran (the response's method and notes, abridged). LightGBM's tables and "
+             "patterns for a fresh 100-row background, in this process: "
+             f"{fit['measured_ms']:.0f} ms measured; TreeShap predicts "
+             f"{fit['first_predicted_ms']:.0f} ms before its first fit and "
+             f"{fit['predicted_ms']:.0f} ms after.", "",
+             "| model | method | target | budget ms | when | upload ms | call | accepted | "
+             "refused | over (wall; server) | wall / budget p50, max | server / budget max | "
+             "wall - server ms | ran |", "|" + "---|" * 14]
+    for s, f in first.items():
         for label, calls in (("first", f.first), ("second", f.second)):
             ok = [o for o in calls if o.accepted]
             refused = sum(o.code == "RESOURCE_EXHAUSTED" for o in calls)
             ran = sorted({o.method for o in ok} | {_short(o) for o in calls if _short(o)})
-            srv = [o.server_ms / budget for o in ok]
+            srv = [o.server_ms / s.budget_ms for o in ok]
+            gap = [o.wall_ms - o.server_ms for o in ok]
             lines.append(
-                f"| {model} | {method} | {budget:g} | "
+                f"| {s.model} | {s.method} | {_target(s)} | {s.budget_ms:g} | "
+                f"{f'after {s.wait_s:g} s' if s.wait_s else 'at once'} | "
                 f"{statistics.median(f.upload_ms):.1f} | {label} | {len(ok)} | {refused} | "
                 f"{sum(o.over() for o in ok)}; {sum(o.over(True) for o in ok)} | "
-                f"{_pair([o.wall_ms / budget for o in ok], '.2f')} | "
-                f"{max(srv) if srv else float('nan'):.2f} | {'; '.join(ran)} |")
+                f"{_pair([o.wall_ms / s.budget_ms for o in ok], '.2f')} | "
+                f"{max(srv) if srv else float('nan'):.2f} | "
+                f"{statistics.median(gap) if gap else float('nan'):.1f} | {'; '.join(ran)} |")
     return lines
+
+
+def _target(s: Scenario) -> str:
+    return "default" if s.column is None else f"{s.scale} of class {s.column}"
 
 
 def _short(o: Outcome) -> str:
@@ -261,8 +359,13 @@ def _pair(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}}, {max(values):{fmt}}"
 
 
-def _range(values: list[float]) -> str:
-    return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
+def _range(values: list[float], scale: float = 1.0) -> str:
+    values = [v * scale for v in values]
+    return f"{min(values):,.0f}-{max(values):,.0f}" if values else "-"
+
+
+def _why(exact: Exact, first: dict[Scenario, First], fit: dict[str, float]) -> str:
+    return WHY
 
 
 WHY = """Mechanisms (from the tables above):
