@@ -629,6 +629,19 @@ def _why(results: list[Result]) -> str:
                     f"- *1%, {label}*: {name1} {1e3 * shap1:.1f} ms, `auto` through gRPC "
                     f"{mark}{1e3 * ours1:.1f} ms ({shap1 / ours1:.1f}x; its error at "
                     f"{c.ladder[len(c.errors) - 1]:g} ms: {c.errors[-1]:.2%}).")
+    lines += ["", "Budget adherence on the ladder (gRPC calls answered with a client wall time "
+              "over 1.05x their budget; *exact* = those where `auto` ran exact):", ""]
+    for r in results:
+        cells = []
+        for m in SIDELIGHT:
+            name = f"Sidelight {m}, gRPC"
+            over = [(b, c) for (n, b), calls in r.log.calls.items() if n == name
+                    for c in calls if c["wall"] > 1.05 * b]
+            answered = sum(len(v) for (n, _), v in r.log.calls.items() if n == name)
+            exact = [f"{c['wall']:.0f} ms at {b:g}" for b, c in over if c["exact"]]
+            cells.append(f"`{m}` {len(over)} of {answered}"
+                         + (f" (exact: {', '.join(exact[:4])})" if exact else ""))
+        lines.append(f"- {r.target.label}: {'; '.join(cells)}.")
     return "\n".join([*lines, "", WHY])
 
 
