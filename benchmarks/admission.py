@@ -386,47 +386,93 @@ def _range(values: list[float], scale: float = 1.0) -> str:
 
 
 def _why(exact: Exact, first: dict[Scenario, First], fit: dict[str, float]) -> str:
-    """Each over-budget exact call with the estimate the server held then; then the
-    mechanisms."""
+    """Each over-budget exact call with the estimate the server held then; the mechanisms with
+    this run's figures."""
     lines = ["Accepted `exact` calls over the budget, with the server's estimate probed before "
              "their round and the model's rows/s (GetModel) at the start of that round:", "",
              "| round | budget ms | wall ms | server ms | estimate before the round, ms | "
              "server rows/s |", "|---|---|---|---|---|---|"]
-    for o, k in zip(exact.calls, exact.rounds, strict=True):
-        if o.over() or o.over(True):
-            lines.append(f"| {k + 1} | {o.budget_ms:g} | {o.wall_ms:.1f} | {o.server_ms:.1f} | "
-                         f"{exact.probes[k]:.0f} | {exact.rates[k] / 1e6:,.0f}M |")
-    if len(lines) == 4:
+    over = [(o, k) for o, k in zip(exact.calls, exact.rounds, strict=True)
+            if o.over() or o.over(True)]
+    for o, k in over:
+        lines.append(f"| {k + 1} | {o.budget_ms:g} | {o.wall_ms:.1f} | {o.server_ms:.1f} | "
+                     f"{exact.probes[k]:.0f} | {exact.rates[k] / 1e6:,.0f}M |")
+    if not over:
         lines.append("| - | | | | | |")
-    return "\n".join([*lines, "", WHY])
+    estimates = [exact.probes[k] for _, k in over if exact.probes[k] == exact.probes[k]]
+    rates = [exact.rates[k] for _, k in over]
+    lines += ["", "Mechanisms (measured; not fixed here: explainers/ and service/ are not this "
+              "benchmark's):", "",
+              f"- *`exact` admitted on an estimate below its cost.* `exact` is admitted when its "
+              "estimate (model rows / the model's rows/s x its learned wall factor) fits 0.8 "
+              "of the time left after the response reserve. The calls above were admitted "
+              f"while the estimate was {_range(estimates)} ms against a measured "
+              f"{exact.measured_ms:.0f} ms, and the model's rows/s stood at "
+              f"{_range(rates, 1e-6)}M against {exact.local['rate'] / 1e6:.0f}M measured in "
+              "this process. " + RATE,
+              _fit_bullet(first, fit), _auto_bullet(first), NON_TREE]
+    return "\n".join(lines)
 
 
-WHY = """Mechanisms (measured; not fixed here: explainers/ and service/ are not this benchmark's):
+def _find(first: dict[Scenario, First], model: str, method: str, default: bool,
+          wait: bool) -> list[First]:
+    return [f for s, f in first.items() if s.model == model and s.method == method
+            and (s.column is None) == default and bool(s.wait_s) == wait]
 
-- *`exact` admitted on an estimate below its cost*. `exact` is admitted when its estimate
-  (model rows / the model's rows/s x its learned wall factor) fits 0.8 of the time left after
-  the response reserve, so with estimates near the measured cost it is accepted only from
-  ~1.4x the cost. The over-budget calls above were accepted when the estimate had fallen to a
-  fraction of the cost. The estimate swings with the model's rows/s, which GetModel shows
-  far above what the model runs at (OnnxModel.measure here: ~25M rows/s): `Evaluator._timed`
-  (explainers/base.py) takes any chunk of >= 64 rows that ran in under `call_overhead_s`
-  (50 us) as rows / 1 ns, and this 12-feature MLP runs 64-1,024 rows in 20-40 us; each such
-  call moves the model's figure by LEARN_WEIGHT (service/plane/rows.py). The least answer and
-  `auto`'s choice read the same figure (the heldout_accuracy section: `auto` ran exact, ~25 ms,
-  under 10 ms budgets on this model).
-- *`tree` and the upload's fit*. PutBackground fits the tables for the model's *default*
-  target (here the margin of both columns) in a server thread; a request for another target
-  (the logit of class 1, the usual way to ask for a binary classifier's log-odds) is a
-  different TreeShap and finds no fit: `tree` refuses it (RESOURCE_EXHAUSTED, up front, as the
-  README says) even 2.5 s after the upload, and each refusal starts a fit for the next
-  request. With the default target the same call 2.5 s after the upload is answered by `tree`
-  in 0.2x its budget; right after the upload it is refused while the fit (~100 ms here) runs.
-- *`auto` while a fit runs*. `auto` then samples (permutation) and is accepted; its server
-  time stays within the budget, but the client's wall time exceeds it by up to ~1.5x: the fit
-  thread holds the GIL in the server process, and the response's serialisation and send,
-  after cost.elapsed_ms is stamped, wait for it (wall - server: 3-7 ms against ~1.8 ms without
-  a fit; Python hands the GIL over every 5 ms). The predicted fit time itself swings (69-576
-  ms for a ~100 ms fit in this process), since the server learns it from fits timed while
-  they share the GIL with calls.
-- *Non-tree first calls* (f(background), `auto`'s affine probe) stay within budget: 100 model
-  rows and a few probes cost well under a millisecond."""
+
+def _fit_bullet(first: dict[Scenario, First], fit: dict[str, float]) -> str:
+    other = [o for f in _find(first, "lightgbm_defaults", "tree", False, True) for o in f.first]
+    default = [o for f in _find(first, "lightgbm_defaults", "tree", True, True) for o in f.first]
+    soon = [o for f in _find(first, "lightgbm_defaults", "tree", True, False) for o in f.first]
+    served = [o.wall_ms / o.budget_ms for o in default if o.accepted]
+    return (f"- *`tree` and the upload's fit.* PutBackground fits the tables for the model's "
+            "*default* target (here the margin of both columns) in a server thread. A request "
+            "for another target (the logit of class 1, the usual way to ask for a binary "
+            "classifier's log-odds) is served by another TreeShap, which finds no fit: "
+            f"{sum(not o.accepted for o in other)} of {len(other)} such first calls "
+            f"{FIT_WAIT_S:g} s after the upload were refused (RESOURCE_EXHAUSTED, up front, as "
+            "the README says; each refusal starts a fit for the next request). With the "
+            f"default target, {len(served)} of {len(default)} were answered by `tree` "
+            f"(wall / budget median {statistics.median(served) if served else float('nan'):.2f}"
+            f"); right after the upload {sum(not o.accepted for o in soon)} of {len(soon)} were "
+            f"refused while the fit runs (in this process: {fit['measured_ms']:.0f} ms; the "
+            f"server predicted {_range([_needs(o) for o in soon if _needs(o) == _needs(o)])} "
+            "ms, learning it from fits timed while they share the GIL with calls).")
+
+
+def _needs(o: Outcome) -> float:
+    found = re.search(r"tree needs about (\d+) ms", " ".join(o.notes))
+    return float(found.group(1)) if found else float("nan")
+
+
+def _auto_bullet(first: dict[Scenario, First]) -> str:
+    fitting = [o for f in _find(first, "lightgbm_defaults", "auto", False, False)
+               for o in f.first + f.second if o.accepted]
+    plain = [o for f in _find(first, "digits_mlp", "permutation", False, False)
+             for o in f.first + f.second if o.accepted]
+
+    def gap(calls: list[Outcome]) -> float:
+        return statistics.median(o.wall_ms - o.server_ms for o in calls) if calls else math.nan
+
+    return (f"- *`auto` while a fit runs.* `auto` on LightGBM (logit of class 1) samples while "
+            f"a fit runs in a server thread: {sum(o.over() for o in fitting)} of {len(fitting)} "
+            f"answers over {OVER}x the budget at the client, "
+            f"{sum(o.over(True) for o in fitting)} in the server; the client's wall less the "
+            f"server's elapsed is {gap(fitting):.1f} ms (median) against {gap(plain):.1f} ms "
+            "for the digits MLP's permutation calls with no fit running. The fit thread holds "
+            "the GIL in the server process: the sampler's rounds and the response's "
+            "serialisation and send (after cost.elapsed_ms is stamped) wait for it, and "
+            "Python hands the GIL over only every 5 ms (sys.getswitchinterval).")
+
+
+RATE = """The rows/s swings because `Evaluator._timed`
+  (explainers/base.py) takes any chunk of >= 64 rows that ran in under `call_overhead_s` (50 us)
+  as rows / 1 ns: this 12-feature MLP runs 64-1,024 rows in 20-40 us, and each call with such a
+  chunk moves the model's figure by LEARN_WEIGHT (service/plane/rows.py). Admission's least
+  cost and `auto`'s choice read the same figure (heldout_accuracy: `auto` ran exact, ~25 ms,
+  under 10 ms budgets on this model). Under load the cost itself also grows (the measured cost
+  is taken at the start; the server ms column shows its spread)."""
+
+NON_TREE = """- *Non-tree first calls* (f(background), `auto`'s affine probe: 100 model rows and a
+  few probes) add no measurable time: the digits and 12-feature rows right after an upload
+  match the ones 2.5 s later; their occasional overruns come with the machine's load."""
