@@ -409,9 +409,32 @@ def _why(exact: Exact, first: dict[Scenario, First], fit: dict[str, float]) -> s
               f"while the estimate was {_range(estimates)} ms against a measured "
               f"{exact.measured_ms:.0f} ms, and the model's rows/s stood at "
               f"{_range(rates, 1e-6)}M against {exact.local['rate'] / 1e6:.0f}M measured in "
-              "this process. " + RATE,
+              "this process. " + RATE, _sticky(exact),
               _fit_bullet(first, fit), _auto_bullet(first), NON_TREE]
     return "\n".join(lines)
+
+
+def _sticky(exact: Exact) -> str:
+    """When one slow call lifted the learned estimate above the larger budgets: which call,
+    and how many calls at >= 2x the cost were refused after it."""
+    high = [k for k, p in enumerate(exact.probes) if p > 1.5 * exact.measured_ms]
+    if not high:
+        return ("- *No sticky refusals.* The estimate stayed within 1.5x the measured cost "
+                "through the run.")
+    k = high[0]
+    before = [o for o, r in zip(exact.calls, exact.rounds, strict=True)
+              if r == k - 1 and o.accepted]
+    slow = max(before, key=lambda o: o.server_ms, default=None)
+    after = [o for o, r in zip(exact.calls, exact.rounds, strict=True)
+             if r >= k and o.budget_ms >= 2 * exact.measured_ms]
+    what = (f"a call of {slow.server_ms:.0f} ms (server) at a {slow.budget_ms:g} ms budget in "
+            f"round {k}" if slow is not None else f"round {k}")
+    return (f"- *Refusals that stick.* After {what}, the estimate rose to "
+            f"{max(exact.probes[k:]):.0f} ms ({max(exact.probes[k:]) / exact.measured_ms:.1f}x "
+            f"the measured cost): {sum(not o.accepted for o in after)} of {len(after)} later "
+            "calls at 2-3x the cost were refused. The wall factor moves by FACTOR_WEIGHT (0.5) "
+            "on each answered call and not at all on a refusal, so with only `exact` traffic on "
+            "the model, once the estimate exceeds the budgets sent no call measures it again.")
 
 
 def _find(first: dict[Scenario, First], model: str, method: str, default: bool,

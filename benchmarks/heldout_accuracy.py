@@ -666,11 +666,12 @@ WHY = """Mechanisms:
   refused. shap explains the 12-feature model at its first step in about a millisecond: below
   any call through the service.
 - *1% on the 40-64-feature models*: past the first sweep both estimators fall as
-  1/sqrt(time), so the lead at 1% is the ratio of their variances per millisecond, which this
-  run puts well under 10x (the digits probability figures are extrapolated past the 400 ms
-  budget, where the estimators are still at ~2%). LightGBM under `auto` is exact TreeSHAP
-  (error 0 at the smallest budget), so its ratio is the time of one call against shap's
-  TreeExplainer for one row: ~5x in process, and the gRPC round trip (~1 ms) halves it.
+  1/sqrt(time), so the lead at 1% is the ratio of their variances per millisecond, not the
+  first sweep's head start (the digits probability figures are extrapolated past the 400 ms
+  budget, where the estimators are still at ~1.5-2%, and move by +-30% from run to run).
+  LightGBM under `auto` is exact TreeSHAP (error 0 at the smallest budget), so its ratio is
+  the time of one call against shap's TreeExplainer for one row: ~5x in process, and the gRPC
+  round trip (~1-2 ms) takes most of it.
 - *The model's speed as the server learns it*: see the *server rows/s* column. For models
   whose batches of 64-1,024 rows run in under 50 microseconds (the 12-feature MLP, the digits
   MLP on small rounds), `Evaluator._timed` (explainers/base.py) divides the rows by
