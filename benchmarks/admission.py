@@ -419,7 +419,7 @@ def _sticky(exact: Exact) -> str:
     and how many calls at >= 2x the cost were refused after it."""
     high = [k for k, p in enumerate(exact.probes) if p > 1.5 * exact.measured_ms]
     if not high:
-        return ("- *No sticky refusals.* The estimate stayed within 1.5x the measured cost "
+        return ("- *The estimate after a slow call.* It stayed within 1.5x the measured cost "
                 "through the run.")
     k = high[0]
     before = [o for o, r in zip(exact.calls, exact.rounds, strict=True)
@@ -429,12 +429,16 @@ def _sticky(exact: Exact) -> str:
              if r >= k and o.budget_ms >= 2 * exact.measured_ms]
     what = (f"a call of {slow.server_ms:.0f} ms (server) at a {slow.budget_ms:g} ms budget in "
             f"round {k}" if slow is not None else f"round {k}")
-    return (f"- *Refusals that stick.* After {what}, the estimate rose to "
+    refused = sum(not o.accepted for o in after)
+    text = (f"- *The estimate after a slow call.* After {what}, the estimate rose to "
             f"{max(exact.probes[k:]):.0f} ms ({max(exact.probes[k:]) / exact.measured_ms:.1f}x "
-            f"the measured cost): {sum(not o.accepted for o in after)} of {len(after)} later "
-            "calls at 2-3x the cost were refused. The wall factor moves by FACTOR_WEIGHT (0.5) "
-            "on each answered call and not at all on a refusal, so with only `exact` traffic on "
-            "the model, once the estimate exceeds the budgets sent no call measures it again.")
+            f"the measured cost); {refused} of {len(after)} later calls at 2-3x the cost were "
+            "refused. The wall factor moves by FACTOR_WEIGHT (0.5) on each answered call and "
+            "not at all on a refusal")
+    if refused * 2 > len(after):
+        return text + (": with only `exact` traffic on the model, once the estimate exceeds "
+                       "the budgets sent, no call measures it again.")
+    return text + "; calls at larger budgets still answered brought it back down."
 
 
 def _find(first: dict[Scenario, First], model: str, method: str, default: bool,

@@ -661,7 +661,7 @@ WHY = """Mechanisms:
   background row per pair (the stochastic game): until the first sweep over the 100 rows is
   done its error is the spread of phi(x; z) across rows, so it needs ~100 pairs (~2d x 100
   model rows, the same rows shap uses for one pair) before it is at 5%, and every call also
-  pays its fixed cost (the least-answer column: ~1-1.5 ms in the server, ~1 ms of gRPC and
+  pays its fixed cost (the least-answer column: 1.5-3 ms in the server, 1-3 ms more at the
   client) and the response reserve (3 ms + 3% of the budget), so budgets under ~5-7 ms are
   refused. shap explains the 12-feature model at its first step in about a millisecond: below
   any call through the service.
@@ -680,6 +680,7 @@ WHY = """Mechanisms:
   12-feature MLP evaluates 64 / 256 / 1,024 rows in 21 / 21 / 42 us, and an Evaluator after 5
   such calls reports 53,000M / 213,000M / 685,000M rows/s (OnnxModel.measure: 23M). Plans made
   with that figure (the sampler's rounds, `auto`'s "exact when it fits half the budget",
-  admission's least cost) are wrong: `auto` then runs exact (409,401 model rows, ~25 ms) under
-  10 ms budgets on the 12-feature MLP (the *exact* calls in the adherence list above). Not
-  fixed here (explainers/ is not this benchmark's); reported to the integrator."""
+  admission's least cost) are wrong: `auto` then may run exact (409,401 model rows, ~25 ms)
+  under 10 ms budgets on the 12-feature MLP (the *exact* calls in the adherence list above,
+  when the figure was inflated in this run; the admission section shows the same figure's
+  swings). Not fixed here (explainers/ is not this benchmark's); reported to the integrator."""
