@@ -554,10 +554,10 @@ def _mechanism_table(results: list[Result]) -> list[str]:
              "the permutation pairs and the background rows visited; in process at the same "
              "budget, its model rows and pairs. *server rows/s* = what GetModel reports after "
              f"the curves. *least answer* = a permutation call capped at its least pairs "
-             f"({MIN_PAIRS}) with a 400 ms budget: client wall / server elapsed / model rows, "
-             "the fixed cost of a call. *shap at 5%* = the best shap explainer's model rows at "
-             "its time to 5% (its evaluations, interpolated on its ladder, x 100 background "
-             "rows; TreeExplainer: none).", "",
+             f"({MIN_PAIRS}) with a 400 ms budget: client wall / server elapsed / model rows "
+             "(their model ms), the fixed cost of a call. *shap at 5%* = the best shap "
+             "explainer's model rows at its time to 5% (its evaluations, interpolated on its "
+             "ladder, x 100 background rows; TreeExplainer: none).", "",
              "| model | budget ms | wall ms | server ms | model rows | model ms | pairs | rows "
              "visited | in process: model rows, pairs | least answer | shap at 5%: model rows "
              "| rows/s here | server rows/s |", "|" + "---|" * 13]
@@ -569,7 +569,8 @@ def _mechanism_table(results: list[Result]) -> list[str]:
             f"{_med(calls, 'server'):.1f} | {evals:,.0f} | {1e3 * evals / r.rate:.1f} | "
             f"{_med(calls, 'pairs'):.0f} | {_med(calls, 'visited'):.0f} | "
             f"{_med(local, 'evaluations'):,.0f}, {_med(local, 'pairs'):.0f} | "
-            f"{f['wall']:.1f} / {f['server']:.1f} / {f['evaluations']:,.0f} | "
+            f"{f['wall']:.1f} / {f['server']:.1f} / {f['evaluations']:,.0f} "
+            f"({1e3 * f['evaluations'] / r.rate:.2f}) | "
             f"{_shap_rows(r):,.0f} | {r.rate / 1e6:.1f}M | {r.server_rate / 1e6:,.1f}M |")
     return lines
 
