@@ -34,7 +34,7 @@ from explainers.errors import SidelightError
 from explainers.registry import build_registry
 from service.api.tensors import from_array
 from service.models.onnx_model import OnnxModel
-from service.plane.dataplane import reserve_s
+from service.plane.reserve import reserve_s
 from service.plane.targets import apply_scale
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc

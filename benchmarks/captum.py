@@ -60,16 +60,15 @@ QUICK_STEPS = (8, 50, 64)
 REPEATS, QUICK_REPEATS = 30, 3
 WHY = """Why the misses, and what the tables show (mechanisms):
 
-- *DeepLIFT and DeepSHAP on the digits CNN* (0.22 and 0.18 of the map's largest value): a
-  Sidelight defect, not a convention. DeepLIFT's rewritten graph computes each ReLU as
-  y0 + m (a - a0), equal to y only up to float32 rounding; where a 2x2 MaxPool window holds only
-  dead ReLUs (y = 0 in all four), that rounding (~1e-8) decides which element the MaxPool
-  routes the gradient to (at x: the first), and the multipliers there are not 0
-  (m = -y0 / (a - a0) when the reference's ReLU is active). Feeding x's own a and y as a0 and y0
-  (same multiplier m, so the same gradient, but forward values exact at x) makes both maps agree
-  with Captum within 4e-7 (a 2-line change in `GradientModel.reference_feeds`; verified with the
-  gradient tests; tests/test_captum_goldens.py keeps these two maps as strict xfails until then).
-  The text model has no MaxPool and agrees within 1.2e-6.
+- *DeepLIFT and DeepSHAP on the digits CNN* now agree with Captum within 1e-5 (tables above);
+  tests/test_captum_goldens.py checks both maps against the committed goldens, with no xfail.
+  They once missed (0.22 and 0.18 of the map's largest value) through a Sidelight defect:
+  DeepLIFT's rewritten graph computes each ReLU as y_c + m (a - a_c), and with the reference
+  as centre that equals y only up to float32 rounding; where a 2x2 MaxPool window holds only
+  dead ReLUs, the rounding decided which element the MaxPool routed the gradient to, and the
+  multipliers there are not 0 (m = -y0 / (a - a0) when the reference's ReLU is active).
+  `GradientModel.reference_feeds` now centres the rewrite at x's own a and y (the same m, so
+  the same gradient, and forward values exact at x). The text model has no MaxPool.
 - *Conventions (last table)*: Sidelight keeps MaxPool's gradient at x (the DeepLIFT authors'
   default "gradient" max-pool mode), so its DeepLIFT is not complete on the digits CNN. Captum
   as shipped computes the same on the twin, because its maxpool rule is skipped when a hooked

@@ -33,22 +33,48 @@ from explainers.gradients.backend import GradientModel, session
 from tests import gradient_models
 
 REPEATS = 30
-WHY = """Why the ratio is above 3 (onnxruntime's profiler on the adjoint sessions, one thread,
-measured once; kernel times, so shares rather than wall times):
+WHY = """What changed, lever by lever (explainers/gradients/tidy.py rewrites onnx-ad's adjoint
+before its session; every rewrite is exact, tests/test_gradient_tidy.py checks each against
+onnx-ad's own graph and finite differences). Ratios of the adjoint session alone, interleaved
+in one run, thread CPU time, load average 2.0-3.0 on 2 cores, before -> after:
 
-- *Convolutions*: the adjoint runs the forward pass again without the Conv+ReLU fusion and
-  blocked (NCHWc) layout of the plain session, and each Conv's input gradient is a
-  ConvTranspose, which onnxruntime runs about 1.6x slower than the Conv itself (ResNet-like, 32
-  rows: forward kernels 20.5 ms, adjoint 73 ms: ConvTranspose 32, Conv 18, a Div of 10 spreading
-  the global average pool's gradient over the feature maps, ReLU masks (Greater, Cast, Mul) 5,
-  layout reorders and Transposes 5). Rewriting the stride-1 ConvTransposes as Convs with flipped
-  kernels gave about 10% here and nothing on the digits CNN: not the main lever.
-- *MaxPool*: its gradient is a MaxPool with indices plus a ScatterND, together as costly as the
-  whole forward pass of the digits CNN (32 rows: forward 0.27 ms, adjoint 1.98 ms, of which
-  ConvTranspose 0.69 and MaxPool's gradient 0.69).
-- *One row*: onnx-ad's graph carries a trailing axis for the explained columns, so about 40
-  small nodes (Transpose, Reshape, Expand, MatMul, ScatterND) run around a 20-40 microsecond
-  forward pass; their fixed cost sets the ratio.
+- *Seed axis pinned* to the number of explained columns, then static shapes: dead weight
+  gradients dropped, Expand/Reshape/Identity aliases bypassed, Transposes that move only the
+  size-1 seed axis turned into Reshapes, reshape chains merged. Digits CNN 3.5 -> 2.4 (1 row),
+  4.0 -> 3.6 (32 rows); text model 3.1 -> 2.4, 3.0 -> 2.5; ResNet-like 3.8 -> 3.6. (A scalar
+  seed, the sum over rows of one column, was not needed and would not help: onnx-ad appends
+  the seed axis to every derivative tensor even for a scalar output, so pinning its extent is
+  what removes the nodes around it.)
+- *ReLU masks*: onnx-ad's Greater(a, 0) read the Conv output, which kept onnxruntime from
+  fusing Conv+ReLU; reading the ReLU's output instead gives the same mask and the fusion.
+  The adjoint session was already at ORT_ENABLE_ALL (blocked NCHWc Convs included), one
+  thread, like the plain session: the optimisation level was not the lever, this was.
+  Digits CNN 3.6 -> 3.4 at 32 rows, ResNet-like -0.05.
+- *Global average pool*: its gradient was spread over the feature maps, then divided; the
+  division now comes first, on the pooled tensor. ResNet-like 3.6 -> 3.1 (1 row), 3.8 -> 3.4.
+- *ConvTranspose -> Conv* with the flipped kernel (stride 1, at least 16 channels each way):
+  ResNet-like 3.1 -> 3.0, 3.4 -> 3.1. On the digits CNN (16 -> 8 and 8 -> 1 channels) the
+  blocked Conv is slower (3.4 -> 4.1), so narrow ones stay ConvTransposes.
+- *MaxPool* (windows that tile the input): MaxPool-with-indices plus ScatterND, both generic
+  kernels, became window arithmetic on the pooled maximum (first maximum kept, as the indices
+  do): the pool's gradient alone 177 -> 103 us at 32 rows, digits CNN 3.4 -> 3.05. Below 4,096
+  input elements (one digits row) its ~20 small nodes cost more, and the scatter stays.
+- *Python*: value_and_grad at a pinned batch size skips slicing and padding, and reshapes
+  instead of moving axes: 7-10 us less per call, most of it visible at one row.
+
+Why the ratio is still near or above 3:
+
+- *One row*: a 11-25 us forward pass against ~25-30 kernels in the adjoint (onnxruntime's
+  fixed cost per kernel is about a microsecond) plus what the backend does around the run
+  (feeds from flat rows, float64 results; for the text model the embedding lookup in numpy,
+  which the forward does inside onnxruntime).
+- *Digits CNN, 32 rows*: the MaxPool gradient still costs about the whole forward pass:
+  upsampling to the window (MatMul by a 0/1 matrix, Concat) and the masks (Equal, Cast, Mul)
+  run in onnxruntime's plain element-wise kernels; Expand, Resize and DepthToSpace, tried for
+  the upsampling, were slower still. Its ConvTransposes stay slower than the forward's Convs.
+- *ResNet-like*: at the target within the noise of this shared machine; what remains is the
+  ReLU masks (Greater, Cast, Mul over every feature map) and the ConvTransposes of the strided
+  projection and of the 3-channel stem.
 """
 
 

@@ -148,15 +148,19 @@ WHY = """Why the misses (mechanisms; the figures vary by a few tenths between ru
 machine, the tables below are this run's):
 
 - *Images and text against one baseline row (~3-8x, not 10x)*: a coalition costs one model row
-  for both libraries (~2.5 µs on the CNN), and shap's PermutationExplainer is the same estimator
-  as Sidelight's sampler (antithetic permutations of the same game). Sidelight's lead is the
-  cost around each evaluation (shap builds every masked row through a Python masker call per
-  permutation and re-evaluates both end coalitions), and, at 16 groups and on the texts (at most
-  12 tokens), exact enumeration (65,536 rows at most, ~0.2 s on the CNN) where sampling would
-  cost more. 10x at 5% would need fewer evaluations per unit of error on single-baseline games,
-  i.e. another estimator (regression-adjusted sampling, say), not less overhead. At 64 patches
-  paired KernelSHAP is 1.7-2.8x faster than the permutation sampler that `auto` uses above 16
-  groups.
+  for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples antithetic
+  permutations, Sidelight `auto` (against one row) paired KernelSHAP with the size-1 pairs
+  enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost around each
+  evaluation. A regression adjustment (boosted trees over the coalitions, cross-fitted, their
+  Shapley values exact: Witter, Liu & Musco 2025; explainers/shapley/surrogate.py) cut the
+  kernel fit's error 2-3.5x at equal evaluations on 11-13 live patches and on the texts (so
+  4-10x fewer evaluations to 5%), with 95% intervals covering 95-97%; but fitting the trees
+  costs 4-25 ms of CPU per fold, more than the 1-5 ms of model time it saves on these fast
+  models (measured: 16 patches 8.8 -> 15 ms to 5%, texts 3.3 -> 8.4 ms). It is therefore used
+  only when it costs at most half the model time spent (a model slower than ~50k rows/s), not
+  here. 10x at 5% on these models would need the same reduction in evaluations from a
+  surrogate fitted in well under a millisecond. At 64 patches (32-36 live) the trees cut the
+  error only 5-25%.
 - *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per antithetic
   pair while shap evaluates every coalition on all 100 rows, so the lead is largest at 1%
   (~15-20x). At 5% the better shap is its Partition explainer, whose Owen values over the groups

@@ -361,10 +361,12 @@ READING = (
     "out of time is answered with its rows NOT_REACHED, never refused late. Wall time beyond "
     "the server's own elapsed time is spent outside the estimators: gRPC, decoding and the "
     "response in a server whose threads share one interpreter lock, and the client threads on "
-    "the same 2 cores. The reserve kept for it (3 ms + 3% of the budget, more when more calls "
-    "run than there are cores) covers it for one client, not its tail with more clients than "
-    "cores (the 4-client and overload rows); admission counts the estimators' least work on "
-    "the cores, not that serialised per-call work.")
+    "the same 2 cores. The reserve kept for it is measured per load level and budget band "
+    "(service/plane/reserve.py: the 99th percentile of the last calls' overshoot and response "
+    "time, plus an allowance of 1.5 ms + 1.5% for the transport and the client, never below the"
+    " one-call prior of 3 ms + 3%), so admission sheds a call on arrival when the measured tail"
+    " leaves too little of its budget; what the server cannot see (the client threads and "
+    "gRPC's transport on the same 2 cores) is the allowance's guess.")
 
 
 def run(quick: bool) -> str:

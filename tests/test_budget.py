@@ -16,7 +16,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.api.server import Sidelight, start
 from service.api.tensors import from_array
-from service.plane.dataplane import load_reserve_s, reserve_s, usable_cores
+from service.plane.dataplane import usable_cores
+from service.plane.reserve import (
+    MIN_SAMPLES,
+    TRANSPORT_S,
+    TRANSPORT_SHARE,
+    WINDOW,
+    Reserve,
+    load_reserve_s,
+    reserve_s,
+)
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 from tests.conftest import settings_for
@@ -134,6 +143,51 @@ def test_reserves_leave_room_for_the_response_and_grow_with_load() -> None:
     light, heavy = load_reserve_s(0.1, 4, cores=2.0), load_reserve_s(0.1, 8, cores=2.0)
     assert 0 < light < heavy <= 0.5 * 0.1
     assert load_reserve_s(0.01, 1000, cores=2.0) <= 0.5 * 0.01
+
+
+def test_the_reserve_is_measured_once_a_load_level_has_samples() -> None:
+    """The prior until MIN_SAMPLES calls at a level and budget band; then the measured
+    overshoot and post time plus the transport allowance, never below the one-call prior;
+    levels and bands apart (a tiny budget's overshoot does not widen a large one's reserve);
+    a bounded window, so a load that has passed is forgotten."""
+    r = Reserve(cores=2.0)
+    assert r.level(0) == 0 and r.level(2) == 1 and r.level(3) == 2 and r.level(10**6) == 8
+    assert r.seconds(0.1, 1, in_flight=1) == pytest.approx(reserve_s(0.1, 1))
+    for _ in range(MIN_SAMPLES):
+        r.observe(1, 0.2, overshoot_s=0.02, post_s=0.004)
+        r.observe(1, 0.005, overshoot_s=0.05, post_s=0.0)  # a tiny budget, far over
+    measured = TRANSPORT_S + TRANSPORT_SHARE * 0.2 + 0.0002 + 0.02 + 0.004
+    assert r.seconds(0.2, 1, in_flight=2) == pytest.approx(measured)
+    assert r.seconds(0.2, 1, in_flight=4) > reserve_s(0.2, 1)  # level 2: still the prior
+    assert r.seconds(0.05, 1, in_flight=2) < 0.02  # another band: still the prior
+    for _ in range(WINDOW):
+        r.observe(1, 0.2, overshoot_s=-0.002, post_s=0.001)  # finished early: no overshoot
+    assert r.seconds(0.2, 1, in_flight=2) == pytest.approx(reserve_s(0.2, 1))  # the floor
+    assert r.samples(1, 0.2) == WINDOW
+
+
+def test_a_measured_tail_too_long_for_the_budget_sheds_on_arrival(slow_app: Sidelight) -> None:
+    """Every computed call feeds the reserve; once the calls at a load level are measured to
+    need 60 ms after their estimators, a 50 ms budget cannot be met and is refused at once,
+    while a 99 ms budget (the same band) is answered in the 35 ms left."""
+    plane = slow_app.data_plane()
+    before = plane.reserve.samples(1, 0.05)
+    explain(slow_app, "slow", method="permutation", budget_ms=50, seed=4)
+    assert plane.reserve.samples(1, 0.05) == before + 1
+    plane.reserve = Reserve(plane.reserve.cores)
+    try:
+        for _ in range(MIN_SAMPLES):
+            plane.reserve.observe(1, 0.05, overshoot_s=0.0, post_s=0.06)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            explain(slow_app, "slow", method="permutation", budget_ms=50, seed=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "budget_ms" in err.value.details()
+        assert time.monotonic() - start < 0.04
+        ok = explain(slow_app, "slow", method="permutation", budget_ms=99, seed=3)
+        assert ok.cost.elapsed_ms <= 99 - 60
+    finally:
+        plane.reserve = Reserve(plane.reserve.cores)
 
 
 def test_usable_cores_follow_a_cgroup_quota(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from onnx import helper
 
 from explainers.base import Array
 from explainers.errors import FailedPrecondition, InvalidArgument
-from explainers.gradients import graphs
+from explainers.gradients import graphs, tidy
 
 Feeds = Callable[[Array], dict[str, Array]]
 """Flat rows (rows, elements) -> onnxruntime feeds, every model input in its dtype and shape
@@ -155,7 +155,13 @@ class _Adjoint:
                                                                       shapes))))
             adjoint = onnx_ad.reverse(pinned, inputs=names, outputs=[target.tensor],
                                       prefix=PREFIX, layout="onnx")
-            self.session = session(adjoint)
+            tidied = _tidy_session(adjoint, target, names)
+            self.tidied = tidied is not None  # else onnx-ad's graph as it came
+            if tidied is None:
+                self.session = session(adjoint)
+            else:
+                self.session, adjoint = tidied
+            self.ops = tuple(tidy.ops(adjoint))  # the op types the session was given
         except onnx_ad.UnsupportedOperator as exc:
             raise Refused(f"onnx-ad refused the graph: {exc}") from exc
         except Exception as exc:  # onnx-ad is alpha: whatever it or the runtime raises on
@@ -163,19 +169,38 @@ class _Adjoint:
             raise Refused(f"onnx-ad failed on the graph: {type(exc).__name__}: {exc}") from exc
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [target.tensor, *(PREFIX + n for n in names)]
+        self.seed_name = PREFIX + target.tensor
         self.seed = _seed(target, parts, batch)  # (batch, *target shape, columns)
         self.columns = target.columns
+        self._picks = np.array(target.columns, np.intp)
         self.nbytes = int(adjoint.ByteSize())
         self.seconds = time.perf_counter() - start
 
     def run(self, feeds: dict[str, Array]) -> tuple[Array, Array]:
         """Target values (batch, columns) and gradients (batch, columns, p)."""
         given = {k: v for k, v in feeds.items() if k in self.inputs}
-        given[PREFIX + self.outputs[0]] = self.seed
+        given[self.seed_name] = self.seed
         value, *grads = self.session.run(self.outputs, given)
         rows, k = value.shape[0], len(self.columns)
-        flat = [np.moveaxis(g, -1, 1).reshape(rows, k, -1) for g in grads]  # (rows, k, size)
-        return _columns(value, self.columns), np.concatenate(flat, axis=2).astype(np.float64)
+        # (rows, *shape, k) -> (rows, k, size): a plain reshape when k is 1 (no copy)
+        flat = [g.reshape(rows, 1, -1) if k == 1 else
+                g.reshape(rows, -1, k).transpose(0, 2, 1) for g in grads]
+        grad = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=2)
+        return (value.reshape(rows, -1)[:, self._picks].astype(np.float64),
+                grad.astype(np.float64))
+
+
+def _tidy_session(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]
+                  ) -> tuple[ort.InferenceSession, onnx.ModelProto] | None:
+    """A session on the adjoint after tidy's exact rewrites (seed axis pinned to the explained
+    columns); None when tidying or its session fails, and onnx-ad's own graph is run (the
+    rewrites are an optimisation only)."""
+    try:
+        tidied = tidy.tidy(adjoint, PREFIX + target.tensor, [PREFIX + n for n in names],
+                           len(target.columns))
+        return session(tidied), tidied
+    except Exception:  # shape inference, the reference evaluator or onnxruntime refusing
+        return None
 
 
 def _seed(target: Target, parts: Prepared, batch: int) -> Array:
@@ -362,8 +387,11 @@ class GradientModel:
         feeds = {**self.feeds(X, P), **(references or {})}
         if self.engine == ENGINE_FD:
             return self._finite_differences(feeds)
+        rows = X.shape[0]
+        if rows in self.batches:  # one call at a pinned size: no slicing or padding
+            return self._adjoint(rows).run(feeds)
         values, grads = [], []
-        for start, stop, batch in _chunks(X.shape[0], self.batches):
+        for start, stop, batch in _chunks(rows, self.batches):
             v, g = self._adjoint(batch).run(_padded(_slice(feeds, start, stop), batch))
             values.append(v[:stop - start])
             grads.append(g[:stop - start])

@@ -111,7 +111,10 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         def explain() -> pb.ExplainResponse:
             plane = self._plane()
             query = to_query(request, context, message_limit(plane.settings))
-            return to_response(plane.explain(query, control_of(context)))
+            control = control_of(context)
+            response = to_response(plane.explain(query, control))
+            plane.responded(control)
+            return response
         return call(context, "Explain", explain)
 
     def ListModels(self, request: pb.ListModelsRequest,

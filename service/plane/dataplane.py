@@ -66,6 +66,7 @@ from service.plane.requests import (
     check_name,
     check_upload,
 )
+from service.plane.reserve import Reserve, Tail
 from service.plane.rows import (
     RowJob,
     explain_grouped,
@@ -201,6 +202,7 @@ class DataPlane:
         self._cores = usable_cores()
         self.cores = Cores(max(1, round(self._cores)))
         self.admission = Admission(self.cores.n)
+        self.reserve = Reserve(self._cores)
         self.drift = DriftMonitors(DriftSettings(settings.drift_window_seconds,
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
@@ -679,11 +681,18 @@ class DataPlane:
         return Choice(lookup(self.registry, name), p.target)
 
     def _deadline(self, p: Prepared) -> float:
-        """When the estimators must stop: the budget less the response's reserve, less more
-        when more explanations run than there are cores."""
-        deadline = p.start + p.budget_s - reserve_s(p.budget_s, p.X.shape[0])
-        return deadline - load_reserve_s(deadline - time.monotonic(), self._in_flight,
-                                         self._cores)
+        """When the estimators must stop: the budget less the reserve measured for what
+        follows them at this load (service/plane/reserve.py); fixed once admitted."""
+        if p.control is not None and p.control.tail is not None:
+            return p.control.tail.stop_at
+        return p.start + p.budget_s - self.reserve.seconds(p.budget_s, p.X.shape[0],
+                                                           self._in_flight)
+
+    def responded(self, control: Control) -> None:
+        """The call's response is built: how far its estimators overran and how long the
+        response took after them are measured for the reserve of the calls that follow."""
+        if control.tail is not None:
+            control.tail.observe(self.reserve)
 
     def choose(self, method: str, model: LoadedModel, target: Target, background: Background,
                background_sha: str, rows: int, seconds: float) -> Choice:
@@ -809,11 +818,14 @@ class DataPlane:
         method's own refusal comes on arrival), say which rows were not reached."""
         assert p.control is not None
         ticket = self._admit_work(p)
+        p.control.tail = Tail(self.reserve.level(self._in_flight), p.budget_s, p.X.shape[0],
+                              ticket.deadline)
         try:
             with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
         finally:
             self.admission.done(ticket)
+        p.control.tail.computed_at = time.monotonic()
         missing = p.X.shape[0] - len(result.rows)
         if not missing:
             return result
@@ -1004,20 +1016,6 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
     except (OSError, ValueError):
         return cores
     return cores if quota == "max" else max(1.0, min(cores, int(quota) / int(period)))
-
-
-def load_reserve_s(remaining_s: float, in_flight: int, cores: float) -> float:
-    """Extra time kept back when more explanations run than there are cores: everything after
-    the estimators (response, gRPC) then runs proportionally slower too."""
-    load = in_flight / max(1.0, cores)
-    return max(0.0, min(0.4 * remaining_s, (load - 1) * (0.0025 + 0.02 * remaining_s)))
-
-
-def reserve_s(budget_s: float, rows: int) -> float:
-    """Time kept back from the estimators for what follows them: metrics, the response and
-    gRPC's two trips through Python, about 1.5-2 ms per call here, p99 ~4 ms on a busy machine
-    (docs/benchmarks.md)."""
-    return min(0.6 * budget_s, 0.003 + 0.03 * budget_s + 0.0002 * rows)
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,12 @@ from explainers.layers.graph import Exposed, check_names
 from explainers.memory import ByteLru
 from service.models.inputs import Layout
 from service.plane.admission import FIXED_S
-from service.plane.dataplane import DataPlane, reserve_s
+from service.plane.dataplane import DataPlane
 from service.plane.grouping import GroupRequest
 from service.plane.live import LiveImportance, LiveResult
 from service.plane.players import resolve_players
 from service.plane.requests import ExplainQuery, assemble, check_name
+from service.plane.reserve import reserve_s
 from service.plane.rows import CHUNK_BYTES
 from service.plane.scheduler import Control
 from service.plane.targets import Target, resolve_target, target_fn

@@ -46,8 +46,9 @@ from service.models.inputs import NUMPY, Layout
 from service.models.repository import LoadedModel
 from service.monitoring.metrics import UNKNOWN
 from service.plane.admission import FIXED_S
-from service.plane.dataplane import DataPlane, reserve_s
+from service.plane.dataplane import DataPlane
 from service.plane.requests import ExplainQuery, assemble
+from service.plane.reserve import reserve_s
 from service.plane.scheduler import Control
 from service.plane.targets import resolve_target
 from service.store.backgrounds import DEFAULT_NAME

@@ -25,13 +25,15 @@ import threading
 import time
 
 from explainers.errors import Cancelled
+from service.plane.reserve import Tail
 
 SLICE_S = 0.005  # a call computes at most this long while others wait, then takes its turn
 Rank = tuple[bool, float]  # (least answer done, deadline): smaller computes first
 
 
 class Control:
-    """One call's deadline, least work and cancellation, checked at its yield points."""
+    """One call's deadline, least work and cancellation, checked at its yield points, and
+    the times its measured reserve needs."""
 
     def __init__(self, deadline: float, cores: Cores | None = None) -> None:
         self.deadline, self.cores = deadline, cores
@@ -42,6 +44,7 @@ class Control:
         self.since = 0.0  # time.monotonic() when it last took a core
         self.ran_s = 0.0  # seconds it has held a core, before the current stretch
         self.waited_s = 0.0  # seconds it has waited in the queue for a core
+        self.tail: Tail | None = None  # its admitted plan, measured for the reserve
 
     def cancel(self, reason: str = "the call was cancelled") -> None:
         self.reason = self.reason or reason

@@ -1,0 +1,158 @@
+"""tidy's rewrites of onnx-ad's adjoints against onnx-ad's own graph (the same numbers) and
+against central finite differences: the MaxPool rewrite with ties, the ConvTranspose -> Conv
+rewrite, several explained columns at once, and the seed-axis clean-ups."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.gradients import resnet
+from explainers.base import Array
+from explainers.gradients import backend, tidy
+from explainers.gradients.backend import GradientModel
+from tests import gradient_models as models
+
+
+def untidied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GradientModels built from now on run onnx-ad's graph as it comes (until undo)."""
+    monkeypatch.setattr(tidy, "tidy", lambda adjoint, *args: adjoint)
+
+
+def _pool_model(side: int = 8, channels: int = 4, classes: int = 3) -> onnx.ModelProto:
+    """float64 image -> MaxPool 2x2 stride 2 -> Flatten -> Gemm: the pool reads the input, so
+    ties in the input are ties in the windows."""
+    rng = np.random.default_rng(5)
+    flat = channels * (side // 2) ** 2
+    nodes = [helper.make_node("MaxPool", ["image"], ["pool"], kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "pool", [helper.make_tensor_value_info("image", TensorProto.DOUBLE,
+                                                      ["N", channels, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.DOUBLE, ["N", classes])],
+        [numpy_helper.from_array(rng.normal(size=(classes, flat)), "w"),
+         numpy_helper.from_array(rng.normal(size=classes), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _build(model: onnx.ModelProto, shape: tuple[int, ...], dtype: type, output: str,
+           columns: list[int], batches: tuple[int, ...] = (1, 32)) -> GradientModel:
+    feeds = models.feeds_for("image", shape, dtype)
+    return GradientModel.build(model, feeds, int(np.prod(shape)), output, columns,
+                               batches=batches)
+
+
+def _adjoint_ops(gm: GradientModel, batch: int) -> list[str]:
+    """The op types the batch's adjoint session was given; tidied, unless tidy is patched."""
+    adjoint = gm._adjoint(batch)
+    assert adjoint.tidied or tidy.tidy.__name__ == "<lambda>"
+    return list(adjoint.ops)
+
+
+def _central(model: onnx.ModelProto, X: Array, shape: tuple[int, ...], h: float) -> Array:
+    """(rows, classes, elements) central differences of the logits, plain session."""
+    run = backend.session(model)
+
+    def f(Z: Array) -> Array:
+        return np.asarray(run.run(["logits"], {"image": Z.reshape(-1, *shape)})[0])
+    cols = []
+    for j in range(X.shape[1]):
+        up, down = X.copy(), X.copy()
+        up[:, j] += h
+        down[:, j] -= h
+        cols.append((f(up) - f(down)) / (2 * h))
+    return np.stack(cols, axis=2)
+
+
+def test_maxpool_rewrite_equals_the_scatter_and_finite_differences(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows with exact ties (integer pixels): the rewrite gives onnx-ad's numbers exactly
+    (the first maximum takes the gradient); jittered pixels: central differences."""
+    model, shape = _pool_model(), (4, 8, 8)
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 3, size=(32, 256)).astype(np.float64)  # many tied windows
+    untidied(monkeypatch)
+    reference = _build(model, shape, np.float64, "logits", [0, 1, 2]).value_and_grad(ties)
+    monkeypatch.undo()
+    monkeypatch.setattr(tidy, "MAXPOOL_MIN", 0)
+    for column in range(3):
+        gm = _build(model, shape, np.float64, "logits", [column])
+        assert "ScatterND" not in _adjoint_ops(gm, 32)
+        values, grads = gm.value_and_grad(ties)
+        np.testing.assert_array_equal(values[:, 0], reference[0][:, column])
+        np.testing.assert_array_equal(grads[:, 0], reference[1][:, column])
+        assert np.count_nonzero(grads[0, 0]) == 64  # one element per window
+    X = rng.normal(size=(32, 256))
+    _, grads = _build(model, shape, np.float64, "logits", [1]).value_and_grad(X)
+    np.testing.assert_allclose(grads[:, 0], _central(model, X, shape, 1e-6)[:, 1], atol=1e-7)
+
+
+def test_maxpool_rewrite_keeps_the_general_path_for_overlapping_pools(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3x3 window at stride 2 overlaps: the scatter stays."""
+    monkeypatch.setattr(tidy, "MAXPOOL_MIN", 0)
+    model = _pool_model()
+    for node in model.graph.node:
+        if node.op_type == "MaxPool":
+            node.CopyFrom(helper.make_node("MaxPool", ["image"], ["pool"], kernel_shape=[3, 3],
+                                           strides=[2, 2], pads=[1, 1, 1, 1]))
+    gm = _build(model, (4, 8, 8), np.float64, "logits", [0])
+    assert "ScatterND" in _adjoint_ops(gm, 32)
+    X = np.random.default_rng(3).normal(size=(4, 256))
+    _, grads = gm.value_and_grad(X)
+    np.testing.assert_allclose(grads[:, 0], _central(model, X, (4, 8, 8), 1e-6)[:, 0],
+                               atol=1e-7)
+
+
+def test_tidied_cnn_equals_onnx_ad_with_relu_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 CNN (ReLU then MaxPool: tied zeros in dead windows), 32 rows: tidy's graph
+    (ReLU masks on the ReLU output, the MaxPool rewrite at this size) gives onnx-ad's
+    gradients, and runs fewer nodes."""
+    model, shape = models.cnn(channels=8, side=16), (1, 16, 16)
+    X = np.random.default_rng(4).normal(size=(32, 256))
+    X[:, :128] = 0  # flat regions: tied activations
+    untidied(monkeypatch)
+    reference = _build(model, shape, np.float32, "probabilities", [0, 1, 2]).value_and_grad(X)
+    plain = len(_adjoint_ops(_build(model, shape, np.float32, "probabilities", [1]), 32))
+    monkeypatch.undo()
+    gm = GradientModel.build(model, models.feeds_for("image", shape, np.float32), 256,
+                             "probabilities", [1])
+    assert len(_adjoint_ops(gm, 32)) < plain
+    values, grads = gm.value_and_grad(X)
+    np.testing.assert_allclose(values[:, 0], reference[0][:, 1], rtol=1e-6)
+    np.testing.assert_allclose(grads[:, 0], reference[1][:, 1], atol=1e-6 * np.abs(
+        reference[1]).max())
+
+
+def test_transposed_convs_become_convs_with_the_same_gradients(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ResNet-like CNN (16 and 32 channels): no ConvTranspose left where both channel
+    counts reach CONV_MIN, gradients equal to onnx-ad's graph to float32 rounding."""
+    model = resnet(side=8)
+    X = np.random.default_rng(6).normal(size=(3, 192))
+    shape = (3, 8, 8)
+    untidied(monkeypatch)
+    reference = _build(model, shape, np.float32, "probabilities", [2]).value_and_grad(X)
+    monkeypatch.undo()
+    gm = _build(model, shape, np.float32, "probabilities", [2])
+    ops = _adjoint_ops(gm, 1)
+    assert ops.count("ConvTranspose") == 2  # onto the 3 input channels, and the strided one
+    values, grads = gm.value_and_grad(X)
+    np.testing.assert_allclose(values, reference[0], rtol=1e-6)
+    np.testing.assert_allclose(grads, reference[1], atol=1e-5 * np.abs(reference[1]).max())
+
+
+def test_columns_together_equal_columns_one_at_a_time() -> None:
+    """The seed axis pinned to 3 columns, and to 1: the same gradients per column."""
+    model, shape = models.cnn(), (1, 8, 8)
+    X = np.random.default_rng(7).normal(size=(5, 64))
+    _, together = _build(model, shape, np.float32, "probabilities", [0, 1, 2]
+                         ).value_and_grad(X)
+    for column in range(3):
+        _, alone = _build(model, shape, np.float32, "probabilities", [column]
+                          ).value_and_grad(X)
+        np.testing.assert_allclose(alone[:, 0], together[:, column], rtol=1e-5, atol=1e-7)
