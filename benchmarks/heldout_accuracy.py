@@ -53,7 +53,7 @@ from explainers.shapley.exact import ExactShapley
 from explainers.shapley.permutation import MIN_PAIRS
 from service.api.tensors import from_array
 from service.models.onnx_model import OnnxModel
-from service.plane.dataplane import reserve_s
+from service.plane.reserve import reserve_s
 from sidelight.v1 import explainer_pb2 as pb
 from sidelight.v1 import explainer_pb2_grpc as pb_grpc
 
