@@ -30,7 +30,7 @@ import shutil
 import statistics
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,6 +196,13 @@ class Log:
     refused: dict[tuple[str, float], int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[tuple[str, float], list[dict[str, float]]] = field(
         default_factory=lambda: defaultdict(list))
+    reasons: Counter[str] = field(default_factory=Counter)  # refusals through gRPC, by reason
+
+    def refuse(self, label: str, budget_ms: int, reason: str) -> None:
+        self.refused[(label, budget_ms)] += 1
+        if label.endswith("gRPC"):
+            why = re.sub(r"[\d.]+", "N", reason)[:110]
+            self.reasons[f"{why}\" at {budget_ms} ms"] += 1
 
 
 @dataclass
@@ -280,12 +287,12 @@ def _grpc(stub: pb_grpc.ExplainerStub, t: Target, method: str, index: dict[bytes
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-            log.refused[(label, budget_ms)] += 1
+            log.refuse(label, budget_ms, err.details() or "RESOURCE_EXHAUSTED")
             return np.zeros(x.size)
         wall = 1e3 * (time.perf_counter() - start)
         row = r.rows[0]
         if row.status not in ("", "OK"):
-            log.refused[(label, budget_ms)] += 1
+            log.refuse(label, budget_ms, f"{row.status}: {row.status_detail}")
             return np.zeros(x.size)
         log.calls[(label, budget_ms)].append(dict(
             wall=wall, server=r.cost.elapsed_ms, evaluations=row.model_evaluations,
@@ -320,8 +327,8 @@ def _local(model: OnnxModel, t: Target, method: str, index: dict[bytes, int],
             try:
                 e = estimator.explain(ev, x, backgrounds[c], Budget.of_seconds(seconds),
                                       np.random.default_rng(seed + 1))
-            except SidelightError:
-                log.refused[(label, budget_ms)] += 1
+            except SidelightError as err:
+                log.refuse(label, budget_ms, str(err))
                 return np.zeros(x.size)
         log.calls[(label, budget_ms)].append(dict(
             evaluations=e.evaluations, pairs=e.samples,
@@ -649,6 +656,12 @@ def _why(results: list[Result]) -> str:
             cells.append(f"`{m}` {len(over)} of {answered}"
                          + (f" (exact: {', '.join(exact[:4])})" if exact else ""))
         lines.append(f"- {r.target.label}: {'; '.join(cells)}.")
+    lines += ["", "Refusals through gRPC, by reason (numbers in it as N) and budget, all models "
+              "(NOT_REACHED: accepted, then no answer for the one row):", ""]
+    reasons = Counter[str]()
+    for r in results:
+        reasons.update(r.log.reasons)
+    lines += [f"- {n} x \"{why}" for why, n in reasons.most_common(10)]
     return "\n".join([*lines, "", WHY])
 
 
