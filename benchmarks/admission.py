@@ -543,9 +543,10 @@ def _fit_bullet(first: dict[Scenario, First], fit: dict[str, float]) -> str:
     soon = [o for f in _find(first, "lightgbm_defaults", "tree", True, False) for o in f.first]
     served = [o.wall_ms / o.budget_ms for o in default if o.accepted]
     return (f"- *`tree` and the upload's fit.* PutBackground fits the tables for the model's "
-            "*default* target (here the margin of both columns) in a server thread. A request "
-            "for another target (the logit of class 1, the usual way to ask for a binary "
-            "classifier's log-odds) is served by another TreeShap, which finds no fit: "
+            "*default* target (here the logit of both columns) in a server thread. A request "
+            "for another target, even the same scale on one of its columns (the logit of "
+            "class 1, the usual way to ask for a binary classifier's log-odds), is served by "
+            "another TreeShap, keyed by its columns, which finds no fit: "
             f"{sum(not o.accepted for o in other)} of {len(other)} such first calls "
             f"{FIT_WAIT_S:g} s after the upload were refused (RESOURCE_EXHAUSTED, up front, as "
             "the README says; each refusal starts a fit for the next request). With the "
@@ -592,8 +593,9 @@ def _carry_bullet(carry: dict[str, list[Outcome]]) -> str:
             f"{sum(o.accepted for o in before)} of {len(before)} times before the LightGBM "
             f"calls that overran while a fit ran, and {len(after) - len(refused)} of "
             f"{len(after)} after them ({_reason(after)}): one model's overruns take the "
-            "band's budgets away from every model until 256 newer calls of that band have "
-            "been measured, and refused calls are not measured.")
+            "band's budgets away from every model, and the band stays closed at that load "
+            "level: its calls are refused before they compute, so nothing new enters the "
+            "window, and no sample ages out by time.")
 
 
 RATE = """The rows/s swings because `Evaluator._timed`
