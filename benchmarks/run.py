@@ -20,7 +20,9 @@ from pathlib import Path
 
 SECTIONS = ("shapley", "overhead", "calibration", "trees", "trees_deep", "store",
             "metrics_overhead", "memory", "fuzz", "load", "gradients", "captum", "batch", "groups",
-            "global_views")
+            "global_views",
+            "heldout_accuracy",
+            "admission")
 OPTIONAL = {"captum": "the `captum` extra (torch, captum)"}  # sections skipped without it
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
