@@ -18,6 +18,7 @@ from service.api.server import Sidelight, start
 from service.api.tensors import from_array
 from service.plane.dataplane import usable_cores
 from service.plane.reserve import (
+    HORIZON_S,
     MIN_SAMPLES,
     TRANSPORT_S,
     TRANSPORT_SHARE,
@@ -164,6 +165,19 @@ def test_the_reserve_is_measured_once_a_load_level_has_samples() -> None:
         r.observe(1, 0.2, overshoot_s=-0.002, post_s=0.001)  # finished early: no overshoot
     assert r.seconds(0.2, 1, in_flight=2) == pytest.approx(reserve_s(0.2, 1))  # the floor
     assert r.samples(1, 0.2) == WINDOW
+
+
+def test_the_reserve_forgets_tails_past_its_horizon() -> None:
+    """A refused call measures nothing, so a cell closed by a burst of overruns reopens (to
+    the prior) once the burst is older than HORIZON_S."""
+    now = [100.0]
+    r = Reserve(cores=2.0, clock=lambda: now[0])
+    for _ in range(MIN_SAMPLES):
+        r.observe(1, 0.02, overshoot_s=0.0, post_s=0.05)
+    assert r.seconds(0.02, 1, in_flight=2) > 0.05
+    now[0] += HORIZON_S + 1
+    assert r.samples(1, 0.02) == 0
+    assert r.seconds(0.02, 1, in_flight=2) == pytest.approx(reserve_s(0.02, 1))
 
 
 def test_a_measured_tail_too_long_for_the_budget_sheds_on_arrival(slow_app: Sidelight) -> None:

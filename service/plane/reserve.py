@@ -9,9 +9,9 @@ and encoding, serialised on one interpreter lock). Both grow with the calls in f
 are kept per load level (calls in flight per core, rounded up) and budget band in bounded
 windows, and a call's reserve is the sum of their high quantiles plus an allowance for what the
 server cannot see (the transport and the client), never less than the one-call prior. Until a
-cell has enough samples the assumed prior (with its load term) holds. Admission plans with the
-same deadline, so when the measured tail leaves too little of a budget the call is shed on
-arrival instead of answered late.
+cell has enough samples of the last HORIZON_S the assumed prior (with its load term) holds.
+Admission plans with the same deadline, so when the measured tail leaves too little of a budget
+the call is shed on arrival instead of answered late.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-WINDOW = 256  # tails kept per load level (bounded: 8 levels x 256 floats)
+WINDOW = 256  # tails kept per load level and band (bounded: 54 cells x 256 pairs)
+HORIZON_S = 30.0  # older tails are forgotten: a refused call measures nothing, so a cell
+# closed by a burst of overruns must reopen (to the prior) once the burst has passed
 MIN_SAMPLES = 32  # below this a level uses the prior
 QUANTILE = 99.0  # the reserve covers this percentile of the measured tails
 MAX_LEVEL = 8  # calls in flight per core beyond this share one level
@@ -71,11 +74,11 @@ class Reserve:
     """Measured overshoot and post times per load level and budget band, and the reserve
     they imply."""
 
-    def __init__(self, cores: float) -> None:
-        self.cores = max(1.0, cores)
+    def __init__(self, cores: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cores, self.clock = max(1.0, cores), clock
         cells = (MAX_LEVEL + 1) * (len(BANDS_S) + 1)
-        self._over = [deque[float](maxlen=WINDOW) for _ in range(cells)]  # seconds
-        self._post = [deque[float](maxlen=WINDOW) for _ in range(cells)]  # seconds
+        # (time.monotonic(), overshoot s, post s) per cell
+        self._tails = [deque[tuple[float, float, float]](maxlen=WINDOW) for _ in range(cells)]
         self._lock = threading.Lock()
 
     def level(self, in_flight: int) -> int:
@@ -96,19 +99,17 @@ class Reserve:
         return max(prior, unseen + over + post)
 
     def measured(self, level: int, budget_s: float) -> tuple[float, float] | None:
-        """(overshoot, post) quantiles in seconds at this level and budget band, or None
-        below MIN_SAMPLES."""
-        k = self._cell(level, budget_s)
-        with self._lock:
-            over, post = list(self._over[k]), list(self._post[k])
-        if len(post) < MIN_SAMPLES:
+        """(overshoot, post) quantiles in seconds over this level and budget band's tails of
+        the last HORIZON_S, or None below MIN_SAMPLES."""
+        recent = self._recent(self._cell(level, budget_s))
+        if len(recent) < MIN_SAMPLES:
             return None
-        return float(np.percentile(over, QUANTILE)), float(np.percentile(post, QUANTILE))
+        over, post = np.percentile(np.array(recent)[:, 1:], QUANTILE, axis=0)  # (2,)
+        return float(over), float(post)
 
     def samples(self, level: int, budget_s: float) -> int:
-        """Calls measured at this level and budget band (at most WINDOW are kept)."""
-        with self._lock:
-            return len(self._post[self._cell(level, budget_s)])
+        """Calls measured at this level and budget band within the horizon."""
+        return len(self._recent(self._cell(level, budget_s)))
 
     def observe(self, level: int, budget_s: float, overshoot_s: float, post_s: float) -> None:
         """One call: how far past its deadline its estimators ran, and how long its response
@@ -116,8 +117,13 @@ class Reserve:
         if math.isfinite(budget_s) and math.isfinite(overshoot_s) and math.isfinite(post_s):
             k = self._cell(level, budget_s)
             with self._lock:
-                self._over[k].append(max(0.0, overshoot_s))
-                self._post[k].append(max(0.0, post_s))
+                self._tails[k].append((self.clock(), max(0.0, overshoot_s),
+                                       max(0.0, post_s)))
+
+    def _recent(self, k: int) -> list[tuple[float, float, float]]:
+        since = self.clock() - HORIZON_S
+        with self._lock:
+            return [t for t in self._tails[k] if t[0] >= since]
 
     @staticmethod
     def _cell(level: int, budget_s: float) -> int:
