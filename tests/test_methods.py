@@ -293,6 +293,8 @@ def test_a_new_backgrounds_fit_is_counted_in_the_budget_and_done_off_the_request
 
 def test_start_up_and_uploads_fit_the_trees_ahead_of_traffic(
         models: dict[str, Any], tmp_path: Path) -> None:
+    """Start-up fits the default background; an upload fits the default target and the
+    targets requested lately, so a first call on either finds the tables built."""
     add_model(tmp_path, "gbc", convert(models["gbc"]), models["X"][:24],
               "output: probabilities\nclasses: [1]\n")
     app = start(settings_for(tmp_path, metrics_port=-1, drift_enabled=False))
@@ -300,17 +302,27 @@ def test_start_up_and_uploads_fit_the_trees_ahead_of_traffic(
         plane = app.data_plane()
         model = plane.repo.get("gbc")
         target = resolve_target(model, "", (), "")  # the logit: the trees' margin
+        class0 = resolve_target(model, "", (0,), "logit")  # another target, once requested
 
-        def fitted(name: str) -> bool:
-            meta, bg = plane.background(model, name, target)
-            tree = plane.choose("tree", model, target, bg, meta.sha256, 1, 10.0).estimator
+        def fitted(name: str, t: Any = target) -> bool:
+            meta, bg = plane.background(model, name, t)
+            tree = plane.choose("tree", model, t, bg, meta.sha256, 1, 10.0).estimator
             return bool(tree.fit_seconds(bg) == 0)
 
+        def upload(name: str, rows: Array) -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                pb_grpc.ExplainerStub(channel).PutBackground(pb.PutBackgroundRequest(
+                    model="gbc", name=name, data=from_array("", rows)))
+
         assert len(plane.methods._fits) == 1 and fitted("default")  # before any request
-        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            pb_grpc.ExplainerStub(channel).PutBackground(pb.PutBackgroundRequest(
-                model="gbc", name="other", data=from_array("", models["X"][100:160])))
+        upload("other", models["X"][100:160])
         assert wait_for(lambda: len(plane.methods._fits) == 2) and fitted("other")
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            r = explain(pb_grpc.ExplainerStub(channel), "gbc", models["X"][:1], method="tree",
+                        classes=[0], scale="logit")
+        assert r.method == "tree"
+        upload("third", models["X"][200:260])  # fitted for the default and the class-0 target
+        assert wait_for(lambda: fitted("third") and fitted("third", class0))
     finally:
         app.stop(grace=0)
 

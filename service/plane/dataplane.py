@@ -91,6 +91,7 @@ from service.store.backgrounds import (
 from service.store.results import ResultCache, budget_class, request_key
 
 log = logging.getLogger(__name__)
+TREE_TARGETS = 4  # targets per tree model an upload fits ahead of traffic, besides the default
 REFERENCE_BUDGET_S = 0.01  # per reference row at start-up; slower models get theirs after it
 LATE_ROW_MAX_S = 2.0  # per reference row after start-up, at most (bounds how long close waits)
 DRIFT_OFF = "off: SIDELIGHT_DRIFT_ENABLED is false"
@@ -207,6 +208,8 @@ class DataPlane:
                                                  settings.drift_max_features)) \
             if settings.drift_enabled else None
         self._notes: dict[tuple[str, str], list[str]] = {}  # (model, version): start-up notes
+        # (model, version): the tree targets requested lately, oldest first (an upload fits them)
+        self._tree_targets: dict[tuple[str, str], dict[Target, None]] = {}
         # (model, version, name) -> (sha256, why) of a stored background found unusable
         self._unusable: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._cold: set[tuple[str, str]] = set()  # versions that started without a background
@@ -621,6 +624,8 @@ class DataPlane:
         assert p.background is not None and p.meta is not None
         background, meta = p.background, p.meta
         deadline = self._deadline(p)
+        if model.trees is not None:
+            self._remember_tree_target(model, p.target)
         choice = self.choose(q.method or model.config.method, model, p.target, background,
                              meta.sha256, X.shape[0], deadline - time.monotonic())
         rows = self._explain_rows(model, X, choice.target, background, choice.estimator, q,
@@ -737,16 +742,28 @@ class DataPlane:
         return stored
 
     def _prefit(self, model: LoadedModel, name: str) -> None:
-        """f(background) and the trees' tables of a stored background, for the default target;
-        a failure is logged (the first request against it will say what is wrong)."""
+        """f(background) and the trees' tables of a stored background, for the default target
+        and the targets requested lately; a failure is logged (the first request against it
+        will say what is wrong)."""
+        with self._lock:
+            recent = list(self._tree_targets.get((model.name, model.version), {}))
         try:
-            target = resolve_target(model, "", (), "")
-            _, background = self.background(model, name, target)
+            targets = dict.fromkeys([resolve_target(model, "", (), ""), *recent])
+            for target in targets:
+                _, background = self.background(model, name, target)
+                self.methods.prefit(model, target, background, lambda t: target_fn(model, t))
         except Exception as err:
             log.warning("model %s: preparing background %r ahead of traffic failed: %s",
                         model.name, name, shorten(str(err)))
-            return
-        self.methods.prefit(model, target, background, lambda t: target_fn(model, t))
+
+    def _remember_tree_target(self, model: LoadedModel, target: Target) -> None:
+        """Keep the last TREE_TARGETS targets explained on a tree model, for uploads to fit."""
+        with self._lock:
+            recent = self._tree_targets.setdefault((model.name, model.version), {})
+            recent.pop(target, None)
+            recent[target] = None
+            while len(recent) > TREE_TARGETS:
+                recent.pop(next(iter(recent)))
 
     def background_meta(self, model: str, version: str, name: str) -> BackgroundMeta:
         loaded = self.repo.get(model, version)
