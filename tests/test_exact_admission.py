@@ -91,5 +91,15 @@ def test_the_service_learns_exacts_cost_and_refuses_what_it_no_longer_fits(
     with pytest.raises(grpc.RpcError) as err:
         _exact(app, budget_ms)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # a refusal measures nothing: the learned factor steps back toward the prior, so exact
+    # is tried (and measured) again after a few refusals instead of never
+    assert onnx_model.wall_factors["exact"] == pytest.approx(WALL_PRIOR + 0.8 * (10 - WALL_PRIOR))
+    for _ in range(20):
+        try:
+            answered = _exact(app, budget_ms)
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert answered.rows[0].method == "exact" and onnx_model.wall_factors["exact"] < 10
     onnx_model.wall_factors["exact"] = 1.0
     assert _exact(app, budget_ms).rows[0].method == "exact"

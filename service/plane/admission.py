@@ -14,7 +14,10 @@ measured it (contention included); it falls as the call computes, and a call tha
 it is no longer counted. Only a call that the new one would make late counts against it: one
 already late (past its deadline, finishing its answer) does not shed the calls behind it. A
 call too slow even alone is let through: its method refuses it at once, on arrival (it takes a
-core only at its first model call), naming what it needs.
+core only at its first model call), naming what it needs. The model is checked after every call:
+an admitted call that did not reach its least answer in time doubles, for its load level, the
+factor applied to least costs, and each that did takes 1% off, so the share of admitted calls
+that miss stays near 1% whatever the model leaves out (the interpreter lock, other processes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from service.plane.scheduler import Control
 FIXED_S = 0.001  # per call beyond its model rows: Python around the estimators
 SAMPLER_ROUNDS = 2.0  # a sampler's first rounds cost about this much more than their rows
 SHED_FLOOR_S = 0.001  # the least retry hint
+GROW, DECAY = 2.0, 0.99  # a call that missed its least answer doubles its load level's factor
+# on least costs; each that reached it takes 1% off (at most ~1.4% missed at equilibrium)
+MAX_FACTOR = 16.0
 
 
 @dataclass(eq=False)
@@ -56,14 +62,17 @@ class Admission:
     def __init__(self, cores: int) -> None:
         self.cores = max(1, cores)
         self._tickets: set[Ticket] = set()
+        self._factors: dict[int, float] = {}  # load level: measured / modelled least cost
         self._lock = threading.Lock()
 
     def admit(self, deadline: float, least_s: float, control: Control | None = None,
-              now: float | None = None) -> Ticket:
+              now: float | None = None, level: int = 0) -> Ticket:
         """A ticket, or RESOURCE_EXHAUSTED with `retry_after_s` when this call's least answer
         or an accepted call's would no longer fit its deadline. The control learns its least
-        work: the scheduler serves it first until it has computed it."""
+        work: the scheduler serves it first until it has computed it. `level` (calls in flight
+        per core) picks the factor that missed least answers taught at that load."""
         now = time.monotonic() if now is None else now
+        least_s *= self.factor(level)
         ticket = Ticket(deadline, least_s, control, started=now)
         if control is not None:
             control.least_s = least_s
@@ -77,6 +86,19 @@ class Admission:
                 raise self._shed(ticket, hurt, now)
             self._tickets.add(ticket)
         return ticket
+
+    def factor(self, level: int) -> float:
+        """How much more than modelled a least answer has cost at this load level."""
+        with self._lock:
+            return self._factors.get(level, 1.0)
+
+    def reached(self, level: int, reached: bool) -> None:
+        """An admitted call's outcome: it reached its least answer in time, or did not (it
+        waited or ran slower than the model said: the interpreter lock, other processes), so
+        that admission at this load counts least answers as they turn out, not as modelled."""
+        with self._lock:
+            f = self._factors.get(level, 1.0)
+            self._factors[level] = max(1.0, f * DECAY) if reached else min(MAX_FACTOR, f * GROW)
 
     def done(self, ticket: Ticket) -> None:
         with self._lock:

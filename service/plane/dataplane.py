@@ -574,7 +574,8 @@ class DataPlane:
                               tree=p.model.trees is not None,
                               exact_factor=onnx.wall_factors.get("exact", EXACT_WALL_PRIOR))
         try:
-            return self.admission.admit(self._deadline(p), least, p.control)
+            return self.admission.admit(self._deadline(p), least, p.control,
+                                        level=self.reserve.level(self._in_flight))
         except ResourceExhausted:
             self.metrics.rejected.labels("admission").inc()
             raise
@@ -843,6 +844,7 @@ class DataPlane:
         finally:
             self.admission.done(ticket)
         p.control.tail.computed_at = time.monotonic()
+        self.admission.reached(p.control.tail.level, bool(result.rows))
         missing = p.X.shape[0] - len(result.rows)
         if not missing:
             return result

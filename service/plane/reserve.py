@@ -16,6 +16,7 @@ the call is shed on arrival instead of answered late.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -35,6 +36,7 @@ TRANSPORT_S = 0.0015  # unseen by the server: gRPC's send and the client, per ca
 TRANSPORT_SHARE = 0.015  # ... and a share of the budget for clock and scheduling jitter
 ROW_S = 0.0002  # the response's size grows with the rows
 BANDS_S = (0.01, 0.03, 0.1, 0.3, 1.0)  # budget bands measured apart (seconds)
+REFRESH_S, REFRESH_CALLS = 0.25, 8  # a cell's quantiles are recomputed this often at most
 
 
 def reserve_s(budget_s: float, rows: int) -> float:
@@ -79,6 +81,10 @@ class Reserve:
         cells = (MAX_LEVEL + 1) * (len(BANDS_S) + 1)
         # (time.monotonic(), overshoot s, post s) per cell
         self._tails = [deque[tuple[float, float, float]](maxlen=WINDOW) for _ in range(cells)]
+        self._seen = [0] * cells  # observations ever made per cell
+        # per cell: (when, observations then, quantiles): recomputed every REFRESH_S or
+        # REFRESH_CALLS observations, so a cheap call does not pay for a percentile
+        self._cached: dict[int, tuple[float, int, tuple[float, float] | None]] = {}
         self._lock = threading.Lock()
 
     def level(self, in_flight: int) -> int:
@@ -101,11 +107,17 @@ class Reserve:
     def measured(self, level: int, budget_s: float) -> tuple[float, float] | None:
         """(overshoot, post) quantiles in seconds over this level and budget band's tails of
         the last HORIZON_S, or None below MIN_SAMPLES."""
-        recent = self._recent(self._cell(level, budget_s))
-        if len(recent) < MIN_SAMPLES:
-            return None
-        over, post = np.percentile(np.array(recent)[:, 1:], QUANTILE, axis=0)  # (2,)
-        return float(over), float(post)
+        k, now = self._cell(level, budget_s), self.clock()
+        hit = self._cached.get(k)
+        if hit is not None and now - hit[0] < REFRESH_S and self._seen[k] - hit[1] < REFRESH_CALLS:
+            return hit[2]
+        seen, recent = self._seen[k], self._recent(k)
+        value = None
+        if len(recent) >= MIN_SAMPLES:
+            over, post = np.percentile(np.array(recent)[:, 1:], QUANTILE, axis=0)  # (2,)
+            value = (float(over), float(post))
+        self._cached[k] = (now, seen, value)
+        return value
 
     def samples(self, level: int, budget_s: float) -> int:
         """Calls measured at this level and budget band within the horizon."""
@@ -119,6 +131,7 @@ class Reserve:
             with self._lock:
                 self._tails[k].append((self.clock(), max(0.0, overshoot_s),
                                        max(0.0, post_s)))
+                self._seen[k] += 1
 
     def _recent(self, k: int) -> list[tuple[float, float, float]]:
         since = self.clock() - HORIZON_S
@@ -129,5 +142,5 @@ class Reserve:
     def _cell(level: int, budget_s: float) -> int:
         """The window of a load level and budget band (a round, hence an overshoot, grows
         with the budget; a tiny budget's overshoot must not widen a large one's reserve)."""
-        band = int(np.searchsorted(BANDS_S, budget_s, side="right"))
+        band = bisect.bisect_right(BANDS_S, budget_s)
         return min(max(level, 0), MAX_LEVEL) * (len(BANDS_S) + 1) + band

@@ -18,6 +18,7 @@ import numpy as np
 from explainers.base import Array, Background, Budget, Estimator, Evaluator, Explanation, ModelFn
 from explainers.errors import DeadlineExceeded, ResourceExhausted
 from explainers.groups import Groups
+from explainers.shapley.exact import WALL_PRIOR as EXACT_WALL_PRIOR
 from service.models.inputs import Layout
 from service.models.repository import LoadedModel
 from service.plane.baselines import baseline_rows
@@ -29,6 +30,7 @@ CHUNK_BYTES = 32 * 1024 * 1024  # a model call's masked batch at most (large ima
 LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
 LEARN_WEIGHT = 0.2  # how much one call moves the model's measured speed
 FACTOR_WEIGHT = 0.5  # ... and a method's wall factor (a late answer must not repeat for long)
+RELAX = 0.8  # a refusal moves the refusing method's learned wall factor this much back to prior
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,18 @@ class RowJob:
             except (ResourceExhausted, DeadlineExceeded):
                 late = ev.evaluations > before or self.waited_s > 0
                 if share_of == 1 and first and not late:
+                    self.relax()
                     raise
         return None
+
+    def relax(self) -> None:
+        """A refusal on arrival measures nothing: move the method's learned wall factor a
+        step back toward its prior, so that one slow outlier cannot close the method for good
+        (after ~10 refusals it is tried, and measured, again)."""
+        factors, name = self.model.onnx.wall_factors, self.estimator.name
+        prior = EXACT_WALL_PRIOR if name == "exact" else 1.0
+        if factors.get(name, prior) > prior:
+            factors[name] = prior + RELAX * (factors[name] - prior)
 
 
 def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explanation, ...]:
