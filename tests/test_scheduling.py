@@ -128,17 +128,17 @@ def test_admission_counts_only_the_least_answers_still_to_compute() -> None:
 
 
 def test_admission_learns_from_least_answers_that_were_missed() -> None:
-    """A call admitted at a load level that then missed its least answer doubles the factor
-    on least costs at that level (each that reached it takes 1% off, never below 1): a call
-    that fitted as modelled is then shed beside the others; other levels are not touched."""
+    """A call admitted that then missed its least answer doubles the factor on least costs of
+    its kind (load level and budget band; each that reached it takes 1% off, never below 1): a
+    call that fitted as modelled is then shed beside the others; other kinds are not touched."""
     admission = Admission(2)
-    admission.admit(20.0, 12.0, now=0.0, level=2)
-    admission.admit(20.0, 12.0, now=0.0, level=2)
+    admission.admit(20.0, 12.0, now=0.0, kind=2)
+    admission.admit(20.0, 12.0, now=0.0, kind=2)
     admission.reached(2, False)
     assert admission.factor(2) == 2.0 and admission.factor(1) == 1.0
     with pytest.raises(ResourceExhausted):  # 24 s + 2 x 9 s over two cores by 20.0: no
-        admission.admit(20.0, 9.0, now=0.0, level=2)
-    admission.admit(20.0, 9.0, now=0.0, level=1)  # 24 s + 9 s over two cores: fits
+        admission.admit(20.0, 9.0, now=0.0, kind=2)
+    admission.admit(20.0, 9.0, now=0.0, kind=1)  # 24 s + 9 s over two cores: fits
     for _ in range(200):
         admission.reached(2, True)
     assert admission.factor(2) == 1.0

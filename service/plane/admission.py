@@ -15,9 +15,10 @@ it is no longer counted. Only a call that the new one would make late counts aga
 already late (past its deadline, finishing its answer) does not shed the calls behind it. A
 call too slow even alone is let through: its method refuses it at once, on arrival (it takes a
 core only at its first model call), naming what it needs. The model is checked after every call:
-an admitted call that did not reach its least answer in time doubles, for its load level, the
-factor applied to least costs, and each that did takes 1% off, so the share of admitted calls
-that miss stays near 1% whatever the model leaves out (the interpreter lock, other processes).
+an admitted call that did not reach its least answer in time doubles, for its kind (load level
+and budget band), the factor applied to least costs, and each that did takes 1% off, so the
+share of admitted calls that miss stays near 1% whatever the model leaves out (the interpreter
+lock, other processes).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Ticket:
     least_s: float
     control: Control | None = None
     started: float = field(default_factory=time.monotonic)
+    kind: int = 0  # calls alike (load level and budget band): their learned factor
 
     def remaining_least(self, now: float | None = None) -> float:
         ran = self.control.ran(now) if self.control is not None else 0.0
@@ -62,18 +64,18 @@ class Admission:
     def __init__(self, cores: int) -> None:
         self.cores = max(1, cores)
         self._tickets: set[Ticket] = set()
-        self._factors: dict[int, float] = {}  # load level: measured / modelled least cost
+        self._factors: dict[int, float] = {}  # kind of call: measured / modelled least cost
         self._lock = threading.Lock()
 
     def admit(self, deadline: float, least_s: float, control: Control | None = None,
-              now: float | None = None, level: int = 0) -> Ticket:
+              now: float | None = None, kind: int = 0) -> Ticket:
         """A ticket, or RESOURCE_EXHAUSTED with `retry_after_s` when this call's least answer
         or an accepted call's would no longer fit its deadline. The control learns its least
-        work: the scheduler serves it first until it has computed it. `level` (calls in flight
-        per core) picks the factor that missed least answers taught at that load."""
+        work: the scheduler serves it first until it has computed it. `kind` (calls alike: the
+        load level and budget band, reserve.py) picks the factor missed least answers taught."""
         now = time.monotonic() if now is None else now
-        least_s *= self.factor(level)
-        ticket = Ticket(deadline, least_s, control, started=now)
+        least_s *= self.factor(kind)
+        ticket = Ticket(deadline, least_s, control, started=now, kind=kind)
         if control is not None:
             control.least_s = least_s
         with self._lock:
@@ -87,18 +89,19 @@ class Admission:
             self._tickets.add(ticket)
         return ticket
 
-    def factor(self, level: int) -> float:
-        """How much more than modelled a least answer has cost at this load level."""
+    def factor(self, kind: int) -> float:
+        """How much more than modelled a least answer has cost for calls of this kind."""
         with self._lock:
-            return self._factors.get(level, 1.0)
+            return self._factors.get(kind, 1.0)
 
-    def reached(self, level: int, reached: bool) -> None:
+    def reached(self, kind: int, reached: bool) -> None:
         """An admitted call's outcome: it reached its least answer in time, or did not (it
         waited or ran slower than the model said: the interpreter lock, other processes), so
-        that admission at this load counts least answers as they turn out, not as modelled."""
+        that admission counts least answers as they turn out for such calls, not as
+        modelled."""
         with self._lock:
-            f = self._factors.get(level, 1.0)
-            self._factors[level] = max(1.0, f * DECAY) if reached else min(MAX_FACTOR, f * GROW)
+            f = self._factors.get(kind, 1.0)
+            self._factors[kind] = max(1.0, f * DECAY) if reached else min(MAX_FACTOR, f * GROW)
 
     def done(self, ticket: Ticket) -> None:
         with self._lock:

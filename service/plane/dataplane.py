@@ -575,7 +575,7 @@ class DataPlane:
                               exact_factor=onnx.wall_factors.get("exact", EXACT_WALL_PRIOR))
         try:
             return self.admission.admit(self._deadline(p), least, p.control,
-                                        level=self.reserve.level(self._in_flight))
+                                        kind=self._kind(p))
         except ResourceExhausted:
             self.metrics.rejected.labels("admission").inc()
             raise
@@ -693,6 +693,10 @@ class DataPlane:
             return p.control.tail.stop_at
         return p.start + p.budget_s - self.reserve.seconds(p.budget_s, p.X.shape[0],
                                                            self._in_flight)
+
+    def _kind(self, p: Prepared) -> int:
+        """Calls alike for admission's learned factor: the load level and budget band."""
+        return self.reserve.cell(self.reserve.level(self._in_flight), p.budget_s)
 
     def responded(self, control: Control) -> None:
         """The call's response is built: how far its estimators overran and how long the
@@ -837,14 +841,14 @@ class DataPlane:
         assert p.control is not None
         ticket = self._admit_work(p)
         p.control.tail = Tail(self.reserve.level(self._in_flight), p.budget_s, p.X.shape[0],
-                              ticket.deadline)
+                              ticket.deadline, ticket.kind)
         try:
             with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
         finally:
             self.admission.done(ticket)
         p.control.tail.computed_at = time.monotonic()
-        self.admission.reached(p.control.tail.level, bool(result.rows))
+        self.admission.reached(p.control.tail.kind, bool(result.rows))
         missing = p.X.shape[0] - len(result.rows)
         if not missing:
             return result

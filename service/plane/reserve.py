@@ -54,13 +54,14 @@ def load_reserve_s(remaining_s: float, in_flight: int, cores: float) -> float:
 
 @dataclass
 class Tail:
-    """One admitted call's plan (its load level, budget, rows and the estimators' deadline)
-    and when its estimators returned."""
+    """One admitted call's plan (its load level, budget, rows, the estimators' deadline and
+    its kind for admission) and when its estimators returned."""
 
     level: int
     budget_s: float
     rows: int
     stop_at: float
+    kind: int = 0
     computed_at: float | None = None
 
     def observe(self, reserve: Reserve) -> None:
@@ -107,7 +108,7 @@ class Reserve:
     def measured(self, level: int, budget_s: float) -> tuple[float, float] | None:
         """(overshoot, post) quantiles in seconds over this level and budget band's tails of
         the last HORIZON_S, or None below MIN_SAMPLES."""
-        k, now = self._cell(level, budget_s), self.clock()
+        k, now = self.cell(level, budget_s), self.clock()
         hit = self._cached.get(k)
         if hit is not None and now - hit[0] < REFRESH_S and self._seen[k] - hit[1] < REFRESH_CALLS:
             return hit[2]
@@ -121,13 +122,13 @@ class Reserve:
 
     def samples(self, level: int, budget_s: float) -> int:
         """Calls measured at this level and budget band within the horizon."""
-        return len(self._recent(self._cell(level, budget_s)))
+        return len(self._recent(self.cell(level, budget_s)))
 
     def observe(self, level: int, budget_s: float, overshoot_s: float, post_s: float) -> None:
         """One call: how far past its deadline its estimators ran, and how long its response
         took after them."""
         if math.isfinite(budget_s) and math.isfinite(overshoot_s) and math.isfinite(post_s):
-            k = self._cell(level, budget_s)
+            k = self.cell(level, budget_s)
             with self._lock:
                 self._tails[k].append((self.clock(), max(0.0, overshoot_s),
                                        max(0.0, post_s)))
@@ -139,7 +140,7 @@ class Reserve:
             return [t for t in self._tails[k] if t[0] >= since]
 
     @staticmethod
-    def _cell(level: int, budget_s: float) -> int:
+    def cell(level: int, budget_s: float) -> int:
         """The window of a load level and budget band (a round, hence an overshoot, grows
         with the budget; a tiny budget's overshoot must not widen a large one's reserve)."""
         band = bisect.bisect_right(BANDS_S, budget_s)
