@@ -86,18 +86,32 @@ def _targets(rows: int) -> list[Target]:
     for name in ("digits_mlp", "friedman50_mlp", "lightgbm_defaults"):
         X = _write(name)[:rows]
         model = _onnx(name)
-        if name == "lightgbm_defaults":
-            truth = _tree_truth(name, X)
-            out.append(Target(name, "LightGBM defaults, 40 features", "logit", X,
-                              np.ones(rows, int), truth, np.zeros_like(truth)))
-            continue
-        classes = model.predict(X, model.main_output()).argmax(axis=1) \
-            if name == "digits_mlp" else np.zeros(rows, int)
-        for scale in (("identity", "logit") if name == "digits_mlp" else ("identity",)):
-            values, se = _reference(name, model, X, classes, scale)
-            label = {"digits_mlp": f"digits MLP, 64 features, {scale}",
-                     "friedman50_mlp": "Friedman MLP, 50 features"}[name]
-            out.append(Target(name, label, scale, X, classes, values, se))
+        out += [lightgbm_target(name, X)] if name == "lightgbm_defaults" else \
+            mlp_targets(name, model, X, _reference)
+    return out
+
+
+def lightgbm_target(name: str, X: Array) -> Target:
+    """LightGBM's logit of class 1, against exact TreeSHAP."""
+    truth = _tree_truth(name, X)
+    return Target(name, "LightGBM defaults, 40 features", "logit", X, np.ones(X.shape[0], int),
+                  truth, np.zeros_like(truth))
+
+
+Reference = Callable[[str, OnnxModel, Array, Array, str], tuple[Array, Array]]
+
+
+def mlp_targets(name: str, model: OnnxModel, X: Array, reference: Reference) -> list[Target]:
+    """The digits MLP (each row's predicted class, on both scales) or the Friedman MLP, with
+    reference values and standard errors from `reference`."""
+    classes = model.predict(X, model.main_output()).argmax(axis=1) \
+        if name == "digits_mlp" else np.zeros(X.shape[0], int)
+    out = []
+    for scale in (("identity", "logit") if name == "digits_mlp" else ("identity",)):
+        values, se = reference(name, model, X, classes, scale)
+        label = {"digits_mlp": f"digits MLP, 64 features, {scale}",
+                 "friedman50_mlp": "Friedman MLP, 50 features"}[name]
+        out.append(Target(name, label, scale, X, classes, values, se))
     return out
 
 

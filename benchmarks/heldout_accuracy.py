@@ -99,21 +99,13 @@ def _targets(rows: int) -> list[Target]:
         X = _entry(name)[:rows]
         model = _onnx(name)
         if name == "lightgbm_defaults":
-            truth = calibration._tree_truth(name, X)
-            out.append(Target(name, "LightGBM defaults, 40 features", "logit", X,
-                              np.ones(rows, int), truth, np.zeros_like(truth)))
+            out.append(calibration.lightgbm_target(name, X))
         elif name == "interactions12_mlp":
             truth = _exact_truth(model, X)
             out.append(Target(name, "MLP with interactions, 12 features", "identity", X,
                               np.zeros(rows, int), truth, np.zeros_like(truth)))
         else:
-            classes = model.predict(X, model.main_output()).argmax(axis=1) \
-                if name == "digits_mlp" else np.zeros(rows, int)
-            for scale in (("identity", "logit") if name == "digits_mlp" else ("identity",)):
-                values, se = _reference(name, model, X, classes, scale)
-                label = {"digits_mlp": f"digits MLP, 64 features, {scale}",
-                         "friedman50_mlp": "Friedman MLP, 50 features"}[name]
-                out.append(Target(name, label, scale, X, classes, values, se))
+            out += calibration.mlp_targets(name, model, X, _reference)
     return out
 
 

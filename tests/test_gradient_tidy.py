@@ -14,6 +14,7 @@ from explainers.base import Array
 from explainers.gradients import backend, tidy
 from explainers.gradients.backend import GradientModel
 from tests import gradient_models as models
+from tests.test_gradients import central
 
 
 def untidied(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,13 +60,7 @@ def _central(model: onnx.ModelProto, X: Array, shape: tuple[int, ...], h: float)
 
     def f(Z: Array) -> Array:
         return np.asarray(run.run(["logits"], {"image": Z.reshape(-1, *shape)})[0])
-    cols = []
-    for j in range(X.shape[1]):
-        up, down = X.copy(), X.copy()
-        up[:, j] += h
-        down[:, j] -= h
-        cols.append((f(up) - f(down)) / (2 * h))
-    return np.stack(cols, axis=2)
+    return central(f, X, h)
 
 
 def test_maxpool_rewrite_equals_the_scatter_and_finite_differences(
