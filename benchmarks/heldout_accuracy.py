@@ -678,15 +678,8 @@ WHY = """Mechanisms:
   LightGBM under `auto` is exact TreeSHAP (error 0 at the smallest budget), so its ratio is
   the time of one call against shap's TreeExplainer for one row: ~5x in process, and the gRPC
   round trip (~1-2 ms) takes most of it.
-- *The model's speed as the server learns it*: see the *server rows/s* column. For models
-  whose batches of 64-1,024 rows run in under 50 microseconds (the 12-feature MLP, the digits
-  MLP on small rounds), `Evaluator._timed` (explainers/base.py) divides the rows by
-  max(elapsed - call_overhead_s, 1e-9) with call_overhead_s = 50 us, i.e. by 1 ns, and folds
-  a rate of 10^10-10^12 rows/s into the model's figure. Measured in this process: the
-  12-feature MLP evaluates 64 / 256 / 1,024 rows in 21 / 21 / 42 us, and an Evaluator after 5
-  such calls reports 53,000M / 213,000M / 685,000M rows/s (OnnxModel.measure: 23M). Plans made
-  with that figure (the sampler's rounds, `auto`'s "exact when it fits half the budget",
-  admission's least cost) are wrong: `auto` then may run exact (409,401 model rows, ~25 ms)
-  under 10 ms budgets on the 12-feature MLP (the *exact* calls in the adherence list above,
-  when the figure was inflated in this run; the admission section shows the same figure's
-  swings). Not fixed here (explainers/ is not this benchmark's); reported to the integrator."""
+- *The model's speed as the server learns it*: see the *server rows/s* column. Before this
+  stop's fix, `Evaluator._timed` (explainers/base.py) divided the rows of a batch that ran in
+  under its 50 us overhead guess by 1 ns (the 12-feature MLP runs 64-1,024 rows in 21-42 us),
+  so the learned figure reached 10^10-10^12 rows/s and `auto` ran exact (~25 ms) under 10 ms
+  budgets. Now at most half of a call's measured time is taken off for the overhead."""
