@@ -89,15 +89,6 @@ class Admission:
             self._tickets.add(ticket)
         return ticket
 
-    def hold(self, deadline: float, least_s: float, control: Control) -> Ticket:
-        """Count work that is not a call (a table fit after an upload) without shedding it:
-        admission then plans the calls that arrive meanwhile around it."""
-        control.least_s = least_s
-        ticket = Ticket(deadline, least_s, control)
-        with self._lock:
-            self._tickets.add(ticket)
-        return ticket
-
     def factor(self, kind: int) -> float:
         """How much more than modelled a least answer has cost for calls of this kind."""
         with self._lock:

@@ -756,29 +756,10 @@ class DataPlane:
             targets = dict.fromkeys([resolve_target(model, "", (), ""), *recent])
             for target in targets:
                 _, background = self.background(model, name, target)
-                self._fit_on_a_core(model, target, background)
+                self.methods.prefit(model, target, background, lambda t: target_fn(model, t))
         except Exception as err:
             log.warning("model %s: preparing background %r ahead of traffic failed: %s",
                         model.name, name, shorten(str(err)))
-
-    def _fit_on_a_core(self, model: LoadedModel, target: Target, background: Background) -> None:
-        """Fit the trees' tables holding a core, earliest deadline first like a call, and
-        counted by admission for its predicted time: the calls arriving meanwhile are planned
-        around it instead of running late beside it."""
-        def fn(t: Target) -> ModelFn:
-            return target_fn(model, t)
-
-        seconds = self.methods.fit_seconds(model, target, background, fn)
-        if not seconds:  # fitted already, or no trees: nothing to count
-            self.methods.prefit(model, target, background, fn)
-            return
-        control = Control(time.monotonic() + seconds, self.cores)
-        ticket = self.admission.hold(control.deadline, seconds, control)
-        try:
-            with self.cores.held(control):
-                self.methods.prefit(model, target, background, fn)
-        finally:
-            self.admission.done(ticket)
 
     def _remember_tree_target(self, model: LoadedModel, target: Target) -> None:
         """Keep the last TREE_TARGETS targets explained on a tree model, for uploads to fit."""

@@ -125,36 +125,21 @@ class MethodResolver:
                                     "left: raise budget_ms, send fewer rows or use auto")
         return Choice(self.registry["auto"], choice.target, (f"{what}; sampled instead",))
 
-    def fit_seconds(self, model: LoadedModel, target: Target, background: Background,
-                    fn: Callable[[Target], ModelFn]) -> float:
-        """Predicted one-off time of `prefit` (0 when fitted, or when there are no trees)."""
-        try:
-            tree = self._fitted_tree(model, target, background, fn)
-        except Exception:  # prefit will log it
-            return 0.0
-        return tree.fit_seconds(background) if tree is not None else 0.0
-
     def prefit(self, model: LoadedModel, target: Target, background: Background,
                fn: Callable[[Target], ModelFn]) -> None:
         """Fit the trees' tables for a background ahead of traffic (start-up, uploads), on the
         target or, when the trees do not compute it, on their own scale. Never raises: a
         request would fit it, or say why not."""
         try:
-            tree = self._fitted_tree(model, target, background, fn)
-            if tree is not None:
+            tree = self._tree_for(model, target, background, fn(target))
+            raw = tree_scale(model, target) if not isinstance(tree, TreeShap) else None
+            if raw is not None:
+                tree = self._tree_for(model, raw, background, fn(raw))
+            if isinstance(tree, TreeShap):
                 tree.prefit(background)
         except Exception as err:
             log.warning("tree: fitting a background ahead of traffic failed: %s: %s",
                         type(err).__name__, err)
-
-    def _fitted_tree(self, model: LoadedModel, target: Target, background: Background,
-                     fn: Callable[[Target], ModelFn]) -> TreeShap | None:
-        """The TreeShap a background is fitted for: the target's, else the trees' own scale's."""
-        tree = self._tree_for(model, target, background, fn(target))
-        raw = tree_scale(model, target) if not isinstance(tree, TreeShap) else None
-        if raw is not None:
-            tree = self._tree_for(model, raw, background, fn(raw))
-        return tree if isinstance(tree, TreeShap) else None
 
     def _prefit_later(self, tree: TreeShap, background: Background) -> None:
         """Fit in a thread, one at a time: while one runs, others are skipped (a later request
