@@ -90,11 +90,24 @@ def test_a_fast_model_is_not_adjusted() -> None:
     assert np.array_equal(e.values, sums[0].estimate()[0])
 
 
-def test_auto_uses_the_kernel_fit_against_one_reference_row() -> None:
-    e = build_registry()["auto"].explain(Evaluator(f, 4096, 1e6), X0, BG, Budget(np.inf, 2000),
-                                         np.random.default_rng(0))
-    assert e.method == "kernel"
+def test_auto_uses_the_kernel_fit_against_one_reference_row_from_13_players() -> None:
+    """Against one reference row: permutations for 12 players (a sentence), the kernel fit
+    for 20 (image patches); both additive."""
+    auto = build_registry()["auto"]
+    e = auto.explain(Evaluator(f, 4096, 1e6), X0, BG, Budget(np.inf, 2000),
+                     np.random.default_rng(0))
+    assert e.method == "permutation"
     assert np.isclose(e.values.sum(), f(X0[None])[0, 0] - BG.base_values[0])
+    w = RNG.normal(size=20)
+
+    def g(X: Array) -> Array:
+        return np.tanh(X @ w)[:, None]
+    x, z = RNG.normal(size=20), RNG.normal(size=(1, 20))
+    bg = Background.build(z, g(z))
+    e = auto.explain(Evaluator(g, 4096, 1e6), x, bg, Budget(np.inf, 2000),
+                     np.random.default_rng(0))
+    assert e.method == "kernel"
+    assert np.isclose(e.values.sum(), g(x[None])[0, 0] - bg.base_values[0])
 
 
 def _explain(evaluations: int, seed: int, keep: list[KernelSums] | None = None,  # type: ignore[no-untyped-def]

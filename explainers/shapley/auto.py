@@ -4,8 +4,10 @@ baseline: images, text), the default sampler against a background.
 
 Against one row the game is deterministic and a coalition costs one model row for either
 sampler; there the kernel fit reached 5% error with 2-4x fewer evaluations than antithetic
-permutations (digits CNN at 16 and 64 patches, the text model: docs/benchmarks.md, feature
-groups). Against a background the permutation sampler visits one background row per pair
+permutations on the digits CNN at 16 and 64 patches, but on the text model (11-12 tokens) the
+fit's own cost per evaluation made it slower in CPU time (4.2 against 3.3 ms to 5%, 11 against
+8 ms to 1%: docs/benchmarks.md, feature groups), so below KERNEL_MIN_PLAYERS it samples
+permutations. Against a background the permutation sampler visits one background row per pair
 where the kernel fit pays for all of them on every coalition."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from explainers.shapley.exact import MAX_FEATURES, WALL_PRIOR
 from explainers.shapley.kernel import KernelShap
 
 EXACT_SHARE = 0.5  # exact may use at most this share of the remaining budget
+KERNEL_MIN_PLAYERS = 13  # against one row, below this permutations reach 5% and 1% sooner
 
 
 class AutoShapley:
@@ -37,7 +40,8 @@ class AutoShapley:
     def choose(self, model: Evaluator, n_features: int, background: Background,
                budget: Budget) -> Estimator:
         """Exact if it fits in half the remaining time and evaluation cap, else a sampler."""
-        sampler = self._one_row if background.rows == 1 else self._sampler
+        one_row = background.rows == 1 and n_features >= KERNEL_MIN_PLAYERS
+        sampler = self._one_row if one_row else self._sampler
         needed = self._exact.expected_evaluations(n_features, background)
         if n_features > MAX_FEATURES or needed is None:
             return sampler
