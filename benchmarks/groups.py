@@ -149,8 +149,9 @@ machine, the tables below are this run's):
 
 - *Images and text against one baseline row (~3-8x, not 10x)*: a coalition costs one model row
   for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples antithetic
-  permutations, Sidelight `auto` (against one row) paired KernelSHAP with the size-1 pairs
-  enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost around each
+  permutations, Sidelight `auto` (against one row, from 13 groups; permutations for the texts'
+  11-12 tokens, where the fit's own cost outweighs its saving) paired KernelSHAP with the size-1
+  pairs enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost around each
   evaluation. A regression adjustment (boosted trees over the coalitions, cross-fitted, their
   Shapley values exact: Witter, Liu & Musco 2025; explainers/shapley/surrogate.py) cut the
   kernel fit's error 2-3.5x at equal evaluations on 11-13 live patches and on the texts (so
@@ -271,7 +272,8 @@ def _time_to_accuracy(cases: list[Case], cfg: Config, score: Score) -> str:
              "evaluation counts (log-log interpolation; *~* = extrapolated past the last step "
              "with error ~ time^-1/2; *never* = the method's error stalls above the target). "
              "Sidelight `auto` = exact enumeration once the evaluation count allows it, else "
-             "antithetic permutations; `kernel` = paired KernelSHAP (every reference row per "
+             "paired KernelSHAP against one row from 13 groups, antithetic permutations "
+             "otherwise; `kernel` = paired KernelSHAP (every reference row per "
              "coalition). shap's Partition explainer is given a k-d tree over the "
              "patches (halves of the sentence; the groups in order for the table).", "",
              "| case | method | ms to 5% | ms to 1% | error at last step | last step ms |",
