@@ -3,6 +3,7 @@ with which fall-back, against exact enumeration of the same function and closed 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,30 @@ def test_a_new_backgrounds_fit_is_counted_in_the_budget_and_done_off_the_request
     auto = choose("", tree.fit_seconds(other) / 2, other)
     assert auto.estimator.name == "auto" and "sampled instead" in auto.notes[0]
     assert "to tabulate this background" in auto.notes[0]
+
+
+@pytest.mark.parametrize(("method", "budget_ms"), [("auto", 20.0), ("auto", 50.0),
+                                                   ("tree", 50.0)])
+def test_first_calls_right_after_an_upload_stay_within_their_budget(
+        stub: pb_grpc.ExplainerStub, models: dict[str, Any], method: str,
+        budget_ms: float) -> None:
+    """Upload a fresh background and explain against it at once, before the upload's fit
+    can be done: each first call answers within its budget (the fit counted: tree refuses
+    or auto samples meanwhile) or is refused on arrival, never late."""
+    for k in range(5):
+        name = f"fresh_{method}_{budget_ms:g}_{k}"
+        stub.PutBackground(pb.PutBackgroundRequest(model="gbc", name=name, data=from_array(
+            "", models["X"][:40] + 0.01 * (k + 1))))
+        start = time.monotonic()
+        try:
+            r = explain(stub, "gbc", models["X"][k:k + 1], method=method,
+                        budget_ms=budget_ms, background=name, seed=k)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            assert time.monotonic() - start < budget_ms / 1e3
+            continue
+        assert r.cost.elapsed_ms <= budget_ms, (r.method, r.cost.elapsed_ms, list(r.notes))
+        assert not r.cost.rows_not_reached or r.method != "tree"
 
 
 def test_start_up_and_uploads_fit_the_trees_ahead_of_traffic(
