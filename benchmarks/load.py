@@ -363,16 +363,17 @@ READING = (
     "response in a server whose threads share one interpreter lock, and the client threads on "
     "the same 2 cores. The reserve kept for it is measured per load level and budget band "
     "(service/plane/reserve.py: the 99th percentile of the last calls' overshoot and response "
-    "time, plus an allowance of 1.5 ms + 1.5% for the transport and the client, never below the"
-    " one-call prior of 3 ms + 3%), and admission's least costs carry a factor learned per kind"
-    " of call (doubled by each admitted call that missed its least answer, 1% off for each that"
-    " reached it), so a call the measured tail or the learned factor leaves no room for is shed"
-    " on arrival. Misses, by mechanism: what the server cannot see (the client threads and "
-    "gRPC's transport on the same 2 cores, a few ms at p99 with more clients than cores) is the"
-    " allowance's guess; a shed call's wall time is the client's round trip on those busy cores"
-    " (the server decides in 0.2-2.5 ms); at 5x the cores the accepted calls' tail comes from "
-    "the interpreter lock shared by 10 handler threads, which neither the reserve's quantile "
-    "(it lags a change of load) nor the factor (it reacts to misses, not to lateness) removes.")
+    "time, plus an allowance of 1.5 ms per level + 1.5% for the transport and the client, never"
+    " below the one-call prior of 3 ms + 3%), and admission's least costs carry a factor "
+    "learned per kind of call (doubled by each admitted call that missed its least answer, 1% "
+    "off for each that reached it), so a call the measured tail or the learned factor leaves no"
+    " room for is shed on arrival. Misses, by mechanism: what the server cannot see (the client"
+    " threads and gRPC's transport on the same 2 cores, a few ms at p99 with more clients than "
+    "cores) is the allowance's guess; a shed call's wall time is the client's round trip on "
+    "those busy cores (the server decides in 0.2-2.5 ms); at 5x the cores the accepted calls' "
+    "tail comes from the interpreter lock shared by 10 handler threads, which neither the "
+    "reserve's quantile (it lags a change of load) nor the factor (it reacts to misses, not to "
+    "lateness) removes.")
 
 
 def run(quick: bool) -> str:

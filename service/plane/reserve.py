@@ -32,7 +32,7 @@ HORIZON_S = 30.0  # older tails are forgotten: a refused call measures nothing, 
 MIN_SAMPLES = 32  # below this a level uses the prior
 QUANTILE = 99.0  # the reserve covers this percentile of the measured tails
 MAX_LEVEL = 8  # calls in flight per core beyond this share one level
-TRANSPORT_S = 0.0015  # unseen by the server: gRPC's send and the client, per call
+TRANSPORT_S = 0.0015  # unseen by the server: gRPC's send and the client, per call and level
 TRANSPORT_SHARE = 0.015  # ... and a share of the budget for clock and scheduling jitter
 ROW_S = 0.0002  # the response's size grows with the rows
 BANDS_S = (0.01, 0.03, 0.1, 0.3, 1.0)  # budget bands measured apart (seconds)
@@ -97,12 +97,13 @@ class Reserve:
         overshoot and post time plus the unseen transport (never less than the one-call
         prior, which also covers the client's side), or the prior with its load term while
         too few calls of this load and budget band are measured."""
-        prior = reserve_s(budget_s, rows)
-        measured = self.measured(self.level(in_flight), budget_s)
+        prior, level = reserve_s(budget_s, rows), self.level(in_flight)
+        measured = self.measured(level, budget_s)
         if measured is None:
             return prior + load_reserve_s(budget_s - prior, in_flight, self.cores)
         over, post = measured
-        unseen = TRANSPORT_S + TRANSPORT_SHARE * budget_s + ROW_S * rows
+        # the client's side and the transport wait for the same busy cores: more per level
+        unseen = TRANSPORT_S * max(1, level) + TRANSPORT_SHARE * budget_s + ROW_S * rows
         return max(prior, unseen + over + post)
 
     def measured(self, level: int, budget_s: float) -> tuple[float, float] | None:
