@@ -1,14 +1,15 @@
 """`auto`: exact when the enumeration fits the budget comfortably, else a sampler: paired
 KernelSHAP (with its regression adjustment, kernel.py) against one reference row (a named
-baseline: images, text), the default sampler against a background.
+baseline: image patches) from KERNEL_MIN_PLAYERS players, the default sampler otherwise.
 
 Against one row the game is deterministic and a coalition costs one model row for either
 sampler; there the kernel fit reached 5% error with 2-4x fewer evaluations than antithetic
 permutations on the digits CNN at 16 and 64 patches, but on the text model (11-12 tokens) the
-fit's own cost per evaluation made it slower in CPU time (4.2 against 3.3 ms to 5%, 11 against
-8 ms to 1%: docs/benchmarks.md, feature groups), so below KERNEL_MIN_PLAYERS it samples
-permutations. Against a background the permutation sampler visits one background row per pair
-where the kernel fit pays for all of them on every coalition."""
+fit's own cost per evaluation takes its lead: in CPU time both reach 5% together (4.5-4.8 ms)
+and permutations reach 1% about 3x sooner (12 against 34 ms: docs/benchmarks.md, feature
+groups), so below KERNEL_MIN_PLAYERS it samples permutations. Against a background the
+permutation sampler visits one background row per pair where the kernel fit pays for all of
+them on every coalition."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from explainers.shapley.exact import MAX_FEATURES, WALL_PRIOR
 from explainers.shapley.kernel import KernelShap
 
 EXACT_SHARE = 0.5  # exact may use at most this share of the remaining budget
-KERNEL_MIN_PLAYERS = 13  # against one row, below this permutations reach 5% and 1% sooner
+KERNEL_MIN_PLAYERS = 13  # against one row, below this permutations reach 1% sooner
 
 
 class AutoShapley:

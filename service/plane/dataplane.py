@@ -562,7 +562,7 @@ class DataPlane:
         for control in calls:
             control.cancel(reason)
 
-    def _admit_work(self, p: Prepared) -> Ticket:
+    def _admit_work(self, p: Prepared, level: int) -> Ticket:
         """Admission on the model of the work (service/plane/admission.py): shed at once when
         this call's least answer, or an accepted call's, would no longer fit."""
         method = p.query.method or p.model.config.method
@@ -575,7 +575,7 @@ class DataPlane:
                               exact_factor=onnx.wall_factors.get("exact", EXACT_WALL_PRIOR))
         try:
             return self.admission.admit(self._deadline(p), least, p.control,
-                                        kind=self._kind(p))
+                                        kind=self.reserve.cell(level, p.budget_s))
         except ResourceExhausted:
             self.metrics.rejected.labels("admission").inc()
             raise
@@ -694,10 +694,6 @@ class DataPlane:
         return p.start + p.budget_s - self.reserve.seconds(p.budget_s, p.X.shape[0],
                                                            self._in_flight)
 
-    def _kind(self, p: Prepared) -> int:
-        """Calls alike for admission's learned factor: the load level and budget band."""
-        return self.reserve.cell(self.reserve.level(self._in_flight), p.budget_s)
-
     def responded(self, control: Control) -> None:
         """The call's response is built: how far its estimators overran and how long the
         response took after them are measured for the reserve of the calls that follow."""
@@ -765,6 +761,8 @@ class DataPlane:
         """Keep the last TREE_TARGETS targets explained on a tree model, for uploads to fit."""
         with self._lock:
             recent = self._tree_targets.setdefault((model.name, model.version), {})
+            if next(reversed(recent), None) == target:  # the usual case: nothing changes
+                return
             recent.pop(target, None)
             recent[target] = None
             while len(recent) > TREE_TARGETS:
@@ -839,9 +837,9 @@ class DataPlane:
         """Admit the work, explain while holding a core (taken at the first model call: the
         method's own refusal comes on arrival), say which rows were not reached."""
         assert p.control is not None
-        ticket = self._admit_work(p)
-        p.control.tail = Tail(self.reserve.level(self._in_flight), p.budget_s, p.X.shape[0],
-                              ticket.deadline, ticket.kind)
+        level = self.reserve.level(self._in_flight)  # one reading for admission and the tail
+        ticket = self._admit_work(p, level)
+        p.control.tail = Tail(level, p.budget_s, p.X.shape[0], ticket.deadline, ticket.kind)
         try:
             with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
