@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks._models import ROOT
 from benchmarks.gradients import resnet
 from explainers.base import Array
-from explainers.gradients import backend, tidy
+from explainers.gradients import backend, graphs, tidy
 from explainers.gradients.backend import GradientModel
 from tests import gradient_models as models
 from tests.test_gradients import central
@@ -22,21 +23,23 @@ def untidied(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tidy, "tidy", lambda adjoint, *args: adjoint)
 
 
-def _pool_model(side: int = 8, channels: int = 4, classes: int = 3) -> onnx.ModelProto:
-    """float64 image -> MaxPool 2x2 stride 2 -> Flatten -> Gemm: the pool reads the input, so
-    ties in the input are ties in the windows."""
+def _pool_model(side: int = 8, channels: int = 4, classes: int = 3,
+                dtype: type = np.float32) -> onnx.ModelProto:
+    """image -> MaxPool 2x2 stride 2 -> Flatten -> Gemm: the pool reads the input, so ties in
+    the input are ties in the windows."""
     rng = np.random.default_rng(5)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     flat = channels * (side // 2) ** 2
     nodes = [helper.make_node("MaxPool", ["image"], ["pool"], kernel_shape=[2, 2],
                               strides=[2, 2]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)]
     graph = helper.make_graph(
-        nodes, "pool", [helper.make_tensor_value_info("image", TensorProto.DOUBLE,
+        nodes, "pool", [helper.make_tensor_value_info("image", elem,
                                                       ["N", channels, side, side])],
-        [helper.make_tensor_value_info("logits", TensorProto.DOUBLE, ["N", classes])],
-        [numpy_helper.from_array(rng.normal(size=(classes, flat)), "w"),
-         numpy_helper.from_array(rng.normal(size=classes), "b")])
+        [helper.make_tensor_value_info("logits", elem, ["N", classes])],
+        [numpy_helper.from_array(rng.normal(size=(classes, flat)).astype(dtype), "w"),
+         numpy_helper.from_array(rng.normal(size=classes).astype(dtype), "b")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -65,32 +68,37 @@ def _central(model: onnx.ModelProto, X: Array, shape: tuple[int, ...], h: float)
 
 def test_maxpool_rewrite_equals_the_scatter_and_finite_differences(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Windows with exact ties (integer pixels): the rewrite gives onnx-ad's numbers exactly
-    (the first maximum takes the gradient); jittered pixels: central differences."""
+    """Windows with exact ties (integer pixels): MaxUnpool gives onnx-ad's numbers exactly
+    (the first maximum takes the gradient), at one row and at 32; jittered pixels: central
+    differences (float64, where the scatter stays: onnxruntime has no float64 MaxUnpool)."""
     model, shape = _pool_model(), (4, 8, 8)
     rng = np.random.default_rng(0)
     ties = rng.integers(0, 3, size=(32, 256)).astype(np.float64)  # many tied windows
     untidied(monkeypatch)
-    reference = _build(model, shape, np.float64, "logits", [0, 1, 2]).value_and_grad(ties)
+    reference = _build(model, shape, np.float32, "logits", [0, 1, 2]).value_and_grad(ties)
     monkeypatch.undo()
-    monkeypatch.setattr(tidy, "MAXPOOL_MIN", 0)
     for column in range(3):
-        gm = _build(model, shape, np.float64, "logits", [column])
-        assert "ScatterND" not in _adjoint_ops(gm, 32)
+        gm = _build(model, shape, np.float32, "logits", [column])
+        for batch in (1, 32):
+            ops = _adjoint_ops(gm, batch)
+            assert "ScatterND" not in ops and "MaxUnpool" in ops
         values, grads = gm.value_and_grad(ties)
         np.testing.assert_array_equal(values[:, 0], reference[0][:, column])
         np.testing.assert_array_equal(grads[:, 0], reference[1][:, column])
         assert np.count_nonzero(grads[0, 0]) == 64  # one element per window
+        np.testing.assert_array_equal(gm.value_and_grad(ties[:1])[1][0, 0], grads[0, 0])
+    doubles = _pool_model(dtype=np.float64)
+    gm = _build(doubles, shape, np.float64, "logits", [1])
+    assert "ScatterND" in _adjoint_ops(gm, 32)
     X = rng.normal(size=(32, 256))
-    _, grads = _build(model, shape, np.float64, "logits", [1]).value_and_grad(X)
-    np.testing.assert_allclose(grads[:, 0], _central(model, X, shape, 1e-6)[:, 1], atol=1e-7)
+    _, grads = gm.value_and_grad(X)
+    np.testing.assert_allclose(grads[:, 0], _central(doubles, X, shape, 1e-6)[:, 1], atol=1e-7)
 
 
-def test_maxpool_rewrite_keeps_the_general_path_for_overlapping_pools(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 3x3 window at stride 2 overlaps: the scatter stays."""
-    monkeypatch.setattr(tidy, "MAXPOOL_MIN", 0)
-    model = _pool_model()
+def test_maxpool_rewrite_keeps_the_general_path_for_overlapping_pools() -> None:
+    """A 3x3 window at stride 2 overlaps: the scatter stays (MaxUnpool would overwrite where
+    the gradient adds up)."""
+    model = _pool_model(dtype=np.float64)
     for node in model.graph.node:
         if node.op_type == "MaxPool":
             node.CopyFrom(helper.make_node("MaxPool", ["image"], ["pool"], kernel_shape=[3, 3],
@@ -151,3 +159,56 @@ def test_columns_together_equal_columns_one_at_a_time() -> None:
         _, alone = _build(model, shape, np.float32, "probabilities", [column]
                           ).value_and_grad(X)
         np.testing.assert_allclose(alone[:, 0], together[:, column], rtol=1e-5, atol=1e-7)
+
+
+def test_bundled_text_model_tidied_equals_onnx_ad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled attention model (softmax's gradient: reductions and scalings with the
+    seed axis last): tidy's graph, with the seed a constant, extent-1 reductions gone and the
+    unit tails reshaped away, gives onnx-ad's gradients at 1 and 32 rows."""
+    model = onnx.load(str(ROOT / "examples" / "models" / "text_sentiment" / "1" / "model.onnx"))
+    feeds = models.feeds_for("tokens", (16,), np.int64)
+    X = np.random.default_rng(8).integers(0, 50, size=(32, 16)).astype(np.float64)
+    X[:, 12:] = 0  # padding
+    untidied(monkeypatch)
+    plain = GradientModel.build(model, feeds, 16, "probabilities", [1])
+    reference = plain.value_and_grad(X)
+    before = _adjoint_ops(plain, 32)
+    monkeypatch.undo()
+    gm = GradientModel.build(model, feeds, 16, "probabilities", [1])
+    after = _adjoint_ops(gm, 32)
+    assert after.count("ReduceSum") < before.count("ReduceSum")
+    assert backend.PREFIX + "logits" not in gm._adjoint(32).inputs  # the seed is baked in
+    for rows in (32, 1):
+        values, grads = gm.value_and_grad(X[:rows])
+        np.testing.assert_allclose(values, reference[0][:rows], rtol=1e-6)
+        np.testing.assert_allclose(grads, reference[1][:rows],
+                                   atol=1e-6 * np.abs(reference[1]).max())
+
+
+def test_unit_tails_reshape_around_slow_broadcasts_and_reductions() -> None:
+    """x / c with c one element and x ending in extent-1 axes, and a sum over axis 1 of such
+    an x, run without the tail; an op with nothing to gain is left alone."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 1])
+    nodes = [helper.make_node("Div", ["x", "c"], ["d"]),
+             helper.make_node("ReduceSum", ["d", "axis"], ["s"], keepdims=1),
+             helper.make_node("Mul", ["x", "x"], ["m"])]
+    graph = helper.make_graph(
+        nodes, "tails", [x],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("d", "s", "m")],
+        [numpy_helper.from_array(np.array([4.0], np.float32), "c"),
+         numpy_helper.from_array(np.array([1], np.int64), "axis")])
+    model = graphs.infer(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17)]))
+    tidied = graphs.infer(tidy.unit_tails(model))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in tidied.graph.value_info}
+    ran = {n.op_type: n for n in tidied.graph.node if n.op_type in ("Div", "ReduceSum")}
+    assert shapes[ran["Div"].input[0]] == [2, 3, 4] and shapes[ran["ReduceSum"].input[0]] \
+        == [2, 3, 4]
+    assert [n.op_type for n in tidied.graph.node].count("Reshape") == 5  # Mul untouched
+    X = np.random.default_rng(9).normal(size=(2, 3, 4, 1)).astype(np.float32)
+    want = backend.session(model).run(None, {"x": X})
+    got = backend.session(tidied).run(None, {"x": X})
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)

@@ -155,7 +155,8 @@ class _Adjoint:
                                                                       shapes))))
             adjoint = onnx_ad.reverse(pinned, inputs=names, outputs=[target.tensor],
                                       prefix=PREFIX, layout="onnx")
-            tidied = _tidy_session(adjoint, target, names)
+            self.seed = _seed(target, parts, batch)  # (batch, *target shape, columns)
+            tidied = _tidy_session(adjoint, target, names, self.seed)
             self.tidied = tidied is not None  # else onnx-ad's graph as it came
             if tidied is None:
                 self.session = session(adjoint)
@@ -169,8 +170,8 @@ class _Adjoint:
             raise Refused(f"onnx-ad failed on the graph: {type(exc).__name__}: {exc}") from exc
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [target.tensor, *(PREFIX + n for n in names)]
-        self.seed_name = PREFIX + target.tensor
-        self.seed = _seed(target, parts, batch)  # (batch, *target shape, columns)
+        self.seed_name = PREFIX + target.tensor  # an input of onnx-ad's graph, a constant of
+        # tidy's
         self.columns = target.columns
         self._picks = np.array(target.columns, np.intp)
         self.nbytes = int(adjoint.ByteSize())
@@ -179,7 +180,8 @@ class _Adjoint:
     def run(self, feeds: dict[str, Array]) -> tuple[Array, Array]:
         """Target values (batch, columns) and gradients (batch, columns, p)."""
         given = {k: v for k, v in feeds.items() if k in self.inputs}
-        given[self.seed_name] = self.seed
+        if self.seed_name in self.inputs:
+            given[self.seed_name] = self.seed
         value, *grads = self.session.run(self.outputs, given)
         rows, k = value.shape[0], len(self.columns)
         # (rows, *shape, k) -> (rows, k, size): a plain reshape when k is 1 (no copy)
@@ -190,14 +192,14 @@ class _Adjoint:
                 grad.astype(np.float64))
 
 
-def _tidy_session(adjoint: onnx.ModelProto, target: Target, names: Sequence[str]
+def _tidy_session(adjoint: onnx.ModelProto, target: Target, names: Sequence[str], seed: Array
                   ) -> tuple[ort.InferenceSession, onnx.ModelProto] | None:
     """A session on the adjoint after tidy's exact rewrites (seed axis pinned to the explained
-    columns); None when tidying or its session fails, and onnx-ad's own graph is run (the
-    rewrites are an optimisation only)."""
+    columns, the seed a constant); None when tidying or its session fails, and onnx-ad's own
+    graph is run (the rewrites are an optimisation only)."""
     try:
         tidied = tidy.tidy(adjoint, PREFIX + target.tensor, [PREFIX + n for n in names],
-                           len(target.columns))
+                           len(target.columns), seed)
         return session(tidied), tidied
     except Exception:  # shape inference, the reference evaluator or onnxruntime refusing
         return None
