@@ -69,7 +69,8 @@ def tidy(adjoint: onnx.ModelProto, seed: str, grads: list[str], seeds: int,
     out = graphs.infer(_clear_shapes(graphs.prune(_aliases(out))))
     out = graphs.infer(_clear_shapes(graphs.prune(masks_before_unpool(out))))
     out = graphs.infer(_clear_shapes(_transposed_convs(_scale_before_expand(out))))
-    return graphs.infer(_clear_shapes(unit_tails(out)))
+    out = graphs.infer(_clear_shapes(unit_tails(out)))
+    return _written_outputs(out, grads) if seeds == 1 else out
 
 
 def pin_seeds(model: onnx.ModelProto, names: list[str], seeds: int) -> onnx.ModelProto:
@@ -226,6 +227,34 @@ def _aliases(model: onnx.ModelProto) -> onnx.ModelProto:
     _rename_reads(out, renames)
     out.graph.initializer.extend(extra)
     return out
+
+
+def _written_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A gradient output copied or reshaped from a tensor nothing else reads is written by
+    that tensor's producer instead, its declared shape then left open (one seed: the caller
+    reshapes each output to (rows, 1, elements), whatever its axes)."""
+    out = graphs.copy(model)
+    for name in names:
+        while _write_directly(out, name):
+            pass
+    return out
+
+
+def _write_directly(model: onnx.ModelProto, name: str) -> bool:
+    """One step of `_written_outputs`: whether a copy or reshape into `name` was removed."""
+    made = graphs.producers(model.graph)
+    last = made.get(name)
+    if last is None or last.op_type not in ("Identity", *RESHAPES):
+        return False
+    source, readers = made.get(last.input[0]), _consumers(model).get(last.input[0], [])
+    outputs = {o.name: o for o in model.graph.output}
+    if source is None or last.input[0] in outputs or len(readers) != 1:
+        return False
+    at = next(k for k, n in enumerate(model.graph.node) if name in n.output)
+    source.output[list(source.output).index(last.input[0])] = name
+    outputs[name].type.tensor_type.ClearField("shape")
+    del model.graph.node[at]
+    return True
 
 
 def _moves_ones_only(node: NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
