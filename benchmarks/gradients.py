@@ -55,26 +55,36 @@ in one run, thread CPU time, load average 2.0-3.0 on 2 cores, before -> after:
 - *ConvTranspose -> Conv* with the flipped kernel (stride 1, at least 16 channels each way):
   ResNet-like 3.1 -> 3.0, 3.4 -> 3.1. On the digits CNN (16 -> 8 and 8 -> 1 channels) the
   blocked Conv is slower (3.4 -> 4.1), so narrow ones stay ConvTransposes.
-- *MaxPool* (windows that tile the input): MaxPool-with-indices plus ScatterND, both generic
-  kernels, became window arithmetic on the pooled maximum (first maximum kept, as the indices
-  do): the pool's gradient alone 177 -> 103 us at 32 rows, digits CNN 3.4 -> 3.05. Below 4,096
-  input elements (one digits row) its ~20 small nodes cost more, and the scatter stays.
+- *MaxPool* (windows that tile the input): onnx-ad scatters the pooled gradient onto zeros at
+  the pool's indices with ScatterND, a generic kernel; MaxUnpool does the same scatter in one
+  pass (digits CNN, 32 rows: the pool's gradient 177 -> ~45 us, 3.8 -> 3.15 on a quiet
+  machine). Window arithmetic on the pooled maximum (an earlier version: ~20 small kernels),
+  ArgMax over a transposed window axis and SpaceToDepth were all slower than MaxUnpool.
+- *ReLU mask before the unpool*: the mask of the ReLU feeding a MaxPool multiplies the unpooled
+  gradient, which is zero off each window's maximum, so it moves onto the pooled tensor (a
+  quarter of the elements); reshapes around element-wise ops sink so masks meet their inputs.
+- *The seed a constant*: the same one-hot every call, so onnxruntime folds the head's gradient
+  into constants when it creates the session (digits CNN -6%).
+- *The seed axis's slow kernels*: onnxruntime runs an element-wise op with a one-element operand
+  and a reduction followed by extent-1 axes one element at a time when the innermost axis has
+  extent 1 ([32,16,16,1] / [1]: 57 us; without the axis: 5). Reshaping that axis away around
+  them, and dropping onnx-ad's sums over extent-1 axes, took the text model from 2.9 to 1.8 at
+  32 rows and 2.5 to 2.3 at one row; the ResNet-like from 2.85 to 2.55 at one row.
 - *Python*: value_and_grad at a pinned batch size skips slicing and padding, and reshapes
-  instead of moving axes: 7-10 us less per call, most of it visible at one row.
+  instead of moving axes; each gradient output is written by its producer, not copied into
+  place.
 
-Why the ratio is still near or above 3:
+Tried and dropped: Sign(y) for a ReLU's 0/1 mask (one kernel instead of Greater and Cast, but
+onnxruntime's Sign is slower than both: ResNet-like 2.6 -> 3.0), Where for the mask (3x slower
+than Cast and Mul), the 16 -> 8 channel ConvTranspose as a Conv (plain or padded to 16 output
+channels for the blocked layout: 63 -> 66-68 us), flushing denormals, no prepacking.
 
-- *One row*: a 11-25 us forward pass against ~25-30 kernels in the adjoint (onnxruntime's
-  fixed cost per kernel is about a microsecond) plus what the backend does around the run
-  (feeds from flat rows, float64 results; for the text model the embedding lookup in numpy,
-  which the forward does inside onnxruntime).
-- *Digits CNN, 32 rows*: the MaxPool gradient still costs about the whole forward pass:
-  upsampling to the window (MatMul by a 0/1 matrix, Concat) and the masks (Equal, Cast, Mul)
-  run in onnxruntime's plain element-wise kernels; Expand, Resize and DepthToSpace, tried for
-  the upsampling, were slower still. Its ConvTransposes stay slower than the forward's Convs.
-- *ResNet-like*: at the target within the noise of this shared machine; what remains is the
-  ReLU masks (Greater, Cast, Mul over every feature map) and the ConvTransposes of the strided
-  projection and of the 3-channel stem.
+Where the time goes, digits CNN at 32 rows (quiet machine, per-kernel profile): the backward
+convolutions 62 + 12 us against the forward's 44 + 8 (ConvTranspose runs one small GEMM and a
+col2im per image; the forward's Convs run in the blocked NCHWc layout, which needs 16 output
+channels, and the first ConvTranspose has 8); MaxPool with indices 39 us (a scalar loop,
+where the forward's pool runs blocked in 4); MaxUnpool 7; masks ~14; layout reorders ~8. The
+ratio sits at 3.0-3.1 there: what is left is onnxruntime's kernels, not the graph.
 """
 
 
