@@ -184,12 +184,14 @@ class _Adjoint:
             given[self.seed_name] = self.seed
         value, *grads = self.session.run(self.outputs, given)
         rows, k = value.shape[0], len(self.columns)
+        picked = value.reshape(rows, -1)[:, self._picks]  # (rows, k)
+        if k == 1 and len(grads) == 1:  # the common case: one reshape, one copy
+            return picked.astype(np.float64), grads[0].reshape(rows, 1, -1).astype(np.float64)
         # (rows, *shape, k) -> (rows, k, size): a plain reshape when k is 1 (no copy)
         flat = [g.reshape(rows, 1, -1) if k == 1 else
                 g.reshape(rows, -1, k).transpose(0, 2, 1) for g in grads]
         grad = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=2)
-        return (value.reshape(rows, -1)[:, self._picks].astype(np.float64),
-                grad.astype(np.float64))
+        return picked.astype(np.float64), grad.astype(np.float64)
 
 
 def _tidy_session(adjoint: onnx.ModelProto, target: Target, names: Sequence[str], seed: Array
@@ -289,7 +291,11 @@ class GradientModel:
         self.seconds_per_row = self._time_one_row()
 
     def _adjoint(self, batch: int) -> _Adjoint:
-        """The adjoint at a pinned batch size, built on first use."""
+        """The adjoint at a pinned batch size, built on first use (a built one is read
+        without the lock: entries are only ever added)."""
+        built = self._adjoints.get(batch)
+        if built is not None:
+            return built
         with self._lock:
             if batch not in self._adjoints:
                 built = _Adjoint(self.parts, self.variables, self.target, batch)
@@ -386,7 +392,9 @@ class GradientModel:
         variables at P (default: X's); a rescaled model also takes DeepLIFT's references."""
         if self.rescale and references is None:
             raise InvalidArgument("gradients: a rescaled (DeepLIFT) model needs references")
-        feeds = {**self.feeds(X, P), **(references or {})}
+        feeds = self.feeds(X, P)
+        if references:
+            feeds.update(references)
         if self.engine == ENGINE_FD:
             return self._finite_differences(feeds)
         rows = X.shape[0]
