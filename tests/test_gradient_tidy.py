@@ -57,6 +57,21 @@ def _adjoint_ops(gm: GradientModel, batch: int) -> list[str]:
     return list(adjoint.ops)
 
 
+def _tidied_graph(gm: GradientModel, batch: int) -> onnx.ModelProto:
+    """The graph tidy gives for the batch's adjoint, rebuilt the way the backend builds it."""
+    captured: list[onnx.ModelProto] = []
+    real = tidy.tidy
+
+    def keep(*args: object) -> onnx.ModelProto:
+        captured.append(real(*args))  # type: ignore[arg-type]
+        return captured[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tidy, "tidy", keep)
+        backend._Adjoint(gm.parts, gm.variables, gm.target, batch)
+    return captured[-1]
+
+
 def _central(model: onnx.ModelProto, X: Array, shape: tuple[int, ...], h: float) -> Array:
     """(rows, classes, elements) central differences of the logits, plain session."""
     run = backend.session(model)
@@ -125,6 +140,14 @@ def test_tidied_cnn_equals_onnx_ad_with_relu_ties(monkeypatch: pytest.MonkeyPatc
     gm = GradientModel.build(model, models.feeds_for("image", shape, np.float32), 256,
                              "probabilities", [1])
     assert len(_adjoint_ops(gm, 32)) < plain
+    graph = _tidied_graph(gm, 32)
+    made = {o: n for n in graph.graph.node for o in n.output}
+    unpool = next(n for n in graph.graph.node if n.op_type == "MaxUnpool")
+    masked = made[unpool.input[0]]  # the pooled gradient times the ReLU's mask on the pool
+    assert masked.op_type == "Mul" and any(
+        made[made[i].input[0]].op_type == "Greater"
+        and made[made[made[i].input[0]].input[0]].op_type == "MaxPool"
+        for i in masked.input if i in made and made[i].op_type == "Cast")
     values, grads = gm.value_and_grad(X)
     np.testing.assert_allclose(values[:, 0], reference[0][:, 1], rtol=1e-6)
     np.testing.assert_allclose(grads[:, 0], reference[1][:, 1], atol=1e-6 * np.abs(
