@@ -96,6 +96,16 @@ def constrained_solve(A: Array, b: Array, total: Array) -> Array:
     return np.asarray((a_b - a_1[:, None] * nu[None]).T)
 
 
+def solve_many(A: Array, b: Array, total: Array) -> Array:
+    """constrained_solve for a stack of positive definite systems at once: A (groups,
+    features, features), b (groups, features, outputs) -> (groups, outputs, features)."""
+    rhs = np.concatenate([b, np.ones((*b.shape[:2], 1))], axis=2)  # (groups, features, o + 1)
+    sol = np.linalg.solve(A, rhs)
+    a_b, a_1 = sol[:, :, :-1], sol[:, :, -1]  # (groups, features, outputs), (groups, features)
+    nu = (a_b.sum(axis=1) - total) / a_1.sum(axis=1)[:, None]  # (groups, outputs)
+    return np.asarray((a_b - a_1[:, :, None] * nu[:, None, :]).transpose(0, 2, 1))
+
+
 class KernelShap:
     """Anytime paired KernelSHAP.
 
@@ -233,17 +243,17 @@ class KernelSums:
     def add(self, masks: Array, v: Array, w: Array) -> None:
         """masks: (pairs, features) bool; v: (pairs, 2, outputs) for S and its complement;
         w: (pairs,) importance weights. The batch is cut into contiguous blocks dealt to groups
-        in turn, one matmul per block."""
+        in turn; the blocks' sums come from one batched product each."""
         z = masks.astype(np.float64)
-        blocks = np.array_split(np.arange(z.shape[0]), min(JACKKNIFE_GROUPS, z.shape[0]))
-        group = np.empty(z.shape[0], dtype=np.int64)  # (pairs,)
-        for i, idx in enumerate(blocks):
-            g, part = (self.rounds + i) % JACKKNIFE_GROUPS, slice(idx[0], idx[-1] + 1)
-            self.A[g] += _pair_gram(z[part], w[part])
-            self.b[g] += _pair_moment(z[part], v[part], w[part])
-            self.count[g] += len(idx)
-            group[part] = g
-        self.rounds += len(blocks)
+        blocks = min(JACKKNIFE_GROUPS, z.shape[0])
+        block = np.arange(z.shape[0]) * blocks // z.shape[0]  # (pairs,) contiguous, even
+        to = (self.rounds + np.arange(blocks)) % JACKKNIFE_GROUPS  # (blocks,) distinct groups
+        A, b = _block_sums(z, v, w, block, blocks)
+        self.A[to] += A
+        self.b[to] += b
+        group = to[block]  # (pairs,)
+        self.count += np.bincount(group, minlength=JACKKNIFE_GROUPS)
+        self.rounds += blocks
         self.n += z.shape[0]
         if self.n <= ADJUST_MAX_PAIRS:
             self.kept.append((masks, v, w, group))
@@ -324,9 +334,14 @@ class KernelSums:
         used = np.flatnonzero(self.count)
         if used.size < 2:
             return phi, np.zeros_like(phi) if self.n == 0 else np.full(phi.shape, np.inf)
-        plain = np.stack([constrained_solve(self.A0 + (A - self.A[g]) / (n - self.count[g]),
-                                            b0 + (b - bg[g]) / (n - self.count[g]), total)
-                          for g in used])  # (groups, outputs, features)
+        rest = (n - self.count[used])[:, None, None]  # (groups, 1, 1)
+        As = self.A0 + (A - self.A[used]) / rest  # (groups, features, features)
+        bs = b0 + (b - bg[used]) / rest  # (groups, features, outputs)
+        if self.fixed is not None:  # the enumerated pairs make every A positive definite
+            plain = solve_many(As, bs, total)  # (groups, outputs, features)
+        else:
+            plain = np.stack([constrained_solve(a, c, total) for a, c in zip(As, bs,
+                                                                              strict=True)])
         linear = self._linearised(used, phi, bg)  # (groups, outputs, features)
         k = len(used)
         var = [(k - 1) / k * ((v - v.mean(0)) ** 2).sum(0) for v in (plain, linear)]
@@ -343,6 +358,26 @@ class KernelSums:
         flat = r.transpose(1, 0, 2).reshape(r.shape[1], -1)  # (features, groups * outputs)
         out = constrained_solve(self.A0 + A / n, flat, np.zeros(flat.shape[1]))
         return out.reshape(used.size, phi.shape[0], phi.shape[1])
+
+
+def _block_sums(z: Array, v: Array, w: Array, block: Array, blocks: int
+                ) -> tuple[Array, Array]:
+    """_pair_gram and _pair_moment of each block of pairs (block: (pairs,) ascending), as
+    batched products over the blocks padded with weight-0 pairs: (blocks, features, features),
+    (blocks, features, outputs)."""
+    pairs, d = z.shape
+    starts = np.searchsorted(block, np.arange(blocks))  # (blocks,)
+    pos = np.arange(pairs) - starts[block]  # (pairs,) place within the block
+    size = int(pos.max()) + 1
+    zp = np.zeros((blocks, size, d))  # (blocks, size, features)
+    wp = np.zeros((blocks, size))
+    vp = np.zeros((blocks, size, *v.shape[1:]))  # (blocks, size, 2, outputs)
+    zp[block, pos], wp[block, pos], vp[block, pos] = z, w, v
+    zw = (zp * wp[:, :, None]).transpose(0, 2, 1)  # (blocks, features, size)
+    s = zw.sum(axis=2)  # (blocks, features)
+    gram = zw @ zp + 0.5 * (wp.sum(axis=1)[:, None, None] - s[:, :, None] - s[:, None, :])
+    moment = 0.5 * (zw @ (vp[:, :, 0] - vp[:, :, 1]) + (wp[:, None, :] @ vp[:, :, 1]))
+    return gram, moment
 
 
 def _pair_gram(z: Array, w: Array) -> Array:
