@@ -682,4 +682,11 @@ WHY = """Mechanisms:
   stop's fix, `Evaluator._timed` (explainers/base.py) divided the rows of a batch that ran in
   under its 50 us overhead guess by 1 ns (the 12-feature MLP runs 64-1,024 rows in 21-42 us),
   so the learned figure reached 10^10-10^12 rows/s and `auto` ran exact (~25 ms) under 10 ms
-  budgets. Now at most half of a call's measured time is taken off for the overhead."""
+  budgets. Now at most half of a call's measured time is taken off for the overhead.
+- *One BLAS thread in this process* (benchmarks/__init__.py, as the service sets it for
+  itself): until 2026-12-02 18:30 the benchmark process, where shap runs, left OpenBLAS at two
+  threads, which spin on after each larger product and took the second core from whatever ran
+  next, shap's own model calls included. With one thread shap got about 1.7x faster here
+  (PermutationExplainer on the digits probability: 416 -> 251 ms to 5%) and Sidelight 1.6x
+  (the server no longer loses its core to the client's spinning threads), so the digits
+  probability's lead at 1%, 14.1x in the earlier run, is 6.8x in this fairer one."""
