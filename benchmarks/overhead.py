@@ -444,15 +444,22 @@ WHY = """Why (mechanisms):
   (`OnnxModel.has_trees`) and they keep path-major rows; MLPs do not care. Same rows, same
   model calls, the same attributions bit for bit. The model call's batch size is now chosen
   counting the caller's ~40 us per call, and the adapter's layout offsets are computed once.
-- *Misses*: 1.15 leaves everything but the model 15% of the model's time: ~5 ns per row on
-  the 12-feature MLP (34 ns per row in onnxruntime), ~22 on digits, ~27 on the Friedman MLP,
-  ~40 on the 30- and 100-feature MLPs. The random orders alone (`rng.permuted`, ~7 ns per row,
-  part of the seed's stream) exceed the first; the sampler's own per-row numpy work in
+- *Two fixes of 2026-12-02*: the ranks of a game with dummy players (digits: 53 live pixels of
+  64) came out of `Groups.expand_ranks` in column order (`a[:, index]`), numpy laid the rows out
+  the same way and every pass of the builder ran strided: 107 -> 21 ns per row on digits, ratio
+  2.66 -> 1.45 (`np.take` and a C-order copy in `path_rows` now). And this process now runs
+  one BLAS thread (benchmarks/__init__.py): with two, OpenBLAS's threads spun on after the
+  sampler's products and slowed the floor replayed right after them, so earlier runs of this
+  section overstated the floor and understated the ratios (digits 1.44 then, against 2.66
+  before the layout fix with one thread).
+- *Misses*: 1.15 leaves everything but the model 15% of the model's time: ~3 ns per row on
+  the 12-feature MLP (19 ns per row in onnxruntime), ~14 on digits, ~15 on the Friedman MLP,
+  ~22-26 on the 100- and 30-feature MLPs. The random orders alone (`rng.permuted`, ~7 ns per
+  row, part of the seed's stream) exceed the first; the sampler's own per-row numpy work in
   explainers/shapley/permutation.py (path array, marginals by `np.diff` + `take_along_axis`,
-  pair means, per-row sums: 25-40 ns per row, the last table) the others, with the rows
-  (0.4-0.5 ns per cell in place) and the adapter (float64 output, column, logit: 4-14 ns).
+  pair means, per-row sums: 7-40 ns per row, the last table) the others, with the rows
+  (0.3-0.4 ns per cell in place) and the adapter (float64 output, column, logit: 1-6 ns).
   Marginals by flat indexing measured 6 -> 3.5 ns per row; a compiled (numba, branch-free)
   builder 0.15-0.5 ns per cell, 10-20 ns per row less at 50-100 features: neither closes the
   gap, which needs the sampler's per-row bookkeeping fused (compiled) or the model's cost per
-  row to be larger. The tree models (~0.8-1 us per row) sit at the target within this
-  machine's noise (1.09-1.19 across runs; their rows are built as before)."""
+  row to be larger. The tree models (~0.7 us per row) meet the target (1.10)."""

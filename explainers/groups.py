@@ -135,7 +135,8 @@ class Groups:
         if self.identity:
             return masks
         padded = np.concatenate([masks, np.ones((*masks.shape[:-1], 1), bool)], axis=-1)
-        return padded[..., self.index]  # index -1 picks the padding column
+        return np.take(padded, self.index, axis=-1)  # index -1 picks the padding column; C
+        # order, which padded[..., index] is not
 
     def expand_ranks(self, ranks: Array) -> Array:
         """Player ranks in orders (paths, d) -> element ranks (paths, elements); elements in no
@@ -143,7 +144,7 @@ class Groups:
         if self.identity:
             return ranks
         padded = np.concatenate([ranks, np.full((ranks.shape[0], 1), -1, ranks.dtype)], axis=1)
-        return padded[:, self.index]
+        return np.take(padded, self.index, axis=1)  # C order (padded[:, index] is not)
 
     def to_map(self, values: Array) -> Array:
         """Per-group values (outputs, d) -> per-element map (outputs, elements): each element
