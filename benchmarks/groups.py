@@ -147,32 +147,34 @@ def _scorecard(score: Score) -> str:
 WHY = """Why the misses (mechanisms; the figures vary by a few tenths between runs on this shared
 machine, the tables below are this run's):
 
-- *Images and text against one baseline row (~5-6.5x, not 10x)*: a coalition costs one model
-  row for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples antithetic
-  permutations, Sidelight `auto` (against one row, from 13 groups; permutations for the texts'
-  11-12 tokens, where the fit's own cost outweighs its saving) paired KernelSHAP with the size-1
-  pairs enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost around each
-  evaluation. The kernel's bookkeeping (each jackknife group's normal equations, the
-  leave-one-group-out solves) runs as batched products: 35% less CPU per explanation at equal
-  evaluations (16 patches, 2,048 evaluations: 9.3 -> 6.1 ms), which took these speed-ups from
-  3.6-5.5x to 5.5-6.4x; and the 120 size-2 pairs of the 16 patches are enumerated once the
-  budget affords four times their cost (30-35% lower error at equal evaluations from ~4,000
-  on). The model's own time is now about 60% of the total, so 10x needs still fewer
-  evaluations, not leaner code. A regression adjustment (boosted trees over the coalitions,
-  cross-fitted, their Shapley values exact: Witter, Liu & Musco 2025;
-  explainers/shapley/surrogate.py) cut the kernel fit's error 2-3.5x at equal evaluations on
-  11-13 live patches and on the texts (so 4-10x fewer evaluations to 5%), with 95% intervals
-  covering 95-97%; but fitting the trees costs 4-25 ms of CPU per fold, more than the 1-5 ms of
-  model time it saves on these fast models (measured: 16 patches 8.8 -> 15 ms to 5%, texts 3.3
-  -> 8.4 ms; smaller ensembles, 6-10 trees of depth 3, fit in about a millisecond but cut the
-  error too little: 16 patches 8.4 -> 10.4 ms). It is therefore used only when it costs at most
-  half the model time spent (a model slower than ~50k rows/s), not here. At 64 patches (32-36
-  live) the trees cut the error only 5-25%.
-- *One-hot table (~5-6x)*: against 100 background rows Sidelight draws one row per antithetic
+- *Images and text against one baseline row (~5-10x, not 10x everywhere)*: a coalition costs one
+  model row for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples
+  antithetic permutations, Sidelight `auto` (against one row, from 13 groups; permutations for
+  the texts' 11-12 tokens, where the fit's own cost outweighs its saving) paired KernelSHAP with
+  the size-1 pairs enumerated, which reached 5% with 2.5-3x fewer evaluations, plus less cost
+  around each evaluation. Three changes of 2026-12-02 moved these ratios from 3.6-5.9x to
+  4.7-9.9x: the kernel's bookkeeping (each jackknife group's normal equations, the
+  leave-one-group-out solves) as batched products, 35% less CPU per explanation at equal
+  evaluations; the 120 size-2 pairs of 16 patches enumerated once the budget affords four times
+  their cost (30-35% lower error at equal evaluations from ~1,000 on); and masked rows built in
+  C order for games with dummy players (the 64-patch digits have 32-36 live patches, the one-hot
+  table's permutation rows too). The model's own time is now about 60% of the total, so the rest
+  needs fewer evaluations, not leaner code; the texts (4.7-5.5x over runs) are explained in ~2
+  ms, where a few hundred microseconds of fixed cost per call weigh most. A regression
+  adjustment (boosted trees over the coalitions, cross-fitted, their Shapley values exact:
+  Witter, Liu & Musco 2025; explainers/shapley/surrogate.py) cut the kernel fit's error 2-3.5x
+  at equal evaluations on 11-13 live patches and on the texts (so 4-10x fewer evaluations to
+  5%), with 95% intervals covering 95-97%; but fitting the trees costs 4-25 ms of CPU per fold,
+  more than the 1-5 ms of model time it saves on these fast models (measured: 16 patches 8.8 ->
+  15 ms to 5%, texts 3.3 -> 8.4 ms; smaller ensembles, 6-10 trees of depth 3, fit in about a
+  millisecond but cut the error too little: 16 patches 8.4 -> 10.4 ms). It is therefore used
+  only when it costs at most half the model time spent (a model slower than ~50k rows/s), not
+  here. At 64 patches (32-36 live) the trees cut the error only 5-25%.
+- *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per antithetic
   pair while shap evaluates every coalition on all 100 rows, so the lead is largest at 1%
-  (~15-20x). At 5% the better shap is its Partition explainer, whose Owen values over the groups
+  (~25-40x). At 5% the better shap is its Partition explainer, whose Owen values over the groups
   in order happen to lie within 5% of the Shapley values on this model (its floor, 4.95%, is
-  just under the target): against shap's PermutationExplainer the lead is ~8x.
+  just under the target): against shap's PermutationExplainer the lead is ~10x.
 - *shap Partition on Shapley references*: it estimates Owen values, which are not Shapley
   values; its error stops at the gap between the two (18-38% on the images and texts), so it
   never reaches 5% there (*never*).

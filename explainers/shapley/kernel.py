@@ -5,7 +5,7 @@ and jackknife standard errors over groups of pairs.
 Against the whole background the d pairs ({i}, all but i), which carry the largest share of
 the Shapley kernel, are enumerated first and enter the fit exactly, and the d(d-1)/2 pairs of
 size 2 (the next largest share) too when the budget affords four times their cost (16 image
-patches: 30-35% lower error at equal evaluations past ~4,000); the other pairs are drawn
+patches: 30-35% lower error at equal evaluations past ~1,000); the other pairs are drawn
 by leverage score (Musco & Witter, ICLR 2025: coalition sizes uniform, members uniform) and
 importance-weighted by kernel mass / sampling probability, so the fit is that of KernelSHAP.
 Measured (docs/benchmarks.md): about 1.8x less variance than kernel-weighted sampling without
