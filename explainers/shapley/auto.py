@@ -5,9 +5,10 @@ baseline: image patches) from KERNEL_MIN_PLAYERS players, the default sampler ot
 Against one row the game is deterministic and a coalition costs one model row for either
 sampler; there the kernel fit reached 5% error with 2-4x fewer evaluations than antithetic
 permutations on the digits CNN at 16 and 64 patches, but on the text model (11-12 tokens) the
-fit's own cost per evaluation takes its lead: in CPU time both reach 5% together (4.5-4.8 ms)
-and permutations reach 1% about 3x sooner (12 against 34 ms: docs/benchmarks.md, feature
-groups), so below KERNEL_MIN_PLAYERS it samples permutations. Against a background the
+fit's own cost per evaluation takes most of its lead: in CPU time the kernel reaches 5% a
+little sooner (2.0-2.1 against 2.4-2.6 ms) and permutations reach 1% about 2.5x sooner (5.2
+against 13.3 ms: docs/benchmarks.md, feature groups), so below KERNEL_MIN_PLAYERS it samples
+permutations. Against a background the
 permutation sampler visits one background row per pair where the kernel fit pays for all of
 them on every coalition."""
 
