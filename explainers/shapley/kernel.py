@@ -2,16 +2,15 @@
 closed form under the efficiency constraint (no feature is ever dropped or regularised away),
 and jackknife standard errors over groups of pairs.
 
-Against the whole background the d pairs ({i}, all but i), which carry the largest share of
-the Shapley kernel, are enumerated first and enter the fit exactly, and the d(d-1)/2 pairs of
-size 2 (the next largest share) too when the budget affords four times their cost and they
-take at most PAIRS_MAX_ROWS model rows (16 image
-patches: 30-35% lower error at equal evaluations past ~1,000); the other pairs are drawn
-by leverage score (Musco & Witter, ICLR 2025: coalition sizes uniform, members uniform) and
-importance-weighted by kernel mass / sampling probability, so the fit is that of KernelSHAP.
-Measured (docs/benchmarks.md): about 1.8x less variance than kernel-weighted sampling without
-enumeration. With one background row per pair, sizes are drawn from the kernel itself (there
-the leverage scheme measured no better).
+Against the whole background the d pairs ({i}, all but i), which carry the largest share of the
+Shapley kernel, are enumerated first and enter the fit exactly, and the d(d-1)/2 pairs of size 2
+(the next largest share) too when the budget affords four times their cost and they take at most
+PAIRS_MAX_ROWS model rows (16 image patches: 30-35% lower error at equal evaluations past
+~1,000); the other pairs are drawn by leverage score (Musco & Witter, ICLR 2025: coalition sizes
+uniform, members uniform) and importance-weighted by kernel mass / sampling probability, so the
+fit is that of KernelSHAP. Measured (docs/benchmarks.md): about 1.8x less variance than
+kernel-weighted sampling without enumeration. With one background row per pair, sizes are drawn
+from the kernel itself (there the leverage scheme measured no better).
 
 Regression adjustment (up to ADJUST_MAX_PLAYERS players, all background rows per coalition):
 the paired fit is exact for games without interactions above order two, so its error comes from
