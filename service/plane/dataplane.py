@@ -843,6 +843,10 @@ class DataPlane:
         try:
             with self.cores.held(p.control, lazily=True):
                 result = self._explain(p)
+        except ResourceExhausted as err:
+            if err.reason:  # the method's own refusal on arrival, under load: a shed too
+                self.metrics.rejected.labels(err.reason).inc()
+            raise
         finally:
             self.admission.done(ticket)
         p.control.tail.computed_at = time.monotonic()

@@ -31,6 +31,7 @@ LEARN_MIN_ROWS = 256  # rows a call must have evaluated for its speed to count
 LEARN_WEIGHT = 0.2  # how much one call moves the model's measured speed
 FACTOR_WEIGHT = 0.5  # ... and a method's wall factor (a late answer must not repeat for long)
 RELAX = 0.8  # a refusal moves the refusing method's learned wall factor this much back to prior
+MIN_RETRY_S = 0.01  # the least retry hint of a call shed by its method's own check
 
 
 @dataclass(frozen=True)
@@ -104,21 +105,41 @@ class RowJob:
         for share_of in dict.fromkeys((rows_left, 1)):
             try:
                 return explain(self.budget(share_of))
-            except (ResourceExhausted, DeadlineExceeded):
+            except (ResourceExhausted, DeadlineExceeded) as err:
                 late = ev.evaluations > before or self.waited_s > 0
                 if share_of == 1 and first and not late:
-                    self.relax()
+                    loaded = self.relax() or self.contended
+                    if loaded and isinstance(err, ResourceExhausted):
+                        self.shed(err)
                     raise
         return None
 
-    def relax(self) -> None:
+    def relax(self) -> bool:
         """A refusal on arrival measures nothing: move the method's learned wall factor a
         step back toward its prior, so that one slow outlier cannot close the method for good
-        (after ~10 refusals it is tried, and measured, again)."""
+        (after ~10 refusals it is tried, and measured, again). Whether the factor was above
+        its prior (the refusal then came from the server's learned slowness, not the budget
+        alone)."""
         factors, name = self.model.onnx.wall_factors, self.estimator.name
         prior = EXACT_WALL_PRIOR if name == "exact" else 1.0
-        if factors.get(name, prior) > prior:
-            factors[name] = prior + RELAX * (factors[name] - prior)
+        if factors.get(name, prior) <= prior:
+            return False
+        factors[name] = prior + RELAX * (factors[name] - prior)
+        return True
+
+    @property
+    def contended(self) -> bool:
+        """Whether the call was admitted with more calls in flight than cores (its time before
+        the method's check, and the learned speeds, then depend on the others)."""
+        tail = self.control.tail if self.control is not None else None
+        return tail is not None and tail.level > 1
+
+    def shed(self, err: ResourceExhausted) -> None:
+        """A refusal on arrival under load (a learned slowness, or more calls than cores) is a
+        shed call: a retry hint (once this call's own time would have passed) and counted with
+        admission's."""
+        err.retry_after_s = max(self.deadline - time.monotonic(), MIN_RETRY_S)
+        err.reason = "admission"
 
 
 def explain_plain(job: RowJob, X: Array, background: Background) -> tuple[Explanation, ...]:
