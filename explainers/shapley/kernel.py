@@ -280,10 +280,10 @@ class KernelSums:
     def fix(self, masks: Array, v: Array, weight: float) -> None:
         """Enumerated pairs, each with the same weight: exact, so outside the jackknife (added
         to those fixed before)."""
-        z = masks.astype(np.float64)
-        w = np.full(z.shape[0], weight)
-        self.A0 += _pair_gram(z, w)
-        self.b0 += _pair_moment(z, v, w)
+        w = np.full(masks.shape[0], weight)
+        A, b = _block_sums(masks.astype(np.float64), v, w, np.zeros(w.size, np.int64), 1)
+        self.A0 += A[0]
+        self.b0 += b[0]
         if self.fixed is not None:
             masks, v, w = (np.concatenate([a, b]) for a, b in zip(self.fixed, (masks, v, w),
                                                                      strict=True))
@@ -347,13 +347,9 @@ class KernelSums:
                 fresid[:, 0, o] -= g[2 * n:2 * n + m] / FOLDS
                 fresid[:, 1, o] -= g[2 * n + m:] / FOLDS
                 phi_g[o] += trees.shapley(d) / FOLDS
-        fz = fmasks.astype(np.float64)
-        b0 = _pair_moment(fz, fresid, fw)
-        z = masks.astype(np.float64)
-        bg = np.zeros_like(self.b)
-        for j in np.flatnonzero(self.count):
-            sel = group == j
-            bg[j] = _pair_moment(z[sel], resid[sel], w[sel])
+        b0 = _block_sums(fmasks.astype(np.float64), fresid, fw,
+                         np.zeros(fw.size, np.int64), 1)[1][0]
+        bg = _block_sums(masks.astype(np.float64), resid, w, group, JACKKNIFE_GROUPS)[1]
         phi_r, se = self._estimate(b0, bg, self.total - phi_g.sum(axis=1))
         return phi_r + phi_g, se
 
@@ -410,10 +406,14 @@ class KernelSums:
 
 def _block_sums(z: Array, v: Array, w: Array, block: Array, blocks: int
                 ) -> tuple[Array, Array]:
-    """_pair_gram and _pair_moment of each block of pairs (block: (pairs,) ascending), as
-    batched products over the blocks padded with weight-0 pairs: (blocks, features, features),
+    """The normal equations' sums of each block of pairs (block: (pairs,) labels in
+    0..blocks-1), as batched products over the blocks padded with weight-0 pairs:
+    gram = sum_j w_j (z_j z_j^T + (1-z_j)(1-z_j)^T) / 2, by (1-z)(1-z)^T = 11^T - 1z^T - z1^T
+    + zz^T: (blocks, features, features); moment = sum_j w_j (z_j v(S_j) + (1-z_j) v(~S_j)) / 2:
     (blocks, features, outputs)."""
     pairs, d = z.shape
+    order = np.argsort(block, kind="stable")  # (pairs,) grouped by block
+    z, v, w, block = z[order], v[order], w[order], block[order]
     starts = np.searchsorted(block, np.arange(blocks))  # (blocks,)
     pos = np.arange(pairs) - starts[block]  # (pairs,) place within the block
     size = int(pos.max()) + 1
@@ -426,16 +426,3 @@ def _block_sums(z: Array, v: Array, w: Array, block: Array, blocks: int
     gram = zw @ zp + 0.5 * (wp.sum(axis=1)[:, None, None] - s[:, :, None] - s[:, None, :])
     moment = 0.5 * (zw @ (vp[:, :, 0] - vp[:, :, 1]) + (wp[:, None, :] @ vp[:, :, 1]))
     return gram, moment
-
-
-def _pair_gram(z: Array, w: Array) -> Array:
-    """sum_j w_j (z_j z_j^T + (1-z_j)(1-z_j)^T) / 2: (features, features), by
-    (1-z)(1-z)^T = 11^T - 1 z^T - z 1^T + z z^T."""
-    s = w @ z  # (features,)
-    return np.asarray(z.T @ (w[:, None] * z) + 0.5 * (w.sum() - s[:, None] - s[None, :]))
-
-
-def _pair_moment(z: Array, v: Array, w: Array) -> Array:
-    """sum_j w_j (z_j v(S_j) + (1-z_j) v(~S_j)) / 2: (features, outputs)."""
-    return np.asarray(0.5 * (z.T @ (w[:, None] * (v[:, 0] - v[:, 1]))
-                             + (w @ v[:, 1])[None, :]))
