@@ -213,19 +213,15 @@ def _aliases(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes = _shapes(out)
     outputs = {o.name for o in out.graph.output}
     renames: dict[str, str] = {}
-    extra: list[onnx.TensorProto] = []
     for node in out.graph.node:
         if node.domain not in graphs.DEFAULT_DOMAINS:
             continue
         if _is_alias(node, shapes) and node.output[0] not in outputs:
             renames[node.output[0]] = node.input[0]
         elif node.op_type == "Transpose" and _moves_ones_only(node, shapes):
-            target = _fresh(out, f"{node.output[0]}__tidy_shape")
-            extra.append(numpy_helper.from_array(np.array(shapes[node.output[0]], np.int64),
-                                                 target))
+            target = _shape_const(out, f"{node.output[0]}__tidy_shape", shapes[node.output[0]])
             _become_reshape(node, node.input[0], target)
     _rename_reads(out, renames)
-    out.graph.initializer.extend(extra)
     return out
 
 
@@ -280,6 +276,13 @@ def _fresh(model: onnx.ModelProto, stem: str) -> str:
     return name
 
 
+def _shape_const(model: onnx.ModelProto, stem: str, dims: tuple[int, ...]) -> str:
+    """A new int64 initializer holding `dims` (a Reshape's target), under a fresh name."""
+    name = _fresh(model, stem)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), name))
+    return name
+
+
 def _become_reshape(node: NodeProto, source: str, target: str) -> None:
     """Rewrite a node in place into Reshape(source, target), keeping its output name."""
     output = node.output[0]
@@ -295,7 +298,6 @@ def _reshape_chains(model: onnx.ModelProto) -> onnx.ModelProto:
     out = graphs.copy(model)
     shapes = _shapes(out)
     made = graphs.producers(out.graph)
-    extra: list[onnx.TensorProto] = []
     for node in out.graph.node:
         if not _static_reshape(node, shapes):
             continue
@@ -304,11 +306,8 @@ def _reshape_chains(model: onnx.ModelProto) -> onnx.ModelProto:
             source = made[source].input[0]
         if source == node.input[0] and node.op_type == "Reshape":
             continue
-        target = _fresh(out, f"{node.output[0]}__tidy_shape")
-        extra.append(numpy_helper.from_array(np.array(shapes[node.output[0]], np.int64),
-                                             target))
+        target = _shape_const(out, f"{node.output[0]}__tidy_shape", shapes[node.output[0]])
         _become_reshape(node, source, target)
-    out.graph.initializer.extend(extra)
     return out
 
 
@@ -332,9 +331,7 @@ def _sink_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         result, inner = node.output[0], _fresh(out, f"{node.output[0]}__sunk")
-        target = _fresh(out, f"{result}__tidy_shape")
-        out.graph.initializer.append(numpy_helper.from_array(np.array(shapes[result],
-                                                                      np.int64), target))
+        target = _shape_const(out, f"{result}__tidy_shape", shapes[result])
         nodes.append(helper.make_node(node.op_type, [a, b], [inner], name=inner))
         nodes.append(helper.make_node("Reshape", [inner, target], [result],
                                       name=f"{result}__tidy"))
@@ -500,11 +497,8 @@ def _unpool(model: onnx.ModelProto, scatter: NodeProto, pool: NodeProto,
     tile it, so MaxUnpool's own output shape, which shape inference then knows), Reshape to
     the scatter's (elements, 1)."""
     stem = scatter.output[0]
-    consts = {"pooled": shapes[pool.output[0]], "flat": (math.prod(shapes[pool.input[0]]), 1)}
-    names = {k: _fresh(model, f"{stem}__{k}") for k in consts}
-    for k, dims in consts.items():
-        model.graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64),
-                                                               names[k]))
+    names = {"pooled": _shape_const(model, f"{stem}__pooled", shapes[pool.output[0]]),
+             "flat": _shape_const(model, f"{stem}__flat", (math.prod(shapes[pool.input[0]]), 1))}
     attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute
              if a.name in ("kernel_shape", "strides")}
     g, unpooled = _fresh(model, f"{stem}__g"), _fresh(model, f"{stem}__unpooled")
@@ -581,9 +575,7 @@ def _without_tail(model: onnx.ModelProto, node: NodeProto, shapes: dict[str, tup
     """`node` (the k-th) on its inputs with `tail` trailing axes reshaped away, then reshaped
     back; names carry k, as the new nodes join the graph only after the pass."""
     def target(dims: tuple[int, ...]) -> str:
-        name = _fresh(model, f"{node.output[0]}__untailed_shape")
-        model.graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), name))
-        return name
+        return _shape_const(model, f"{node.output[0]}__untailed_shape", dims)
 
     made: list[NodeProto] = []
     reads = list(node.input)
