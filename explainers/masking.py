@@ -115,11 +115,14 @@ def path_values(ev: Evaluator, x: Array, Z: Array, ranks: Array,
 def pinned(ev: Evaluator, x: Array, background: Background, groups: Groups | None) -> Background:
     """The background as the game sees it: elements in no group keep x's values in every
     row, so v(empty) = E_b f(x_fixed, bg_b) is the base value. Unchanged (no model call) when
-    every element belongs to a group."""
+    every element belongs to a group or the rows already hold x's values there (a text
+    baseline built from x)."""
     if groups is None or not np.any(groups.index < 0):
         return background
     fixed = groups.index < 0  # (elements,)
     data = np.where(fixed, x, background.data)  # (rows, elements)
+    if np.array_equal(data, background.data):
+        return background
     return Background.build(data, ev(data.astype(ev.dtype)), background.weights)
 
 

@@ -374,7 +374,7 @@ class KernelSums:
         """estimate() with the moments b0 (features, outputs) and per-group bg (groups,
         features, outputs) of some game and its total (outputs,)."""
         A, b, n = self.A.sum(0), bg.sum(0), max(self.n, 1)
-        phi = constrained_solve(self.A0 + A / n, b0 + b / n, total)
+        phi = self._solve(self.A0 + A / n, b0 + b / n, total)
         used = np.flatnonzero(self.count)
         if used.size < 2:
             return phi, np.zeros_like(phi) if self.n == 0 else np.full(phi.shape, np.inf)
@@ -391,6 +391,13 @@ class KernelSums:
         var = [(k - 1) / k * ((v - v.mean(0)) ** 2).sum(0) for v in (plain, linear)]
         return phi, np.sqrt(0.5 * (var[0] + var[1]))
 
+    def _solve(self, A: Array, b: Array, total: Array) -> Array:
+        """constrained_solve, by LU when enumerated pairs make A positive definite (a least-
+        squares SVD costs several times more on these small systems)."""
+        if self.fixed is None:
+            return constrained_solve(A, b, total)
+        return np.asarray(solve_many(A[None], b[None], total)[0])
+
     def _linearised(self, used: Array, phi: Array, bg: Array) -> Array:
         """The leave-one-group-out fits to first order around the full fit (the infinitesimal
         jackknife): one solve with a column per group. (groups, outputs, features)."""
@@ -400,7 +407,7 @@ class KernelSums:
         db = (b - bg[used]) / rest - b / n  # (groups, features, outputs)
         r = db - np.einsum("gij,kj->gik", dA, phi)  # (groups, features, outputs)
         flat = r.transpose(1, 0, 2).reshape(r.shape[1], -1)  # (features, groups * outputs)
-        out = constrained_solve(self.A0 + A / n, flat, np.zeros(flat.shape[1]))
+        out = self._solve(self.A0 + A / n, flat, np.zeros(flat.shape[1]))
         return out.reshape(used.size, phi.shape[0], phi.shape[1])
 
 
@@ -412,8 +419,9 @@ def _block_sums(z: Array, v: Array, w: Array, block: Array, blocks: int
     + zz^T: (blocks, features, features); moment = sum_j w_j (z_j v(S_j) + (1-z_j) v(~S_j)) / 2:
     (blocks, features, outputs)."""
     pairs, d = z.shape
-    order = np.argsort(block, kind="stable")  # (pairs,) grouped by block
-    z, v, w, block = z[order], v[order], w[order], block[order]
+    if np.any(block[1:] < block[:-1]):  # group the pairs by block (add's already are)
+        order = np.argsort(block, kind="stable")  # (pairs,)
+        z, v, w, block = z[order], v[order], w[order], block[order]
     starts = np.searchsorted(block, np.arange(blocks))  # (blocks,)
     pos = np.arange(pairs) - starts[block]  # (pairs,) place within the block
     size = int(pos.max()) + 1
