@@ -79,16 +79,18 @@ class LayersServicer(lpb_grpc.LayersServicer):
                   context: grpc.ServicerContext,
                   compute: Callable[[LayerPlane, LayersQuery, Control], R]) -> R:
         """The request decoded and answered by the layer plane (before anything streams)."""
+        control = control_of(context)  # first: the budget counts from arrival
         layers = self._layers()
         query = to_layers_query(request, context, message_limit(layers.settings))
-        return compute(layers, query, control_of(context))
+        return compute(layers, query, control)
 
     def Maximize(self, request: lpb.MaximizeRequest,  # noqa: N802
                  context: grpc.ServicerContext) -> lpb.MaximizeResponse:
         def run() -> lpb.MaximizeResponse:
+            control = control_of(context)  # first: the budget counts from arrival
             layers = self._layers()
             query = to_maximize_query(request, context, message_limit(layers.settings))
-            return to_maximized(layers.maximize(query, control_of(context)))
+            return to_maximized(layers.maximize(query, control))
         return call(context, "Maximize", run)
 
 

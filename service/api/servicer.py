@@ -109,9 +109,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     def Explain(self, request: pb.ExplainRequest,
                 context: grpc.ServicerContext) -> pb.ExplainResponse:
         def explain() -> pb.ExplainResponse:
+            control = control_of(context)  # first: the budget counts from arrival
             plane = self._plane()
             query = to_query(request, context, message_limit(plane.settings))
-            control = control_of(context)
             response = to_response(plane.explain(query, control))
             plane.responded(control)
             return response

@@ -496,12 +496,12 @@ class DataPlane:
     def explain(self, q: ExplainQuery, control: Control | None = None) -> ExplainResult:
         """Explain every row of the request within its budget; records the outcome metrics.
         `control` lets the caller cancel the call (client gone, server stopping)."""
-        start, cpu = time.monotonic(), time.thread_time()
+        control = control or Control(math.inf)
+        start, cpu = control.arrived, time.thread_time()
         model_label = q.model if q.model in self.repo.entries else UNKNOWN
         method = q.method.strip().lower() or "auto"
         method_label = method if method in self.methods.known() else UNKNOWN
         code, result = "INTERNAL", None
-        control = control or Control(math.inf)
         self._admit(control)
         try:
             result = self._explain_cached(q, start, control)

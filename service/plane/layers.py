@@ -248,10 +248,10 @@ class LayerPlane:
     def _serve(self, method: str, q: ExplainQuery, control: Control | None, rows: int,
                work: Callable[[LoadedModel, Call], T]) -> T:
         """Run work as an admitted call holding a core; outcome and latency recorded."""
-        start, cpu = time.monotonic(), time.thread_time()
+        control = control or Control(math.inf)
+        start, cpu = control.arrived, time.thread_time()
         label = q.model if q.model in self.plane.repo.entries else UNKNOWN
         code = "INTERNAL"
-        control = control or Control(math.inf)
         try:
             with self.plane.in_flight(control):
                 out = self._admitted(q, start, control, rows, work)

@@ -37,6 +37,8 @@ class Control:
 
     def __init__(self, deadline: float, cores: Cores | None = None) -> None:
         self.deadline, self.cores = deadline, cores
+        self.arrived = time.monotonic()  # the servicer builds it before decoding the request:
+        # a budget counts from here, the decoding included
         self.cancelled = False  # a flag, not an Event: nothing waits on it, and an Event
         self.reason = ""  # (a Condition and two locks) cost ~10 us per call to build
         self.least_s = 0.0  # compute its least answer needs (set on admission): served first
