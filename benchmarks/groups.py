@@ -146,10 +146,15 @@ def _scorecard(score: Score) -> str:
     return "\n".join([*lines, "", WHY])
 
 
-WHY = """Why the misses (mechanisms; the figures vary by a few tenths between runs on this shared
-machine, the tables below are this run's):
+WHY = """Why the misses (mechanisms; the figures vary between runs on this shared machine, by up
+to half on 2026-12-03, the tables below are this run's; lowering the kernel's fixed cost per call on
+2026-12-03 (the full fit by LU, no model call for a baseline that already holds the pads: 5-7%
+less CPU on the texts) moved none of them by more than the noise):
 
-- *Images and text against one baseline row (~5-10x, not 10x everywhere)*: a coalition costs one
+- *Images and text against one baseline row (~5-12x, not 10x everywhere)*: over the runs of
+  2026-12-02 and -03 (the second on a machine that ran every model about half as fast, and
+  whose speed moved by up to 40% between runs), 16 patches reached 9.9-12.2x, 64 patches
+  6.0-7.9x and the texts 4.7-7.5x. A coalition costs one
   model row for both libraries (~2.5 µs on the CNN); shap's PermutationExplainer samples
   antithetic permutations, Sidelight `auto` (against one row, from 13 groups; permutations for
   the texts' 11-12 tokens, where the fit's own cost outweighs its saving) paired KernelSHAP with
@@ -172,7 +177,7 @@ machine, the tables below are this run's):
   millisecond but cut the error too little: 16 patches 8.4 -> 10.4 ms). It is therefore used
   only when it costs at most half the model time spent (a model slower than ~50k rows/s), not
   here. At 64 patches (32-36 live) the trees cut the error only 5-25%.
-- *One-hot table (~5-8x)*: against 100 background rows Sidelight draws one row per antithetic
+- *One-hot table (~6-8x)*: against 100 background rows Sidelight draws one row per antithetic
   pair while shap evaluates every coalition on all 100 rows, so the lead is largest at 1%
   (~25-40x). At 5% the better shap is its Partition explainer, whose Owen values over the groups
   in order happen to lie within 5% of the Shapley values on this model (its floor, 4.95%, is
@@ -193,7 +198,12 @@ machine, the tables below are this run's):
   pixels 0.99-2.79, the calls under 50 ms worst: a figure of the machine's load as much as of
   the server. On an idle machine the tabular models' serial p99 was 0.97 (Shapley section); the
   default method on the digits (`partition`, exact over 16 patches in a few ms) stays far below
-  its budgets either way."""
+  its budgets either way. On 2026-12-03 (load average below 1, but models running at half the
+  previous day's speed) five runs gave p99s of 0.98-1.03 for both: the servers' own clock
+  stopped at 0.94-0.97 of the budget, and what it cannot see (the request reaching the handler,
+  the response reaching the client: 1.2 ms at the median) plus stalls of 2-4 ms (a round overrun,
+  a request waiting for its handler thread), in about 1 call in 50, fill the rest. Budgets now
+  count from the request's arrival, its decoding included (it was outside them)."""
 
 
 # --- 1. time to accuracy ----------------------------------------------------------------------
