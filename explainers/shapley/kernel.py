@@ -85,9 +85,12 @@ def size_mass(d: int) -> Array:
 
 
 def first_features(d: int, sizes: Array, rng: np.random.Generator) -> Array:
-    """Coalitions of the given sizes with uniformly random members: (n, features) bool."""
-    order = rng.permuted(np.tile(np.arange(d), (sizes.size, 1)), axis=1)  # random orders
-    return np.argsort(order, axis=1) < sizes[:, None]  # the first s features of each order
+    """Coalitions of the given sizes with uniformly random members: the s smallest of d
+    uniform keys per row (one sort, half the time of ranking a random order): (n, features)
+    bool."""
+    keys = rng.random((sizes.size, d))  # (n, features)
+    kth = np.sort(keys, axis=1)[np.arange(sizes.size), sizes - 1]  # (n,) the s-th smallest
+    return np.asarray(keys <= kth[:, None])
 
 
 def leverage_masks(d: int, n: int, rng: np.random.Generator, low: int = 2
