@@ -30,24 +30,28 @@ BLOCK = 2**14  # coalitions per model pass of the reference
 
 
 def population(game: Game) -> Array:
-    """The population LIME coefficients (d,) of the game, cached on disk: every on/off vector
-    up to 16 groups, else POPULATION_SAMPLES uniform ones, folded in blocks."""
-    def compute() -> Array:
-        d = game.d
-        exact = d <= 16
-        n = 2**d if exact else POPULATION_SAMPLES
-        rng = np.random.default_rng(2028)
-        every = all_coalitions(d) if exact else None  # (2^d, d) bool
-        A, b = np.zeros((d + 1, d + 1)), np.zeros(d + 1)
-        for start in range(0, n, BLOCK):
-            z = every[start:start + BLOCK] if every is not None else \
-                rng.random((min(BLOCK, n - start), d)) < 0.5  # (block, d) bool
-            Z = np.concatenate([np.ones((len(z), 1)), z], axis=1)  # (block, 1 + d)
-            w = kernel_weights(z.astype(np.float64))  # (block,)
-            A += Z.T @ (Z * w[:, None])
-            b += Z.T @ (w * game.values(z))
-        return np.asarray(np.linalg.solve(A, b)[1:])
-    return _cached(_game_key(game, "lime-population", POPULATION_SAMPLES), compute)
+    """The population LIME coefficients (d,) of the game, cached on disk."""
+    return _cached(_game_key(game, "lime-population", POPULATION_SAMPLES),
+                   lambda: population_fit(game.d, game.values))
+
+
+def population_fit(d: int, values: Callable[[Array], Array]) -> Array:
+    """The weighted least squares of v(z) (values: (n, d) bool -> (n,)) on z with an
+    intercept, over every on/off vector up to 16 players, else POPULATION_SAMPLES uniform
+    ones, folded in blocks: the coefficients (d,)."""
+    exact = d <= 16
+    n = 2**d if exact else POPULATION_SAMPLES
+    rng = np.random.default_rng(2028)
+    every = all_coalitions(d) if exact else None  # (2^d, d) bool
+    A, b = np.zeros((d + 1, d + 1)), np.zeros(d + 1)
+    for start in range(0, n, BLOCK):
+        z = every[start:start + BLOCK] if every is not None else \
+            rng.random((min(BLOCK, n - start), d)) < 0.5  # (block, d) bool
+        Z = np.concatenate([np.ones((len(z), 1)), z], axis=1)  # (block, 1 + d)
+        w = kernel_weights(z.astype(np.float64))  # (block,)
+        A += Z.T @ (Z * w[:, None])
+        b += Z.T @ (w * values(z))
+    return np.asarray(np.linalg.solve(A, b)[1:])
 
 
 def package(games: list[Game]) -> Callable[[Array, int, int], Array]:

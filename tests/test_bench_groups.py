@@ -119,13 +119,12 @@ def test_both_limes_approach_the_population_fit() -> None:
 
 
 def test_the_population_fit_recovers_an_affine_game() -> None:
-    """The reference's weighted least squares returns an affine game's slopes exactly."""
-    game = _games.digits_games(1, 2)[0]
-    slopes = np.array([0.5, -1.0, 2.0, 0.25])
-    affine = _games.Game(game.model, game.x, game.refs, game.groups)
-    values = lambda masks: 3.0 + masks.astype(np.float64) @ slopes  # noqa: E731
-    object.__setattr__(affine, "values", values)
-    np.testing.assert_allclose(_lime.population(affine), slopes, atol=1e-10)
+    """The reference's weighted least squares returns an affine game's slopes exactly, over
+    every on/off vector and over sampled ones."""
+    for d in (4, 20):
+        slopes = np.linspace(-1.0, 2.0, d)
+        fit = _lime.population_fit(d, lambda z, s=slopes: 3.0 + z.astype(np.float64) @ s)
+        np.testing.assert_allclose(fit, slopes, atol=1e-9)
 
 
 def test_the_lime_section_writes_its_table() -> None:
